@@ -1,0 +1,58 @@
+"""The ``fusedrl`` command: ``bench``, ``aot`` and ``demo`` (trainer subcommands join as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _benchmarks_main():
+    """``benchmarks/`` lives beside the package in the repository (it is not installed with the wheel)."""
+    if not (REPO_ROOT / "benchmarks" / "run.py").exists():
+        raise SystemExit(
+            f"fusedrl bench needs the repository checkout (benchmarks/run.py not found under {REPO_ROOT}); "
+            "clone the repo and install it with `pip install -e .`"
+        )
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    return importlib.import_module("benchmarks.run").main
+
+
+def _bench(rest: list[str]) -> int:
+    return _benchmarks_main()(rest)
+
+
+def _aot(rest: list[str]) -> int:
+    from fusedrl.engine import aot
+
+    return aot.main(rest)
+
+
+def _demo(rest: list[str]) -> int:
+    """The main job on the embedded default: the quick kernel benchmark suite and its table."""
+    return _benchmarks_main()(["--quick", *rest])
+
+
+COMMANDS = {
+    "bench": (_bench, "kernel benchmarks side by side with TRL, Liger and torch (benchmarks/run.py --help)"),
+    "aot": (_aot, "compile every Triton kernel for sm_80/sm_90 on this machine and report registers/spills/smem"),
+    "demo": (_demo, "the main job on the embedded default"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="fusedrl", description=__doc__)
+    parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in
+                                                                          COMMANDS.items()))
+    args, rest = parser.parse_known_args(argv[:1])
+    handler, _ = COMMANDS[args.command]
+    return int(handler(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

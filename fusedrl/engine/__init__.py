@@ -1,0 +1,1 @@
+"""Kernel selection, autograd / custom-op registration, compile capture and runtime glue."""

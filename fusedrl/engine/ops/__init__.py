@@ -1,0 +1,1 @@
+"""Public fused ops: validation, backend dispatch, torch.library registration and autograd."""

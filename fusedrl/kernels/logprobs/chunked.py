@@ -1,0 +1,194 @@
+"""Chunk drivers shared by the compiled and Triton backends.
+
+Legend: N tokens, H hidden, V vocabulary, C tokens of one chunk, K tokens whose label is not ignore_index.
+
+The drivers take the row functions (``rows.rows_fwd``/``rows_bwd`` compiled, or the Triton ones) as arguments, so
+both backends run the same chunking, label compaction and matmul code.
+
+``linear_logprobs_*`` never hold ``[N, V]`` logits: each chunk of C tokens holds one ``[C, V]`` tile. Only the K
+tokens with a label take part (prompt and padding positions are dropped before any matmul; in preference and RL
+batches they are often half the tokens). The backward recomputes each tile: for per-token outputs the upstream
+gradient is unknown in forward, so the weight gradient ``sum_i g_i dlogits_i^T h_i`` cannot be formed early; that
+costs four ``C x V x H`` matmuls per chunk (forward, recompute, grad hidden, grad weight) against three for a bare
+``hidden @ weight.T`` forward and backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+RowsFwd = Callable[[torch.Tensor, torch.Tensor, float, int, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+RowsBwd = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, float, int],
+    torch.Tensor,
+]
+
+
+def _chunks(total: int, size: int) -> range:
+    return range(0, total, max(1, size))
+
+
+def logprobs_fwd(
+    logits_NV: torch.Tensor,
+    labels_N: torch.Tensor,
+    *,
+    inv_temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+    rows_fwd: RowsFwd,
+    chunk_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 ``(logprobs_N, entropy_N, lse_N)`` over given logits, ``chunk_tokens`` rows at a time."""
+    outs = [
+        rows_fwd(logits_NV[s : s + chunk_tokens], labels_N[s : s + chunk_tokens], inv_temperature, ignore_index,
+                 with_entropy)
+        for s in _chunks(logits_NV.shape[0], chunk_tokens)
+    ]
+    if len(outs) == 1:
+        return outs[0]
+    logprobs, entropy, lse = (torch.cat(parts) for parts in zip(*outs))
+    return logprobs, entropy, lse
+
+
+def logprobs_bwd(
+    grad_logprobs_N: torch.Tensor | None,
+    grad_entropy_N: torch.Tensor | None,
+    logits_NV: torch.Tensor,
+    labels_N: torch.Tensor,
+    lse_N: torch.Tensor,
+    entropy_N: torch.Tensor,
+    *,
+    inv_temperature: float,
+    ignore_index: int,
+    rows_bwd: RowsBwd,
+    chunk_tokens: int,
+) -> torch.Tensor:
+    """Gradient w.r.t. ``logits_NV`` in its dtype."""
+    grad_NV = torch.empty_like(logits_NV)
+    for s in _chunks(logits_NV.shape[0], chunk_tokens):
+        e = s + chunk_tokens
+        grad_NV[s:e] = rows_bwd(
+            logits_NV[s:e], labels_N[s:e], lse_N[s:e], entropy_N[s:e],
+            None if grad_logprobs_N is None else grad_logprobs_N[s:e],
+            None if grad_entropy_N is None else grad_entropy_N[s:e],
+            inv_temperature, ignore_index,
+        )
+    return grad_NV
+
+
+def _labelled(labels_N: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Indices ``[K]`` of tokens with a label, or None when every token has one (no gather needed)."""
+    valid_N = labels_N != ignore_index
+    if bool(valid_N.all()):
+        return None
+    return valid_N.nonzero().squeeze(1)
+
+
+def _logits_tile(hidden_CH: torch.Tensor, weight_VH: torch.Tensor, bias_V: torch.Tensor | None) -> torch.Tensor:
+    if bias_V is None:
+        return hidden_CH @ weight_VH.T
+    return torch.addmm(bias_V, hidden_CH, weight_VH.T)
+
+
+def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` kept in fp32 even when ``a``/``b`` are bf16/fp16."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(a @ b)
+
+
+def linear_logprobs_fwd(
+    hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    labels_N: torch.Tensor,
+    *,
+    inv_temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+    rows_fwd: RowsFwd,
+    chunk_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 ``(logprobs_N, entropy_N, lse_N)`` of ``hidden_NH @ weight_VH.T (+ bias_V)``."""
+    N = hidden_NH.shape[0]
+    logprobs_N = hidden_NH.new_zeros(N, dtype=torch.float32)
+    entropy_N = torch.zeros_like(logprobs_N)
+    lse_N = torch.zeros_like(logprobs_N)
+    index_K = _labelled(labels_N, ignore_index)
+    hidden_KH = hidden_NH if index_K is None else hidden_NH.index_select(0, index_K)
+    labels_K = labels_N if index_K is None else labels_N.index_select(0, index_K)
+    outs_K = [torch.empty(labels_K.shape[0], dtype=torch.float32, device=hidden_NH.device) for _ in range(3)]
+    for s in _chunks(labels_K.shape[0], chunk_tokens):
+        e = s + chunk_tokens
+        logits_CV = _logits_tile(hidden_KH[s:e], weight_VH, bias_V)
+        for out_K, part_C in zip(outs_K, rows_fwd(logits_CV, labels_K[s:e], inv_temperature, ignore_index,
+                                                    with_entropy)):
+            out_K[s:e] = part_C
+    for out_N, out_K in zip((logprobs_N, entropy_N, lse_N), outs_K):
+        if index_K is None:
+            out_N.copy_(out_K)
+        else:
+            out_N.index_copy_(0, index_K, out_K)
+    return logprobs_N, entropy_N, lse_N
+
+
+def linear_logprobs_bwd(
+    grad_logprobs_N: torch.Tensor | None,
+    grad_entropy_N: torch.Tensor | None,
+    hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    labels_N: torch.Tensor,
+    lse_N: torch.Tensor,
+    entropy_N: torch.Tensor,
+    *,
+    inv_temperature: float,
+    ignore_index: int,
+    rows_bwd: RowsBwd,
+    chunk_tokens: int,
+    needs_hidden_grad: bool = True,
+    needs_weight_grad: bool = True,
+    needs_bias_grad: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients for hidden, weight and bias (each None when not needed), in their input dtypes."""
+    needs_bias_grad = needs_bias_grad and bias_V is not None
+    index_K = _labelled(labels_N, ignore_index)
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or index_K is None else t.index_select(0, index_K)
+
+    hidden_KH, labels_K, lse_K, entropy_K = pick(hidden_NH), pick(labels_N), pick(lse_N), pick(entropy_N)
+    grad_logprobs_K, grad_entropy_K = pick(grad_logprobs_N), pick(grad_entropy_N)
+    grad_hidden_KH = torch.empty_like(hidden_KH) if needs_hidden_grad else None
+    # Accumulated over chunks: fp32 so that bf16 weights do not lose the small per-chunk contributions.
+    grad_weight_VH = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if needs_weight_grad else None
+    grad_bias_V = torch.zeros(weight_VH.shape[0], dtype=torch.float32, device=weight_VH.device) if needs_bias_grad else None
+    for s in _chunks(labels_K.shape[0], chunk_tokens):
+        e = s + chunk_tokens
+        hidden_CH = hidden_KH[s:e]
+        grad_CV = rows_bwd(
+            _logits_tile(hidden_CH, weight_VH, bias_V), labels_K[s:e], lse_K[s:e], entropy_K[s:e],
+            None if grad_logprobs_K is None else grad_logprobs_K[s:e],
+            None if grad_entropy_K is None else grad_entropy_K[s:e],
+            inv_temperature, ignore_index,
+        )
+        if grad_hidden_KH is not None:
+            torch.mm(grad_CV, weight_VH.to(grad_CV.dtype), out=grad_hidden_KH[s:e])
+        if grad_weight_VH is not None:
+            _add_matmul(grad_weight_VH, grad_CV.T, hidden_CH)
+        if grad_bias_V is not None:
+            grad_bias_V.add_(grad_CV.sum(0, dtype=torch.float32))
+    grad_hidden_NH = None
+    if grad_hidden_KH is not None:
+        if index_K is None:
+            grad_hidden_NH = grad_hidden_KH
+        else:
+            grad_hidden_NH = torch.zeros_like(hidden_NH).index_copy_(0, index_K, grad_hidden_KH)
+    return (
+        grad_hidden_NH,
+        None if grad_weight_VH is None else grad_weight_VH.to(weight_VH.dtype),
+        None if grad_bias_V is None else grad_bias_V.to(bias_V.dtype),
+    )

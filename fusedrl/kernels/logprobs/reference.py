@@ -1,0 +1,59 @@
+"""Readable fp32 reference for per-token log-probs and entropy: the ground truth of tests and benchmarks.
+
+Shapes: N tokens (any leading dims flattened), V vocabulary, H hidden.
+It materialises the full fp32 ``[..., V]`` log-softmax, so it is for checking, not for training at scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``log_softmax(logits / temperature)`` gathered at ``labels`` and, optionally, the entropy.
+
+    logits: ``[..., V]`` any float dtype; labels: ``[...]`` integer. Returns fp32 ``(logprobs, entropy)`` of shape
+    ``labels.shape`` (entropy None unless requested); positions where ``labels == ignore_index`` are 0 with no
+    gradient. Differentiable through torch autograd.
+    """
+    scaled = logits.float() / temperature
+    logp_all = torch.log_softmax(scaled, dim=-1)
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    logprobs = logp_all.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    logprobs = torch.where(valid, logprobs, torch.zeros_like(logprobs))
+    if not with_entropy:
+        return logprobs, None
+    probs = logp_all.exp()
+    # -inf logits have p = 0 and contribute 0 (the limit of p log p); masking log p before the product keeps the
+    # backward free of 0 * inf as well.
+    finite_logp = torch.where(probs > 0, logp_all, torch.zeros_like(logp_all))
+    entropy = -(probs * finite_logp).sum(-1)
+    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+    return logprobs, entropy
+
+
+def linear_token_logprobs_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same from hidden states ``[..., H]`` and an LM head ``weight`` ``[V, H]`` (+ ``bias`` ``[V]``), in fp32."""
+    logits = hidden.float() @ weight.float().T
+    if bias is not None:
+        logits = logits + bias.float()
+    return token_logprobs_reference(
+        logits, labels, temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy
+    )

@@ -1,0 +1,117 @@
+"""Row statistics of a logits chunk in plain torch: the formulation ``torch.compile`` fuses (the compiled backend).
+
+Legend: C rows of one chunk, V vocabulary. The Triton kernels in ``triton_rows.py`` implement the same two
+functions with the same arguments and results, so the chunk drivers in ``chunked.py`` take either.
+
+Math, with s = logits / T, p = softmax(s), lse = logsumexp(s), y the label:
+    logp = s_y - lse                       H = lse - sum_j p_j s_j
+    d logp / d logits_j = (1[j = y] - p_j) / T
+    d H    / d logits_j = -p_j (log p_j + H) / T
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rows_fwd(
+    logits_CV: torch.Tensor,
+    labels_C: torch.Tensor,
+    inv_temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 ``(logprobs_C, entropy_C, lse_C)``; ignored rows give logprob 0 and entropy 0 (entropy is all zeros
+    unless ``with_entropy``); ``lse_C`` is what the backward needs."""
+    return fwd_variant(with_entropy)(logits_CV, labels_C, inv_temperature, ignore_index)
+
+
+def rows_bwd(
+    logits_CV: torch.Tensor,
+    labels_C: torch.Tensor,
+    lse_C: torch.Tensor,
+    entropy_C: torch.Tensor,
+    grad_logprobs_C: torch.Tensor | None,
+    grad_entropy_C: torch.Tensor | None,
+    inv_temperature: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Gradient w.r.t. ``logits_CV`` (same dtype) given the upstream fp32 gradients (None means zero)."""
+    variant = bwd_variant(grad_logprobs_C is not None, grad_entropy_C is not None)
+    return variant(logits_CV, labels_C, lse_C, entropy_C, grad_logprobs_C, grad_entropy_C, inv_temperature,
+                   ignore_index)
+
+
+# One plain function per flag combination: torch.compile keeps one cache (and one recompile budget of 8) per
+# function, and dtype x flags x shapes in a single function overran it in the test suite.
+def fwd_variant(with_entropy: bool):
+    return _fwd_logprobs_entropy if with_entropy else _fwd_logprobs
+
+
+def bwd_variant(has_logprobs_grad: bool, has_entropy_grad: bool):
+    if has_logprobs_grad and has_entropy_grad:
+        return _bwd_both
+    return _bwd_logprobs if has_logprobs_grad else _bwd_entropy
+
+
+def _fwd_logprobs(logits_CV, labels_C, inv_temperature, ignore_index):
+    return _fwd(logits_CV, labels_C, inv_temperature, ignore_index, with_entropy=False)
+
+
+def _fwd_logprobs_entropy(logits_CV, labels_C, inv_temperature, ignore_index):
+    return _fwd(logits_CV, labels_C, inv_temperature, ignore_index, with_entropy=True)
+
+
+def _bwd_both(logits_CV, labels_C, lse_C, entropy_C, grad_logprobs_C, grad_entropy_C, inv_temperature, ignore_index):
+    return _bwd(logits_CV, labels_C, lse_C, entropy_C, grad_logprobs_C, grad_entropy_C, inv_temperature, ignore_index)
+
+
+def _bwd_logprobs(logits_CV, labels_C, lse_C, entropy_C, grad_logprobs_C, _grad_entropy_C, inv_temperature,
+                  ignore_index):
+    return _bwd(logits_CV, labels_C, lse_C, entropy_C, grad_logprobs_C, None, inv_temperature, ignore_index)
+
+
+def _bwd_entropy(logits_CV, labels_C, lse_C, entropy_C, _grad_logprobs_C, grad_entropy_C, inv_temperature,
+                 ignore_index):
+    return _bwd(logits_CV, labels_C, lse_C, entropy_C, None, grad_entropy_C, inv_temperature, ignore_index)
+
+
+def _fwd(logits_CV, labels_C, inv_temperature, ignore_index, with_entropy):
+    scaled_CV = logits_CV.float() * inv_temperature
+    max_C = scaled_CV.amax(-1)
+    # An all -inf row would give max = -inf and NaN below; shifting by 0 instead keeps its lse at -inf.
+    max_C = torch.where(torch.isfinite(max_C), max_C, torch.zeros_like(max_C))
+    shifted_CV = scaled_CV - max_C.unsqueeze(-1)
+    exp_CV = shifted_CV.exp()
+    sum_exp_C = exp_CV.sum(-1)
+    lse_C = max_C + sum_exp_C.log()
+    valid_C = labels_C != ignore_index
+    safe_labels_C = torch.where(valid_C, labels_C, torch.zeros_like(labels_C))
+    target_C = scaled_CV.gather(-1, safe_labels_C.unsqueeze(-1)).squeeze(-1)
+    logprobs_C = torch.where(valid_C, target_C - lse_C, torch.zeros_like(lse_C))
+    if with_entropy:
+        # H = log(sum e) - sum(e * shifted) / sum(e): the shifted form avoids cancelling two ~1e4 terms in fp32.
+        weighted_C = torch.where(exp_CV > 0, exp_CV * shifted_CV, torch.zeros_like(exp_CV)).sum(-1)
+        entropy_C = sum_exp_C.log() - weighted_C / sum_exp_C
+        entropy_C = torch.where(valid_C, entropy_C, torch.zeros_like(entropy_C))
+    else:
+        entropy_C = torch.zeros_like(lse_C)
+    return logprobs_C, entropy_C, lse_C
+
+
+def _bwd(logits_CV, labels_C, lse_C, entropy_C, grad_logprobs_C, grad_entropy_C, inv_temperature, ignore_index):
+    scaled_CV = logits_CV.float() * inv_temperature
+    logp_CV = scaled_CV - lse_C.unsqueeze(-1)
+    probs_CV = logp_CV.exp()
+    valid_C = labels_C != ignore_index
+    grad_CV = torch.zeros_like(probs_CV)
+    if grad_logprobs_C is not None:
+        g_C = torch.where(valid_C, grad_logprobs_C.float(), torch.zeros_like(lse_C))
+        vocab_V = torch.arange(logits_CV.shape[-1], device=logits_CV.device)
+        onehot_CV = (vocab_V == labels_C.unsqueeze(-1)).float()
+        grad_CV = grad_CV + g_C.unsqueeze(-1) * (onehot_CV - probs_CV)
+    if grad_entropy_C is not None:
+        g_C = torch.where(valid_C, grad_entropy_C.float(), torch.zeros_like(lse_C))
+        term_CV = torch.where(probs_CV > 0, probs_CV * (logp_CV + entropy_C.unsqueeze(-1)), torch.zeros_like(probs_CV))
+        grad_CV = grad_CV - g_C.unsqueeze(-1) * term_CV
+    return (grad_CV * inv_temperature).to(logits_CV.dtype)
