@@ -33,13 +33,7 @@ from fusedrl.kernels.preference import (
     token_mean_nll,
     wpo_pair_weights,
 )
-
-_TOLERANCES = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float64: {"rtol": 1e-10, "atol": 1e-10}}
-
-
-def assert_close(actual, expected, **override) -> None:
-    expected = torch.as_tensor(expected, dtype=actual.dtype, device=actual.device)
-    torch.testing.assert_close(actual, expected, **{**_TOLERANCES[actual.dtype], **override})
+from tests.utils import assert_close
 
 
 def t(*values: float) -> torch.Tensor:
