@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fusedrl", description=__doc__)
     parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in
                                                                           COMMANDS.items()))
-    args, rest = parser.parse_known_args(argv[:1])
+    args = parser.parse_args(argv[:1])
     handler, _ = COMMANDS[args.command]
     return int(handler(argv[1:]) or 0)
 

@@ -11,13 +11,13 @@ V, H = 11, 4
 
 
 def _logits(**kw):
-    base = dict(logits=torch.randn(2, 3, V), labels=torch.randint(0, V, (2, 3)))
+    base = {"logits": torch.randn(2, 3, V), "labels": torch.randint(0, V, (2, 3))}
     base.update(kw)
     return lambda: fusedrl.token_logprobs(base["logits"], base["labels"], **base.get("kw", {}))
 
 
 def _linear(**kw):
-    base = dict(hidden=torch.randn(2, 3, H), weight=torch.randn(V, H), labels=torch.randint(0, V, (2, 3)))
+    base = {"hidden": torch.randn(2, 3, H), "weight": torch.randn(V, H), "labels": torch.randint(0, V, (2, 3))}
     extra = kw.pop("kw", {})
     base.update(kw)
     return lambda: fusedrl.linear_token_logprobs(base["hidden"], base["weight"], base["labels"], **extra)

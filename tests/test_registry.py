@@ -19,18 +19,24 @@ def _clean_selection(monkeypatch):
     registry.configure_kernels(None)
 
 
+def _backends(device="cpu", ops=("logprobs", "linear_logprobs")):
+    """The selection for the ops these tests set (other issues register more ops)."""
+    return {op: backend for op, backend in fusedrl.kernel_backends(device).items() if op in ops}
+
+
 def test_defaults_compiled_on_cpu_triton_on_cuda():
-    assert fusedrl.kernel_backends("cpu") == {"logprobs": "compiled", "linear_logprobs": "compiled"}
+    assert set(fusedrl.kernel_backends("cpu").values()) == {"compiled"}
+    assert set(fusedrl.kernel_backends("cpu")) >= {"logprobs", "linear_logprobs"}
     assert registry.resolve("logprobs", "cuda") == "triton"
 
 
 def test_priority_context_over_config_over_env(monkeypatch):
     monkeypatch.setenv(registry.ENV_VAR, "logprobs=reference,linear_logprobs=reference")
-    assert fusedrl.kernel_backends("cpu") == {"logprobs": "reference", "linear_logprobs": "reference"}
+    assert _backends() == {"logprobs": "reference", "linear_logprobs": "reference"}
     fusedrl.configure_kernels("logprobs=compiled")
-    assert fusedrl.kernel_backends("cpu") == {"logprobs": "compiled", "linear_logprobs": "reference"}
+    assert _backends() == {"logprobs": "compiled", "linear_logprobs": "reference"}
     with fusedrl.use_kernels(all="triton"):
-        assert fusedrl.kernel_backends("cpu") == {"logprobs": "triton", "linear_logprobs": "triton"}
+        assert set(fusedrl.kernel_backends("cpu").values()) == {"triton"}
         with fusedrl.use_kernels(logprobs="reference"):
             assert registry.resolve("logprobs", "cpu") == "reference"
             assert registry.resolve("linear_logprobs", "cpu") == "triton"
@@ -51,8 +57,8 @@ def test_selection_changes_what_runs(monkeypatch):
         ref = fusedrl.token_logprobs(logits, labels)
     with fusedrl.use_kernels(logprobs="compiled"):
         fast = fusedrl.token_logprobs(logits, labels)
-    assert "Where" in type(ref.grad_fn).__name__
-    assert "token_logprobs" in type(fast.grad_fn.next_functions[0][0]).__name__.lower() or fast.grad_fn is not None
+    assert type(ref.grad_fn).__name__ == "WhereBackward0"
+    assert "fusedrl_token_logprobs" in type(fast.grad_fn.next_functions[0][0]).__name__
     torch.testing.assert_close(ref, fast)
 
 
@@ -80,9 +86,11 @@ def test_bad_env_names_the_variable(monkeypatch):
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with fusedrl.use_kernels(logprobs="triton"):
-        with pytest.raises(ValueError, match="TRITON_INTERPRET=1.*choose one of reference, compiled"):
-            registry.resolve("logprobs", "cpu")
+    with (
+        fusedrl.use_kernels(logprobs="triton"),
+        pytest.raises(ValueError, match="TRITON_INTERPRET=1.*choose one of reference, compiled"),
+    ):
+        registry.resolve("logprobs", "cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with fusedrl.use_kernels(logprobs="triton"):
         assert registry.resolve("logprobs", "cpu") == "triton"
@@ -95,7 +103,8 @@ def test_default_falls_back_and_logs_once(monkeypatch, caplog):
         assert registry.resolve("logprobs", "cuda") == "compiled"
         assert registry.resolve("logprobs", "cuda") == "compiled"
     messages = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
-    assert messages == ["fusedrl: logprobs falls back to the compiled backend: triton is not installed "
-                        "(pip install triton, Linux only)"]
+    assert messages == [
+        "fusedrl: logprobs falls back to the compiled backend: triton is not installed (pip install triton, Linux only)"
+    ]
     with fusedrl.use_kernels(logprobs="triton"), pytest.raises(ValueError, match="triton is not installed"):
         registry.resolve("logprobs", "cuda")

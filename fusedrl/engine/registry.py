@@ -23,6 +23,7 @@ import functools
 import importlib.util
 import logging
 import os
+import types
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -36,8 +37,9 @@ ALL = "all"
 # Op name -> one line of what it computes; later issues register more ops (preference, gae, ...).
 _OPS: dict[str, str] = {}
 
+# An immutable empty default: use_kernels always sets a fresh merged dict, never mutates the current one.
 _context_selection: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
-    "fusedrl_kernels", default={}
+    "fusedrl_kernels", default=types.MappingProxyType({})
 )
 _configured_selection: dict[str, str] = {}
 _logged_fallbacks: set[tuple[str, str]] = set()

@@ -11,7 +11,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def check_float(name: str, tensor: torch.Tensor, *, min_dim: int = 1) -> None:
     if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        # The API promises ValueError for every bad input, type errors included.
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")  # noqa: TRY004
     if tensor.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
     if tensor.dim() < min_dim:

@@ -1,0 +1,388 @@
+"""What every fusedrl trainer shares: config defaults, model loading, kernels, the reference model, log-probs from
+hidden states, and TRL-named metrics.
+
+A trainer subclasses :class:`FusedTrainer` (a ``transformers.Trainer``) and its config :class:`FusedConfig` (a
+``transformers.TrainingArguments``), so accelerate, gradient accumulation, schedulers, checkpoints and ``report_to``
+work unchanged. The base owns no algorithm:
+
+- loading: a model given as a path is loaded with ``AutoModelForCausalLM.from_pretrained`` in fp32 unless
+  ``model_init_kwargs`` says otherwise (TRL's default); ``peft_config`` wraps it.
+- kernels: ``args.kernels`` (``"linear_logprobs=compiled"``) is applied with ``fusedrl.use_kernels`` around this
+  trainer's loss computations only, so two trainers in one process never reconfigure each other; the backends in use
+  are logged once.
+- reference: an explicit ``ref_model``; else, for a PEFT policy, the policy with its adapters disabled (or switched to
+  a frozen ``ref`` adapter copied from a pretrained one); else a frozen deep copy of the policy, or none at all when
+  the trainer precomputes reference log-probs.
+- log-probs: the model (wrapped by DDP/FSDP as accelerate set it up) runs with ``logits_to_keep=1`` and returns its
+  final hidden states; ``linear_token_logprobs`` projects them through the LM head in chunks, so ``[N, T, V]`` logits
+  never exist.
+- metrics: appended per mode, averaged at each ``log`` with TRL's names.
+
+Legend: N sequences, T positions (``T - 1`` next-token positions), H hidden, V vocabulary, M labelled tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from accelerate.utils import is_peft_model
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM, PreTrainedModel, ProcessorMixin, Trainer, TrainingArguments
+
+from fusedrl.engine.ops.logprobs import linear_token_logprobs
+from fusedrl.engine.registry import kernel_backends, parse_kernel_spec, use_kernels
+
+logger = logging.getLogger("fusedrl")
+
+REF_ADAPTER = "ref"
+IGNORE_INDEX = -100
+# Rows per no-grad statistics chunk: a [C, V] fp32 tile of about 32 MiB, the budget the fused op uses.
+_STATS_TILE_BYTES = 32 * 2**20
+# Config attributes through which some architectures rescale or soft-cap their logits. The fused head projects with
+# the plain LM-head weight, so such a model would silently get wrong log-probs; it is refused instead.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+
+
+@dataclass
+class FusedConfig(TrainingArguments):
+    """``TrainingArguments`` with TRL 1.16's trainer defaults (logging every 10 steps, gradient checkpointing on,
+    bf16 unless fp16 is set) and the fields every fusedrl trainer shares.
+
+    kernels: backend selection for this trainer's fused ops, e.g. ``"linear_logprobs=compiled"`` or
+        ``"all=reference"`` (see ``fusedrl.engine.registry``); None leaves the process-wide selection
+        (``configure_kernels``, ``FUSEDRL_KERNELS``, defaults) in charge.
+    """
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps (a float < 1 is a ratio)."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in the backward."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; None means True unless fp16."})
+    lr_scheduler_kwargs: dict | str | None = field(default=None, metadata={"help": "Extra scheduler arguments."})
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Keyword arguments of from_pretrained when the model is given as a path."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models that ship their own code."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset preprocessing."})
+    kernels: str | None = field(
+        default=None, metadata={"help": "fusedrl kernel backends for this trainer, e.g. 'linear_logprobs=compiled'."}
+    )
+
+    def __post_init__(self):
+        self.bf16 = not self.fp16 if self.bf16 is None else self.bf16
+        super().__post_init__()
+        if self.kernels is not None:
+            parse_kernel_spec(self.kernels, source="kernels")  # a typo fails here, not at the first step
+
+
+class TokenOutputs(NamedTuple):
+    """Per next-token position ``[N, T - 1]``, zero where the label is ignored. ``logps`` is differentiable; the
+    rest is detached. Fields not requested are None."""
+
+    logps: torch.Tensor
+    entropy: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def load_causal_lm(model: str | PreTrainedModel, args: FusedConfig, quantization_config=None) -> PreTrainedModel:
+    """``model`` itself, or the causal LM stored at the path ``model`` (fp32 unless ``model_init_kwargs['dtype']``)."""
+    if not isinstance(model, str):
+        if args.model_init_kwargs is not None:
+            logger.warning("model_init_kwargs is ignored: the model is already instantiated")
+        if quantization_config is not None:
+            raise ValueError("quantization_config only applies to a model given as a path; the model is an instance")
+        return model
+    kwargs = dict(args.model_init_kwargs or {})
+    if quantization_config is not None:
+        if "quantization_config" in kwargs:
+            raise ValueError("quantization_config is set both as a trainer argument and in model_init_kwargs")
+        kwargs["quantization_config"] = quantization_config
+    dtype = kwargs.get("dtype", "float32")
+    if isinstance(dtype, str) and dtype in ("bfloat16", "float16", "float32"):
+        dtype = getattr(torch, dtype)
+    elif not (dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype)):
+        raise ValueError(f"model_init_kwargs['dtype'] must be 'auto', a torch.dtype or one of bfloat16, float16, "
+                         f"float32; got {dtype!r}")
+    kwargs["dtype"] = dtype
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(model, **kwargs)
+
+
+def tokenizer_of(processing_class):
+    return processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _check_plain_head(model: PreTrainedModel) -> None:
+    config = model.config.get_text_config()
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value is not None and value != 1.0:
+            raise NotImplementedError(
+                f"{type(model).__name__} transforms its logits ({name}={value}); fusedrl's fused LM head computes "
+                "log_softmax(hidden @ lm_head.weight.T + bias) and would give this model wrong log-probs"
+            )
+
+
+@torch.no_grad()
+def _head_statistics(hidden_NTH, weight_VH, bias_V, labels_NT, statistics_mask_NT) -> dict[str, torch.Tensor]:
+    """TRL's side outputs of its fused head, ``[N, T - 1]`` each, zero where not computed.
+
+    ``mean_logits`` (every labelled position) is exact and almost free: ``mean_v(h . w_v + b_v) = h . mean_v(w_v) +
+    mean(b)``. ``is_top1`` and ``log_sum_sq_probs`` (positions of ``statistics_mask_NT``) need the whole logits row:
+    TRL gets them from its log-prob pass, here they cost one extra no-grad head matmul over those tokens, one
+    ``[C, V]`` tile of about 32 MiB at a time.
+    """
+    labelled_NT = labels_NT != IGNORE_INDEX
+    scored_NT = statistics_mask_NT & labelled_NT
+    mean_bias = bias_V.mean(dtype=torch.float32) if bias_V is not None else 0.0
+    mean_logits_M = hidden_NTH[labelled_NT].float() @ weight_VH.mean(0, dtype=torch.float32) + mean_bias
+
+    hidden_MH, labels_M = hidden_NTH[scored_NT], labels_NT[scored_NT]
+    chunk = max(16, _STATS_TILE_BYTES // (4 * weight_VH.shape[0]))
+    is_top1, log_sum_sq = [hidden_MH.new_zeros(0, dtype=torch.bool)], [hidden_MH.new_zeros(0, dtype=torch.float32)]
+    for start in range(0, hidden_MH.shape[0], chunk):
+        logits_CV = torch.nn.functional.linear(hidden_MH[start:start + chunk], weight_VH, bias_V).float()
+        is_top1.append(logits_CV.argmax(-1) == labels_M[start:start + chunk])
+        log_sum_sq.append(torch.logsumexp(2.0 * logits_CV, -1) - 2.0 * torch.logsumexp(logits_CV, -1))
+    is_top1_M, log_sum_sq_M = torch.cat(is_top1), torch.cat(log_sum_sq)
+    zeros_NT = labels_NT.new_zeros(labels_NT.shape, dtype=torch.float32)
+    return {
+        "mean_logits": zeros_NT.masked_scatter(labelled_NT, mean_logits_M),
+        "is_top1": torch.zeros_like(scored_NT).masked_scatter(scored_NT, is_top1_M),
+        "log_sum_sq_probs": zeros_NT.masked_scatter(scored_NT, log_sum_sq_M),
+    }
+
+
+class FusedTrainer(Trainer):
+    """``transformers.Trainer`` plus the shared pieces listed in the module docstring.
+
+    Subclasses call :meth:`_setup_model` before ``Trainer.__init__`` (it needs no trainer state) and
+    :meth:`_finish_setup` after it, then compute their loss from :meth:`token_logprobs`.
+    """
+
+    # compute_loss returns a per-micro-batch mean, so Trainer divides it by the accumulation steps (as for TRL's DPO).
+    loss_is_scaled_for_ga = False
+
+    # --- construction ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _setup_model(model, args: FusedConfig, processing_class, *, peft_config, ref_model, quantization_config):
+        """Load ``model``, give the tokenizer a pad token, wrap with PEFT; returns ``(model, processing_class)``."""
+        model = load_causal_lm(model, args, quantization_config)
+        if ref_model is model:
+            raise ValueError("model and ref_model are the same object; omit ref_model to get a frozen copy")
+        if processing_class is None:
+            from transformers import AutoTokenizer
+
+            processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path,
+                                                             trust_remote_code=args.trust_remote_code)
+        tokenizer = tokenizer_of(processing_class)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        _check_plain_head(model)
+        if peft_config is not None:
+            if is_peft_model(model):
+                raise ValueError("model is already a PeftModel and peft_config is given; merge the adapter first, "
+                                 "or pass the base model with peft_config")
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        elif is_peft_model(model) and ref_model is None:
+            # A pretrained adapter is the starting policy, so the reference is a frozen copy of it, not the base.
+            model.add_adapter(REF_ADAPTER, model.peft_config[model.active_adapter])
+            params = dict(model.named_parameters())
+            for name, param in params.items():
+                if f".{model.active_adapter}." in name:
+                    params[name.replace(f".{model.active_adapter}.", f".{REF_ADAPTER}.")].data.copy_(param.data)
+        if is_peft_model(model):
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            if isinstance(model.get_base_model().get_output_embeddings(), BaseTunerLayer):
+                raise ValueError("a PEFT adapter on lm_head is not supported: the fused head reads lm_head.weight "
+                                 "directly, so the adapter would never train; remove 'lm_head' from target_modules")
+            if args.gradient_checkpointing:
+                model.enable_input_require_grads()
+        return model, processing_class
+
+    def _finish_setup(self, ref_model: PreTrainedModel | None, *, precompute: bool) -> None:
+        """After ``Trainer.__init__``: refuse unsupported parallelism, set ``self.ref_model`` (None when PEFT or
+        precomputed log-probs make it unnecessary), disable dropout, set up kernels and metrics; log the kernel
+        backends once."""
+        if self.args.n_gpu > 1:
+            raise ValueError(f"{type(self).__name__} does not support nn.DataParallel; launch with accelerate or "
+                             "torchrun, or expose one GPU")
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise NotImplementedError("DeepSpeed ZeRO-3 shards lm_head.weight outside the module forward, where the "
+                                      "fused head reads it; use ZeRO-1/2 or FSDP2")
+        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise NotImplementedError("FSDP1 shards lm_head.weight outside the module forward, where the fused head "
+                                      "reads it; set fsdp_version=2")
+        if ref_model is None and not is_peft_model(self.model) and not precompute:
+            ref_model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+        if ref_model is not None:
+            _check_plain_head(ref_model)
+            ref_model.requires_grad_(False).eval()
+            ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        self.ref_model = ref_model
+        if self.args.disable_dropout:
+            disable_dropout(self.model)
+            if ref_model is not None:
+                disable_dropout(ref_model)
+        self._kernel_selection = parse_kernel_spec(self.args.kernels or "", source="kernels")
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._total_train_tokens = 0
+        with use_kernels(**self._kernel_selection):
+            logger.info("fusedrl kernels for %s on %s: %s", type(self).__name__, self.accelerator.device,
+                        kernel_backends(self.accelerator.device))
+
+    # --- per-step context -----------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def compute_loss_context_manager(self):
+        with super().compute_loss_context_manager(), use_kernels(**self._kernel_selection):
+            yield
+
+    def training_step(self, *args, **kwargs):
+        # TRL's activation offloading streams activations to pinned host memory; save_on_cpu is the same trade with
+        # torch's own hooks (every saved tensor goes to the host and returns for the backward).
+        offload = getattr(self.args, "activation_offloading", False)
+        context = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload
+                   else contextlib.nullcontext())
+        with context:
+            return super().training_step(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def reference_context(self) -> Iterator[torch.nn.Module]:
+        """No-grad block yielding the model that plays the reference: ``ref_model``, or the PEFT policy with its
+        adapters disabled (or the ``ref`` adapter active), or the policy itself before training (precompute)."""
+        with torch.no_grad():
+            if self.ref_model is not None or not is_peft_model(self.model):
+                yield self.ref_model if self.ref_model is not None else self.model
+                return
+            peft_model = self.accelerator.unwrap_model(self.model)
+            if REF_ADAPTER not in peft_model.peft_config:
+                with peft_model.disable_adapter():
+                    yield self.model
+                return
+            active = peft_model.active_adapter
+            peft_model.set_adapter(REF_ADAPTER, inference_mode=True)
+            try:
+                yield self.model
+            finally:
+                peft_model.set_adapter(active)
+
+    # --- log-probs ------------------------------------------------------------------------------------------------
+
+    def _lm_head(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        unwrapped = self.accelerator.unwrap_model(model)
+        if is_peft_model(unwrapped):
+            unwrapped = unwrapped.get_base_model()
+        head = unwrapped.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if isinstance(weight, DTensor):  # FSDP2: gather the head once per call (differentiable)
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        if weight.numel() == 0:
+            raise RuntimeError("lm_head.weight is sharded (numel 0) outside the model forward; the fused head needs "
+                               "it whole (FSDP2 or no parameter sharding)")
+        return weight, bias
+
+    def token_logprobs(
+        self,
+        model: torch.nn.Module,
+        model_inputs: dict[str, torch.Tensor],
+        labels_NT: torch.Tensor,
+        *,
+        with_entropy: bool = False,
+        statistics_mask: torch.Tensor | None = None,
+        router_logits: bool = False,
+    ) -> TokenOutputs:
+        """Next-token log-probs of ``labels_NT[:, 1:]`` under ``model`` (policy, reference or wrapped), ``[N, T - 1]``.
+
+        labels_NT: ``[N, T]`` token ids with ``-100`` at positions that are not scored (prompt, padding); those cost
+        no head compute. ``statistics_mask`` ``[N, T - 1]`` (bool) asks for ``mean_logits`` and, at its positions,
+        ``is_top1`` and ``log_sum_sq_probs`` (see ``_head_statistics`` for their cost).
+        ``router_logits`` asks a mixture-of-experts model for its load-balancing ``aux_loss``.
+        """
+        extra = {"output_router_logits": True} if router_logits else {}
+        # output_hidden_states=-1 keeps only the final (normed) hidden states: True would hold every layer's output
+        # until the head is done, L x [N, T, H] extra in the no-grad reference forward. logits_to_keep=1 leaves a
+        # [N, 1, V] slice of logits, whose gradient is zero.
+        outputs = model(**model_inputs, use_cache=False, output_hidden_states=-1, logits_to_keep=1, **extra)
+        weight_VH, bias_V = self._lm_head(model)
+        length = labels_NT.shape[1]
+        # Prompt-learning PEFT prepends virtual tokens: the real positions are the last T.
+        hidden_NTH = outputs.hidden_states[-1][:, -length:-1].to(weight_VH.device)
+        labels_NT = labels_NT[:, 1:].to(weight_VH.device)
+        # Autocast off: the op accumulates in fp32 itself; the head runs in the weights' dtype (fp32 master weights
+        # under mixed precision, so the head is exact there rather than bf16).
+        with torch.autocast(hidden_NTH.device.type, enabled=False):
+            hidden_NTH = hidden_NTH.to(weight_VH.dtype)
+            result = linear_token_logprobs(hidden_NTH, weight_VH, labels_NT, bias=bias_V, with_entropy=with_entropy)
+        logps, entropy = (result.logprobs, result.entropy.detach()) if with_entropy else (result, None)
+        stats = {}
+        if statistics_mask is not None:
+            stats = _head_statistics(hidden_NTH.detach(), weight_VH.detach(),
+                                     None if bias_V is None else bias_V.detach(), labels_NT, statistics_mask)
+        return TokenOutputs(logps, entropy, aux_loss=getattr(outputs, "aux_loss", None) if router_logits else None,
+                            **stats)
+
+    # --- metrics --------------------------------------------------------------------------------------------------
+
+    def _mode(self) -> str:
+        return "train" if self.model.training else "eval"
+
+    def record(self, mode: str, name: str, value: float) -> None:
+        self._metrics[mode][name].append(value)
+
+    def masked_mean(self, values_NT: torch.Tensor, mask_NT: torch.Tensor) -> float:
+        """Token-weighted mean over all processes (0.0 when no token is selected)."""
+        mask_NT = mask_NT.bool()
+        total = self.accelerator.gather_for_metrics(values_NT.detach().float()[mask_NT].sum()).sum()
+        count = self.accelerator.gather_for_metrics(mask_NT.sum()).sum()
+        return (total / count).item() if count > 0 else 0.0
+
+    def gathered_mean(self, values: torch.Tensor) -> float:
+        return self.accelerator.gather(values.detach().float()).mean().item()
+
+    def record_num_tokens(self, mode: str, attention_mask: torch.Tensor) -> None:
+        if mode == "train":
+            self._total_train_tokens += self.accelerator.gather_for_metrics(attention_mask.sum()).sum().item()
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = self._mode()
+        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+        logs.update(metrics)
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # The loss needs no labels column, and there are no logits to return (they are never built).
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
