@@ -1,4 +1,4 @@
-"""The ``fusedrl`` command: ``bench``, ``aot`` and ``demo`` (trainer subcommands join as they land)."""
+"""The ``fusedrl`` command: ``demo``, ``bench``, ``aot`` and the trainers (``dpo``, ``orpo``, ``kto``, ``cpo``)."""
 
 from __future__ import annotations
 
@@ -33,14 +33,29 @@ def _aot(rest: list[str]) -> int:
 
 
 def _demo(rest: list[str]) -> int:
-    """The main job on the embedded default: the quick kernel benchmark suite and its table."""
-    return _benchmarks_main()(["--quick", *rest])
+    """The main job on the embedded default: DPO on the bundled task, results table, metrics.json and a plot."""
+    from fusedrl.trainers import demo
+
+    return demo.main(rest)
+
+
+def _trainer(name: str):
+    def run(rest: list[str]) -> int:
+        from fusedrl.trainers import launch
+
+        return launch.run(name, rest)
+
+    return run
 
 
 COMMANDS = {
     "bench": (_bench, "kernel benchmarks side by side with TRL, Liger and torch (benchmarks/run.py --help)"),
     "aot": (_aot, "compile every Triton kernel for sm_80/sm_90 on this machine and report registers/spills/smem"),
     "demo": (_demo, "the main job on the embedded default"),
+    **{
+        name: (_trainer(name), f"train with {name.upper()} (--model, --dataset, --config, any config field)")
+        for name in ("dpo", "orpo", "kto", "cpo")
+    },
 }
 
 

@@ -122,8 +122,46 @@ def logprobs_specs(num_vocab: int = REPRESENTATIVE_VOCAB) -> list[KernelSpec]:
     return specs
 
 
+REPRESENTATIVE_PAIRS = 8  # preference batches: 1-64 pairs per device; 8 is the benchmark's
+
+
+def preference_specs(num_pairs: int = REPRESENTATIVE_PAIRS) -> list[KernelSpec]:
+    """The per-pair preference-loss kernel: the common case (DPO sigmoid), the heaviest math (discopop through the
+    alpha-divergence with WPO weights) and SimPO through AlphaPO (no reference inputs). Traffic is per PAIR, not
+    per token: each present fp32 input is read once and the five fp32 outputs written once, which is also the
+    minimum (absent inputs are constexpr-gated and cost no load)."""
+    from fusedrl.kernels.preference import triton_loss
+
+    block, num_warps = triton_loss.launch_config(num_pairs)
+    pointers = ("chosen_ptr", "rejected_ptr", "ref_chosen_ptr", "ref_rejected_ptr", "chosen_scale_ptr",
+                "rejected_scale_ptr", "pair_weight_ptr", "losses_ptr", "chosen_rewards_ptr", "rejected_rewards_ptr",
+                "grad_chosen_ptr", "grad_rejected_ptr")
+    scalars = ("beta", "label_smoothing", "discopop_tau", "margin", "score_alpha", "loss_weight")
+    signature = {**{name: "*fp32" for name in pointers}, "num_pairs": "i32", **{name: "fp32" for name in scalars},
+                 **{name: "constexpr" for name in ("LOSS", "SCORE", "HAS_REF", "HAS_SCALE", "HAS_PAIR_WEIGHT",
+                                                   "BLOCK_B")}}
+    specs = []
+    for label, loss, score, has_ref, has_weight in (
+        ("sigmoid", "logistic", "reverse_kl", True, False),
+        ("discopop,alpha_divergence,wpo", "discopop", "alpha_divergence", True, True),
+        ("simpo,alphapo", "logistic", "alphapo", False, False),
+    ):
+        pair_bytes = 4 * (2 + 2 * has_ref + has_weight + 5)
+        specs.append(KernelSpec(
+            name=f"preference_fwd[{label}]",
+            kernel=triton_loss._preference_fwd_kernel,
+            signature=signature,
+            constexprs={"LOSS": triton_loss.LOSS_CODES[loss], "SCORE": triton_loss.SCORE_CODES[score],
+                        "HAS_REF": has_ref, "HAS_SCALE": False, "HAS_PAIR_WEIGHT": has_weight, "BLOCK_B": block},
+            num_warps=num_warps,
+            divisible_by_16=pointers,
+            traffic=TrafficModel(modelled=pair_bytes, minimum=pair_bytes),
+        ))
+    return specs
+
+
 # One factory per kernel file; a new Triton kernel joins the report (and tests/test_aot.py) by appending here.
-SPEC_FACTORIES: list[Callable[[], list[KernelSpec]]] = [logprobs_specs]
+SPEC_FACTORIES: list[Callable[[], list[KernelSpec]]] = [logprobs_specs, preference_specs]
 
 
 def all_specs() -> list[KernelSpec]:
