@@ -85,8 +85,8 @@ class FusedConfig(TrainingArguments):
 
 
 class TokenOutputs(NamedTuple):
-    """Per next-token position ``[N, T - 1]``, zero where the label is ignored. ``logps`` is differentiable; the
-    rest is detached. Fields not requested are None."""
+    """Per next-token position ``[N, T - 1]`` (``mean_logits``: ``[N, T]`` if asked for every position), zero where
+    the label is ignored. ``logps`` is differentiable; the rest is detached. Fields not requested are None."""
 
     logps: torch.Tensor
     entropy: torch.Tensor | None = None
@@ -142,6 +142,13 @@ def _check_plain_head(model: PreTrainedModel) -> None:
 
 
 @torch.no_grad()
+def _vocab_mean_logits(hidden_MH, weight_VH, bias_V) -> torch.Tensor:
+    """``mean_v(h . w_v + b_v) = h . mean_v(w_v) + mean(b)`` per row of ``hidden_MH``, fp32 ``[M]``."""
+    mean_bias = bias_V.mean(dtype=torch.float32) if bias_V is not None else 0.0
+    return hidden_MH.float() @ weight_VH.mean(0, dtype=torch.float32) + mean_bias
+
+
+@torch.no_grad()
 def _head_statistics(hidden_NTH, weight_VH, bias_V, labels_NT, statistics_mask_NT) -> dict[str, torch.Tensor]:
     """TRL's side outputs of its fused head, ``[N, T - 1]`` each, zero where not computed.
 
@@ -152,8 +159,7 @@ def _head_statistics(hidden_NTH, weight_VH, bias_V, labels_NT, statistics_mask_N
     """
     labelled_NT = labels_NT != IGNORE_INDEX
     scored_NT = statistics_mask_NT & labelled_NT
-    mean_bias = bias_V.mean(dtype=torch.float32) if bias_V is not None else 0.0
-    mean_logits_M = hidden_NTH[labelled_NT].float() @ weight_VH.mean(0, dtype=torch.float32) + mean_bias
+    mean_logits_M = _vocab_mean_logits(hidden_NTH[labelled_NT], weight_VH, bias_V)
 
     hidden_MH, labels_M = hidden_NTH[scored_NT], labels_NT[scored_NT]
     chunk = max(16, _STATS_TILE_BYTES // (4 * weight_VH.shape[0]))
@@ -184,8 +190,10 @@ class FusedTrainer(Trainer):
     # --- construction ---------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _setup_model(model, args: FusedConfig, processing_class, *, peft_config, ref_model, quantization_config):
-        """Load ``model``, give the tokenizer a pad token, wrap with PEFT; returns ``(model, processing_class)``."""
+    def _setup_model(model, args: FusedConfig, processing_class, *, peft_config, ref_model, quantization_config,
+                     reference: bool = True):
+        """Load ``model``, give the tokenizer a pad token, wrap with PEFT; returns ``(model, processing_class)``.
+        ``reference=False`` (reference-free: ORPO, CPO) makes no frozen ``ref`` copy of a pretrained adapter."""
         model = load_causal_lm(model, args, quantization_config)
         if ref_model is model:
             raise ValueError("model and ref_model are the same object; omit ref_model to get a frozen copy")
@@ -208,7 +216,7 @@ class FusedTrainer(Trainer):
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
-        elif is_peft_model(model) and ref_model is None:
+        elif is_peft_model(model) and ref_model is None and reference:
             # A pretrained adapter is the starting policy, so the reference is a frozen copy of it, not the base.
             model.add_adapter(REF_ADAPTER, model.peft_config[model.active_adapter])
             params = dict(model.named_parameters())
@@ -317,6 +325,7 @@ class FusedTrainer(Trainer):
         with_entropy: bool = False,
         statistics_mask: torch.Tensor | None = None,
         router_logits: bool = False,
+        all_position_mean_logits: bool = False,
     ) -> TokenOutputs:
         """Next-token log-probs of ``labels_NT[:, 1:]`` under ``model`` (policy, reference or wrapped), ``[N, T - 1]``.
 
@@ -324,6 +333,8 @@ class FusedTrainer(Trainer):
         no head compute. ``statistics_mask`` ``[N, T - 1]`` (bool) asks for ``mean_logits`` and, at its positions,
         ``is_top1`` and ``log_sum_sq_probs`` (see ``_head_statistics`` for their cost).
         ``router_logits`` asks a mixture-of-experts model for its load-balancing ``aux_loss``.
+        ``all_position_mean_logits`` makes ``mean_logits`` ``[N, T]``: the vocabulary mean of the logits at every input
+        position, padding and the last one included (TRL's ORPO/CPO average their ``logits/*`` metrics over those).
         """
         extra = {"output_router_logits": True} if router_logits else {}
         # output_hidden_states=-1 keeps only the final (normed) hidden states: True would hold every layer's output
@@ -345,6 +356,10 @@ class FusedTrainer(Trainer):
         if statistics_mask is not None:
             stats = _head_statistics(hidden_NTH.detach(), weight_VH.detach(),
                                      None if bias_V is None else bias_V.detach(), labels_NT, statistics_mask)
+        if all_position_mean_logits:
+            full_NTH = outputs.hidden_states[-1][:, -length:].detach().to(weight_VH.device, weight_VH.dtype)
+            stats["mean_logits"] = _vocab_mean_logits(full_NTH, weight_VH.detach(),
+                                                      None if bias_V is None else bias_V.detach())
         return TokenOutputs(logps, entropy, aux_loss=getattr(outputs, "aux_loss", None) if router_logits else None,
                             **stats)
 

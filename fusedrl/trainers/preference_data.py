@@ -1,4 +1,4 @@
-"""Preference rows -> token ids -> padded ``[chosen; rejected]`` batches, the way TRL 1.16's DPOTrainer builds them.
+"""Preference rows -> token ids -> padded batches, the way TRL 1.16's DPO, ORPO/CPO and KTO trainers build them.
 
 Legend: B pairs per batch, N = 2B rows (the B chosen sequences, then the B rejected ones), T padded length.
 
@@ -16,6 +16,11 @@ Every row is validated first (``fusedrl.trainers.data.validate_preference_datase
 construction with its index and field. With ``max_length=None`` nothing is truncated, so a row longer than the
 model's context is an error; with ``keep_start`` truncation a row whose prompt alone fills ``max_length`` is dropped
 (no completion token would survive), as TRL does, and the count is logged.
+
+Two other layouts reuse these pieces: ORPO and CPO (``trl.experimental``) tokenize text without special tokens and
+cut answers, never prompts (:func:`tokenize_answer_pair_row`), then share :class:`PreferenceCollator`; KTO's
+unpaired rows (:func:`prepare_unpaired_dataset`) are tokenized like the pairs above and batched ``[N, T]`` by
+:class:`UnpairedCollator`, with the mismatched prompt/completion pairs of its KL estimate.
 """
 
 from __future__ import annotations
@@ -29,11 +34,20 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset
 
-from fusedrl.trainers.data import DatasetFormatError, extract_prompt, is_conversational, validate_preference_dataset
+from fusedrl.trainers.data import (
+    DatasetFormatError,
+    extract_prompt,
+    is_conversational,
+    maybe_apply_chat_template,
+    maybe_extract_prompt,
+    unpair_preference_dataset,
+    validate_preference_dataset,
+)
 
 logger = logging.getLogger("fusedrl")
 
 TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+ANSWER_PAIR_COLUMNS = ("chosen_prompt_ids", "chosen_ids", "rejected_prompt_ids", "rejected_ids")
 # A streamed dataset cannot be validated whole before training; its first rows are.
 _STREAMED_ROWS_CHECKED = 1000
 
@@ -51,25 +65,22 @@ def _chat_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"])
 
 
-def tokenize_preference_row(row: dict[str, Any], tokenizer) -> dict[str, list[int]]:
-    """``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` of one (validated) preference row."""
-    if "prompt" not in row:
-        row = {**row, **extract_prompt(row)}
+def _tokenize_completions(row: dict[str, Any], tokenizer, fields: tuple[str, ...]) -> dict[str, list[int]]:
+    """``prompt_ids`` and ``<field>_ids`` for each completion field of a (validated) row with a prompt."""
     if is_conversational(row):
         tools = row.get("tools")
         template_kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools,
                            **(row.get("chat_template_kwargs") or {})}
         prompt = _chat_ids(tokenizer, row["prompt"], add_generation_prompt=True, **template_kwargs)
-        prompt_chosen = _chat_ids(tokenizer, row["prompt"] + row["chosen"], **template_kwargs)
-        prompt_rejected = _chat_ids(tokenizer, row["prompt"] + row["rejected"], **template_kwargs)
+        full = {field: _chat_ids(tokenizer, row["prompt"] + row[field], **template_kwargs) for field in fields}
     else:
         eos = tokenizer.eos_token
-        chosen = row["chosen"] if row["chosen"].endswith(eos) else row["chosen"] + eos
-        rejected = row["rejected"] if row["rejected"].endswith(eos) else row["rejected"] + eos
         prompt = tokenizer(text=row["prompt"])["input_ids"]
-        prompt_chosen = tokenizer(text=row["prompt"] + chosen)["input_ids"]
-        prompt_rejected = tokenizer(text=row["prompt"] + rejected)["input_ids"]
-    prompt_length = min(_common_prefix_length(prompt, prompt_chosen), _common_prefix_length(prompt, prompt_rejected))
+        full = {}
+        for field in fields:
+            completion = row[field] if row[field].endswith(eos) else row[field] + eos
+            full[field] = tokenizer(text=row["prompt"] + completion)["input_ids"]
+    prompt_length = min(_common_prefix_length(prompt, ids) for ids in full.values())
     if prompt_length < len(prompt):
         warnings.warn(
             "the tokenized prompt is not a prefix of the tokenized prompt + completion (the chat template renders "
@@ -77,11 +88,52 @@ def tokenize_preference_row(row: dict[str, Any], tokenizer) -> dict[str, list[in
             "diverge, so the model trains on a context that differs from the one it sees at inference",
             stacklevel=2,
         )
-    return {
-        "prompt_ids": prompt[:prompt_length],
-        "chosen_ids": prompt_chosen[prompt_length:],
-        "rejected_ids": prompt_rejected[prompt_length:],
-    }
+    completions = {f"{field}_ids": ids[prompt_length:] for field, ids in full.items()}
+    return {"prompt_ids": prompt[:prompt_length], **completions}
+
+
+def tokenize_preference_row(row: dict[str, Any], tokenizer) -> dict[str, list[int]]:
+    """``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` of one (validated) preference row."""
+    if "prompt" not in row:
+        row = {**row, **extract_prompt(row)}
+    return _tokenize_completions(row, tokenizer, ("chosen", "rejected"))
+
+
+def _validated(dataset, tokenizer, *, paired: bool, max_length: int | None, max_positions: int | None,
+               name: str) -> None:
+    """``validate_preference_dataset``, its error prefixed with the dataset's name."""
+    try:
+        validate_preference_dataset(
+            dataset,
+            paired=paired,
+            max_length=max_positions if max_length is None else None,
+            truncation=max_length is not None,
+            tokenizer=tokenizer,
+            max_rows=_STREAMED_ROWS_CHECKED if isinstance(dataset, IterableDataset) else None,
+        )
+    except DatasetFormatError as error:
+        note = ""
+        if max_length is None and "truncation is off" in str(error):
+            note = (f" (max_length=None: nothing is truncated, so every row must fit the model's {max_positions} "
+                    "positions)")
+        raise DatasetFormatError(f"{name} dataset: {error}{note}") from None
+
+
+def _map_kwargs(dataset, num_proc: int | None, desc: str) -> dict[str, Any]:
+    return {} if isinstance(dataset, IterableDataset) else {"num_proc": num_proc, "desc": desc}
+
+
+def _drop_rows(dataset, keep, *, num_proc: int | None, name: str, reason: str):
+    """``dataset.filter(keep)``, logging how many rows went (``reason`` says why)."""
+    before = None if isinstance(dataset, IterableDataset) else len(dataset)
+    dataset = dataset.filter(keep, **_map_kwargs(dataset, num_proc, f"Dropping truncated rows of {name} dataset"))
+    if before is not None and len(dataset) < before:
+        logger.warning("%s dataset: dropped %d of %d rows %s", name, before - len(dataset), before, reason)
+    return dataset
+
+
+def _columns(dataset) -> list[str]:
+    return dataset.column_names or list(next(iter(dataset)).keys())
 
 
 def prepare_preference_dataset(
@@ -98,36 +150,111 @@ def prepare_preference_dataset(
 
     max_positions: the model's context length, checked against every row when ``max_length`` is None.
     """
-    columns = dataset.column_names or list(next(iter(dataset)).keys())
-    if all(column in columns for column in TOKENIZED_COLUMNS):
+    if all(column in _columns(dataset) for column in TOKENIZED_COLUMNS):
         return dataset
-    streamed = isinstance(dataset, IterableDataset)
-    try:
-        validate_preference_dataset(
-            dataset,
-            max_length=max_positions if max_length is None else None,
-            truncation=max_length is not None,
-            tokenizer=tokenizer,
-            max_rows=_STREAMED_ROWS_CHECKED if streamed else None,
-        )
-    except DatasetFormatError as error:
-        note = ""
-        if max_length is None and "truncation is off" in str(error):
-            note = (f" (max_length=None: nothing is truncated, so every row must fit the model's {max_positions} "
-                    "positions)")
-        raise DatasetFormatError(f"{name} dataset: {error}{note}") from None
-
-    map_kwargs = {} if streamed else {"num_proc": num_proc, "desc": f"Tokenizing {name} dataset"}
-    dataset = dataset.map(tokenize_preference_row, fn_kwargs={"tokenizer": tokenizer}, **map_kwargs)
+    _validated(dataset, tokenizer, paired=True, max_length=max_length, max_positions=max_positions, name=name)
+    dataset = dataset.map(tokenize_preference_row, fn_kwargs={"tokenizer": tokenizer},
+                          **_map_kwargs(dataset, num_proc, f"Tokenizing {name} dataset"))
     if max_length is not None and truncation_mode == "keep_start":
-        before = None if streamed else len(dataset)
-        if not streamed:
-            map_kwargs["desc"] = f"Dropping fully truncated rows of {name} dataset"
-        dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < max_length, **map_kwargs)
-        if before is not None and len(dataset) < before:
-            logger.warning("%s dataset: dropped %d of %d rows whose prompt alone fills max_length=%d",
-                           name, before - len(dataset), before, max_length)
+        dataset = _drop_rows(dataset, lambda row: len(row["prompt_ids"]) < max_length, num_proc=num_proc, name=name,
+                             reason=f"whose prompt alone fills max_length={max_length}")
     return dataset
+
+
+# --- ORPO / CPO: TRL's experimental tokenization ---------------------------------------------------------------------
+
+
+def tokenize_answer_pair_row(row: dict[str, Any], index: int, tokenizer, *, max_length: int) -> dict[str, list[int]]:
+    """``chosen_prompt_ids``/``chosen_ids``/``rejected_prompt_ids``/``rejected_ids`` of one (validated) preference
+    row, as TRL 1.16's ``trl.experimental`` ORPO and CPO trainers build them (their ``tokenize_row``).
+
+    Unlike DPO's: a conversational row is rendered to text by the chat template, and all text is tokenized without
+    special tokens; each side's prompt is the tokenized prompt, one token shorter when its last token merges with the
+    answer (so the sides may differ by that token; more is an error); BOS is prepended to each prompt and EOS
+    appended to each answer unless already there; the *answer* is cut so prompt + answer fits ``max_length``, the
+    prompt never is.
+    """
+    row = {**row, **maybe_extract_prompt(row)}
+    row = {**row, **maybe_apply_chat_template(row, tokenizer)}
+    prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    sides = {}
+    for side in ("chosen", "rejected"):
+        full = tokenizer(row["prompt"] + row[side], add_special_tokens=False)["input_ids"]
+        start = len(prompt_ids) - int(full[: len(prompt_ids)] != prompt_ids)
+        sides[side] = (full[:start], full[start:])
+    chosen_prompt, rejected_prompt = sides["chosen"][0], sides["rejected"][0]
+    if (sum(a != b for a, b in zip(chosen_prompt, rejected_prompt)) > 1
+            or abs(len(chosen_prompt) - len(rejected_prompt)) > 1):
+        raise DatasetFormatError(f"row {index}, field 'prompt': the tokenized prompts of chosen and rejected differ "
+                                 "by more than a last merged token")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    out = {}
+    for side, (prompt, answer) in sides.items():
+        if bos is not None and prompt[:1] != [bos]:
+            prompt = [bos, *prompt]
+        if answer[-1:] != [eos]:
+            answer = [*answer, eos]
+        out[f"{side}_prompt_ids"], out[f"{side}_ids"] = prompt, answer[: max(0, max_length - len(prompt))]
+    return out
+
+
+def prepare_answer_pair_dataset(dataset: Dataset | IterableDataset, tokenizer, *, max_length: int,
+                                num_proc: int | None = None, name: str = "train") -> Dataset | IterableDataset:
+    """Validate and tokenize a paired dataset for ORPO/CPO (:func:`tokenize_answer_pair_row`).
+
+    A row whose prompt alone fills ``max_length`` is dropped and the count logged: TRL keeps it with an empty answer,
+    whose mean log-prob is 0/0, so its loss would be NaN.
+    """
+    if all(column in _columns(dataset) for column in ANSWER_PAIR_COLUMNS):
+        return dataset
+    _validated(dataset, tokenizer, paired=True, max_length=max_length, max_positions=None, name=name)
+    dataset = dataset.map(tokenize_answer_pair_row, with_indices=True,
+                          fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+                          **_map_kwargs(dataset, num_proc, f"Tokenizing {name} dataset"))
+    return _drop_rows(dataset, lambda row: len(row["chosen_ids"]) > 0 and len(row["rejected_ids"]) > 0,
+                      num_proc=num_proc, name=name, reason=f"whose prompt alone fills max_length={max_length}")
+
+
+# --- KTO: unpaired rows ----------------------------------------------------------------------------------------------
+
+
+def _rotate_completions(batch: dict[str, list]) -> dict[str, list]:
+    """KTO's mismatched pairs: within a batch, example i gets the completion of example i - 1 (the first, the last's)."""
+    return {"KL_completion_ids": batch["completion_ids"][-1:] + batch["completion_ids"][:-1]}
+
+
+def prepare_unpaired_dataset(dataset: Dataset | IterableDataset, tokenizer, *, max_length: int | None,
+                             max_positions: int | None, kl_batch_size: int | None, num_proc: int | None = None,
+                             name: str = "train") -> Dataset | IterableDataset:
+    """Validate and tokenize a KTO dataset, as TRL 1.16's ``KTOTrainer._prepare_dataset``: ``prompt_ids`` and
+    ``completion_ids`` per row (tokenized like DPO's pairs), and ``KL_completion_ids`` when ``kl_batch_size`` is set.
+
+    A paired dataset (``chosen``/``rejected``, prompt possibly implicit) is unpaired first
+    (``unpair_preference_dataset``). Rows whose prompt alone fills ``max_length`` are dropped. The mismatched KL
+    completions rotate the completions by one within each run of ``kl_batch_size`` rows, so they pair up with the
+    batches of a sequential sampler of that batch size.
+    """
+    columns = _columns(dataset)
+    if "prompt_ids" in columns and "completion_ids" in columns:
+        return dataset
+    paired = "chosen" in columns and "rejected" in columns
+    _validated(dataset, tokenizer, paired=paired, max_length=max_length, max_positions=max_positions, name=name)
+    if paired:
+        if "prompt" not in columns:
+            dataset = dataset.map(extract_prompt, **_map_kwargs(dataset, num_proc, f"Extracting prompt of {name}"))
+        dataset = unpair_preference_dataset(dataset, **_map_kwargs(dataset, num_proc, f"Unpairing {name} dataset"))
+    dataset = dataset.map(_tokenize_completions, fn_kwargs={"tokenizer": tokenizer, "fields": ("completion",)},
+                          **_map_kwargs(dataset, num_proc, f"Tokenizing {name} dataset"))
+    if max_length is not None:
+        dataset = _drop_rows(dataset, lambda row: len(row["prompt_ids"]) < max_length, num_proc=num_proc, name=name,
+                             reason=f"whose prompt alone fills max_length={max_length}")
+    if kl_batch_size is not None:
+        dataset = dataset.map(_rotate_completions, batched=True, batch_size=kl_batch_size,
+                              **_map_kwargs(dataset, num_proc, f"Pairing KL completions of {name} dataset"))
+    return dataset
+
+
+# --- collators -------------------------------------------------------------------------------------------------------
 
 
 def _right_pad(rows: list[list[int]], value: int, multiple: int | None) -> torch.Tensor:
@@ -140,11 +267,30 @@ def _right_pad(rows: list[list[int]], value: int, multiple: int | None) -> torch
     return out
 
 
+def _pad_sequences(prompts: list[list[int]], completions: list[list[int]], *, pad_token_id: int, kept: slice,
+                   multiple: int | None, prefix: str = "") -> dict[str, torch.Tensor]:
+    """prompt + completion per row, cut to ``kept`` -> right-padded int64 ``input_ids``, ``attention_mask``,
+    ``completion_mask`` (keys prefixed with ``prefix``)."""
+    sequences = [(list(prompt) + list(completion))[kept] for prompt, completion in zip(prompts, completions)]
+    masks = [([0] * len(prompt) + [1] * len(completion))[kept] for prompt, completion in zip(prompts, completions)]
+    return {
+        f"{prefix}input_ids": _right_pad(sequences, pad_token_id, multiple),
+        f"{prefix}attention_mask": _right_pad([[1] * len(s) for s in sequences], 0, multiple),
+        f"{prefix}completion_mask": _right_pad(masks, 0, multiple),
+    }
+
+
+def _floats(examples: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    return {key: torch.tensor([example[key] for example in examples], dtype=torch.float32)
+            for key in keys if key in examples[0]}
+
+
 @dataclasses.dataclass
 class PreferenceCollator:
     """Rows with ``prompt_ids``/``chosen_ids``/``rejected_ids`` -> ``input_ids``, ``attention_mask`` and
     ``completion_mask``, all int64 ``[2B, T]`` right-padded, chosen sequences first; plus ``ref_chosen_logps`` /
-    ``ref_rejected_logps`` fp32 ``[B]`` when the rows carry precomputed reference log-probs.
+    ``ref_rejected_logps`` fp32 ``[B]`` when the rows carry precomputed reference log-probs. Rows with
+    ``chosen_prompt_ids``/``rejected_prompt_ids`` (ORPO/CPO) use those as each side's prompt.
 
     Each sequence is truncated to ``max_length`` before padding: its start is kept (``keep_start``) or, deprecated in
     TRL 1.16, its end (``keep_end``).
@@ -156,11 +302,7 @@ class PreferenceCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        sequences, completion_masks = [], []
-        for completion in ("chosen_ids", "rejected_ids"):
-            for example in examples:
-                sequences.append(list(example["prompt_ids"]) + list(example[completion]))
-                completion_masks.append([0] * len(example["prompt_ids"]) + [1] * len(example[completion]))
+        kept = slice(None)
         if self.max_length is not None:
             if self.truncation_mode == "keep_start":
                 kept = slice(None, self.max_length)
@@ -168,14 +310,37 @@ class PreferenceCollator:
                 kept = slice(-self.max_length, None)
             else:
                 raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}")
-            sequences = [sequence[kept] for sequence in sequences]
-            completion_masks = [mask[kept] for mask in completion_masks]
-        batch = {
-            "input_ids": _right_pad(sequences, self.pad_token_id, self.pad_to_multiple_of),
-            "attention_mask": _right_pad([[1] * len(s) for s in sequences], 0, self.pad_to_multiple_of),
-            "completion_mask": _right_pad(completion_masks, 0, self.pad_to_multiple_of),
-        }
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if key in examples[0]:
-                batch[key] = torch.tensor([example[key] for example in examples], dtype=torch.float32)
-        return batch
+        prompts, completions = [], []
+        for side in ("chosen", "rejected"):
+            for example in examples:
+                own_prompt = f"{side}_prompt_ids"
+                prompts.append(example[own_prompt] if own_prompt in example else example["prompt_ids"])
+                completions.append(example[f"{side}_ids"])
+        batch = _pad_sequences(prompts, completions, pad_token_id=self.pad_token_id, kept=kept,
+                               multiple=self.pad_to_multiple_of)
+        return {**batch, **_floats(examples, ("ref_chosen_logps", "ref_rejected_logps"))}
+
+
+@dataclasses.dataclass
+class UnpairedCollator:
+    """KTO rows with ``prompt_ids``/``completion_ids`` -> int64 ``[N, T]`` right-padded ``input_ids``,
+    ``attention_mask``, ``completion_mask``; the same with a ``KL_`` prefix for the mismatched ``KL_completion_ids``
+    when present; ``label`` bool ``[N]``; ``ref_logps`` / ``ref_KL_logps`` fp32 ``[N]`` when precomputed.
+    Each sequence keeps its first ``max_length`` tokens (TRL's ``DataCollatorForUnpairedPreference``).
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        kept = slice(None, self.max_length)
+        prompts = [example["prompt_ids"] for example in examples]
+        batch = {}
+        for prefix in ("", "KL_"):
+            if f"{prefix}completion_ids" in examples[0]:
+                batch.update(_pad_sequences(prompts, [example[f"{prefix}completion_ids"] for example in examples],
+                                            pad_token_id=self.pad_token_id, kept=kept,
+                                            multiple=self.pad_to_multiple_of, prefix=prefix))
+        batch["label"] = torch.tensor([bool(example["label"]) for example in examples])
+        return {**batch, **_floats(examples, ("ref_logps", "ref_KL_logps"))}

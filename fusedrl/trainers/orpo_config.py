@@ -1,0 +1,39 @@
+"""ORPOConfig: ``trl.experimental.orpo.ORPOConfig`` 1.16's fields and defaults on fusedrl's base config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fusedrl.trainers.base import FusedConfig
+
+
+@dataclass
+class ORPOConfig(FusedConfig):
+    """Configuration of :class:`fusedrl.trainers.ORPOTrainer`; every field means what it means in TRL 1.16's
+    ``trl.experimental.orpo.ORPOConfig``, plus ``kernels`` (FusedConfig).
+
+    Model: ``model_init_kwargs``, ``trust_remote_code``, ``disable_dropout``. Data: ``max_length`` (1024; None means
+    512, as in TRL), ``padding_value`` (None = the tokenizer's pad id), ``dataset_num_proc``. Loss: ``beta`` (the
+    paper's lambda). Kept for compatibility, refused when set: ``generate_during_eval``, ``is_encoder_decoder``;
+    ``max_completion_length`` only applies to encoder-decoder models, which are not supported.
+    Defaults that differ from TrainingArguments, as in TRL: ``learning_rate=1e-6``, ``logging_steps=10``,
+    ``gradient_checkpointing=True``, ``bf16=True`` unless ``fp16``.
+    """
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "The initial learning rate for AdamW."})
+    max_length: int | None = field(
+        default=1024, metadata={"help": "Longest prompt + completion; the completion is cut. None means 512."}
+    )
+    max_completion_length: int | None = field(
+        default=None, metadata={"help": "Encoder-decoder only in TRL (unsupported here); ignored."}
+    )
+    beta: float = field(default=0.1, metadata={"help": "Weight of the odds-ratio term (the paper's lambda)."})
+    padding_value: int | None = field(
+        default=None, metadata={"help": "Token id that pads input_ids; None uses the tokenizer's pad token."}
+    )
+    generate_during_eval: bool = field(
+        default=False, metadata={"help": "Unsupported (TRL logs generations to W&B/Comet); must stay False."}
+    )
+    is_encoder_decoder: bool | None = field(
+        default=None, metadata={"help": "Only decoder-only models are supported; None or False."}
+    )
