@@ -12,6 +12,12 @@ from fusedrl.engine.ops.preference import (
     linear_preference_loss,
     preference_loss,
 )
+from fusedrl.engine.preference_registry import (
+    dpo_loss_types,
+    register_preference_loss,
+    registered_preference_losses,
+    unregister_preference_loss,
+)
 from fusedrl.engine.registry import configure_kernels, kernel_backends, use_kernels
 
 __version__ = "0.1.0"
@@ -21,12 +27,16 @@ __all__ = [
     "PreferenceLoss",
     "TokenLogprobs",
     "configure_kernels",
+    "dpo_loss_types",
     "kernel_backends",
     "linear_preference_loss",
     "linear_token_logprobs",
     "preference_loss",
+    "register_preference_loss",
+    "registered_preference_losses",
     "token_logprobs",
     "token_logprobs_and_entropy",
+    "unregister_preference_loss",
     "use_kernels",
 ]
 

@@ -180,8 +180,16 @@ def _head_statistics(hidden_NTH, weight_VH, bias_V, labels_NT, statistics_mask_N
 class FusedTrainer(Trainer):
     """``transformers.Trainer`` plus the shared pieces listed in the module docstring.
 
-    Subclasses call :meth:`_setup_model` before ``Trainer.__init__`` (it needs no trainer state) and
-    :meth:`_finish_setup` after it, then compute their loss from :meth:`token_logprobs`.
+    The contract of a new trainer (docs/extending.md; a runnable one: examples/custom_trainer.py), with a config
+    subclassing :class:`FusedConfig`:
+
+    1. ``__init__`` calls :meth:`_setup_model` before ``Trainer.__init__`` (it needs no trainer state), then
+       ``super().__init__`` with the prepared datasets and a collator, then always :meth:`_finish_setup`
+       (``precompute=True`` for a reference-free method: no reference copy is made);
+    2. ``_set_signature_columns_if_needed`` names the batch columns when they are not model inputs;
+    3. ``compute_loss`` returns the micro-batch mean loss, computed from :meth:`token_logprobs` (policy, and the
+       reference inside :meth:`reference_context`);
+    4. metrics go through :meth:`record` with :meth:`gathered_mean` / :meth:`masked_mean`.
     """
 
     # compute_loss returns a per-micro-batch mean, so Trainer divides it by the accumulation steps (as for TRL's DPO).

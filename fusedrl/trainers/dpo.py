@@ -28,11 +28,10 @@ from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
+from fusedrl.engine import preference_registry
 from fusedrl.kernels.preference import (
-    DPO_LOSS_TYPES,
     F_DIVERGENCE_LOSS_TYPES,
     DPOLossOutput,
-    dpo_losses,
     ld_sequence_logps,
     sequence_logps,
     token_mean_nll,
@@ -50,8 +49,9 @@ _REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def _dpo_loss(args: DPOConfig, chosen, rejected, ref_chosen, ref_rejected, **terms) -> DPOLossOutput:
-    """The trainer's one call into the preference-loss formulas (to become ``fusedrl.preference_loss``)."""
-    return dpo_losses(
+    """The trainer's one call into the preference-loss formulas (to become ``fusedrl.preference_loss``): TRL's
+    ``dpo_losses``, plus any names registered with ``fusedrl.register_preference_loss``."""
+    return preference_registry.dpo_losses_with_registered(
         chosen, rejected, ref_chosen, ref_rejected, loss_type=args.loss_type, beta=args.beta,
         loss_weights=args.loss_weights, label_smoothing=args.label_smoothing,
         f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
@@ -61,9 +61,12 @@ def _dpo_loss(args: DPOConfig, chosen, rejected, ref_chosen, ref_rejected, **ter
 
 def _check_config(args: DPOConfig) -> None:
     """The configuration errors TRL raises (some only at the first step), raised at construction."""
-    unknown = [name for name in args.loss_type if name not in DPO_LOSS_TYPES]
+    unknown = [name for name in args.loss_type if name not in preference_registry.dpo_loss_types()]
     if unknown:
-        raise ValueError(f"unknown loss_type {unknown}; choose from {list(DPO_LOSS_TYPES)}")
+        raise ValueError(f"unknown loss_type {unknown}; choose from {list(preference_registry.dpo_loss_types())} "
+                         "(more with fusedrl.register_preference_loss)")
+    preference_registry.check_registered_request(args.loss_type, f_divergence_type=args.f_divergence_type,
+                                                 has_lengths=True, has_nll=True)
     if args.f_divergence_type != "reverse_kl" and not set(args.loss_type) <= F_DIVERGENCE_LOSS_TYPES:
         raise ValueError(f"f_divergence_type={args.f_divergence_type!r} only applies to "
                          f"{sorted(F_DIVERGENCE_LOSS_TYPES)}; got loss_type={args.loss_type}")
@@ -248,7 +251,7 @@ class DPOTrainer(FusedTrainer):
         # ipo / sigmoid_norm average over the completion: TRL counts the unshifted completion mask.
         lengths = completion_mask.sum(-1).float()
         terms = {"chosen_lengths": lengths[:num_pairs], "rejected_lengths": lengths[num_pairs:]}
-        if "sft" in self.args.loss_type:
+        if "sft" in self.args.loss_type or "chosen_nll" in preference_registry.needed_inputs(self.args.loss_type):
             terms["chosen_nll"] = token_mean_nll(policy.logps[:num_pairs], mask_NT[:num_pairs])
         if self.args.use_weighting:
             terms["pair_weights"] = wpo_pair_weights(policy.logps, policy.log_sum_sq_probs, mask_NT)

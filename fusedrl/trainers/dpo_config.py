@@ -20,8 +20,9 @@ class DPOConfig(FusedConfig):
     Data: ``dataset_num_proc``, ``max_length`` (1024; None = no truncation), ``truncation_mode`` (``keep_start``),
     ``padding_free``, ``pad_to_multiple_of`` (``"auto"``: None off Neuron), ``precompute_ref_log_probs``,
     ``precompute_ref_batch_size``, ``pad_token`` (deprecated).
-    Loss: ``loss_type`` (a name or a list, MPO) with ``loss_weights``, ``beta``, ``label_smoothing``, ``ld_alpha``,
-    ``f_divergence_type`` + ``f_alpha_divergence_coef``, ``use_weighting`` (WPO), ``discopop_tau``.
+    Loss: ``loss_type`` (a name or a list, MPO; also names registered with ``fusedrl.register_preference_loss``)
+    with ``loss_weights``, ``beta``, ``label_smoothing``, ``ld_alpha``, ``f_divergence_type`` +
+    ``f_alpha_divergence_coef``, ``use_weighting`` (WPO), ``discopop_tau``.
     Reference: ``sync_ref_model`` with ``ref_model_mixup_alpha`` and ``ref_model_sync_steps`` (TR-DPO).
     Defaults that differ from TrainingArguments, as in TRL: ``learning_rate=1e-6``, ``logging_steps=10``,
     ``gradient_checkpointing=True``, ``bf16=True`` unless ``fp16``.
@@ -55,7 +56,8 @@ class DPOConfig(FusedConfig):
     loss_type: list[str] = field(
         default_factory=lambda: ["sigmoid"],
         metadata={"help": "One or more of sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, "
-                          "aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm (summed with loss_weights)."},
+                          "aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, or names registered with "
+                          "fusedrl.register_preference_loss (summed with loss_weights)."},
     )
     loss_weights: list[float] | None = field(
         default=None, metadata={"help": "One weight per loss_type; None = 1.0 each."}

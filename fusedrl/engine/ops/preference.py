@@ -11,7 +11,8 @@ sigmoid_norm``, any f-divergence they allow, and CPO ``sigmoid hinge ipo simpo``
 Both custom-op backends compute the gradient in the forward pass (it is ``[B]`` floats), so the backward is a
 multiply. The batch-coupled types (``aot``, ``aot_unpaired`` sort over the batch; ``sft`` is one batch mean) and
 multi-type lists (MPO) run ``torch.compile`` of ``dpo_losses`` with compiled autograd; a ``triton`` request for
-them takes that path and logs it once.
+them takes that path and logs it once. So do losses registered with ``fusedrl.register_preference_loss``
+(``engine/preference_registry.py``): Python functions have no Triton kernel; ``compiled`` traces them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from fusedrl.engine import registry
+from fusedrl.engine import preference_registry, registry
 from fusedrl.engine.compile import compile_kernel
 from fusedrl.engine.ops.logprobs import linear_token_logprobs
 from fusedrl.engine.ops.preference_checks import check_linear_request, check_preference_request
@@ -76,9 +77,13 @@ def _resolve(device: torch.device, request: str) -> str:
     if backend == "triton" and request:
         if request not in _logged_routes:
             _logged_routes.add(request)
-            logger.warning(
-                "fusedrl: preference loss_type=%s couples the pairs of a batch (sorting, batch means or several "
-                "types), which the per-pair Triton kernel cannot fuse; it runs on the compiled backend", request)
+            if preference_registry.is_registered(request.split(",")):
+                logger.warning("fusedrl: preference loss_type=%s includes registered Python losses, which have no "
+                               "Triton kernel; it runs on the compiled backend", request)
+            else:
+                logger.warning(
+                    "fusedrl: preference loss_type=%s couples the pairs of a batch (sorting, batch means or several "
+                    "types), which the per-pair Triton kernel cannot fuse; it runs on the compiled backend", request)
         return "compiled"
     return backend
 
@@ -196,7 +201,8 @@ def preference_loss(
     Keywords carry ``DPOConfig`` / ``CPOConfig`` names and defaults (``kernels/preference/dpo.py`` and ``cpo.py``
     document each): ``loss_type`` (a list with ``loss_weights`` for MPO, DPO only), ``chosen_lengths`` /
     ``rejected_lengths`` ``[B]`` for ``ipo`` / ``sigmoid_norm``, ``chosen_nll`` (scalar) for DPO ``sft`` and CPO's
-    ``cpo_alpha`` term, ``pair_weights`` ``[B]`` WPO weights (detached). Returns :class:`PreferenceLoss`.
+    ``cpo_alpha`` term, ``pair_weights`` ``[B]`` WPO weights (detached). DPO ``loss_type`` also takes names
+    registered with :func:`fusedrl.register_preference_loss`. Returns :class:`PreferenceLoss`.
     """
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     check_preference_request(
@@ -217,7 +223,9 @@ def preference_loss(
         # Inside a caller's torch.compile region the reference is traced into that graph: compiling it again there
         # would only nest a second compile.
         plain = backend == "reference" or torch.compiler.is_compiling()
-        dpo = dpo_losses if plain else compile_kernel(dpo_losses)
+        fn = (preference_registry.dpo_losses_with_registered if preference_registry.is_registered(loss_types)
+              else dpo_losses)
+        dpo = fn if plain else compile_kernel(fn)
         out = dpo(
             chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=loss_types, beta=beta,
             loss_weights=loss_weights, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,

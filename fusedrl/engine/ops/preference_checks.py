@@ -11,8 +11,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from fusedrl.engine import preference_registry
 from fusedrl.engine.ops import checks
-from fusedrl.kernels.preference import CPO_LOSS_TYPES, DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCE_TYPES
+from fusedrl.kernels.preference import CPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCE_TYPES
 
 FAMILIES = ("dpo", "cpo")
 _COMPUTED_BY_LINEAR = ("chosen_lengths", "rejected_lengths", "chosen_nll")
@@ -38,9 +39,7 @@ def _check_loss_types(family: str, loss_types: list[str], loss_weights: Sequence
         if loss_weights is not None:
             raise ValueError("loss_weights (MPO) apply to family='dpo' only")
         return
-    unknown = [name for name in loss_types if name not in DPO_LOSS_TYPES]
-    if unknown:
-        raise ValueError(f"Unknown DPO loss_type {unknown}; expected names from {DPO_LOSS_TYPES}")
+    preference_registry.check_dpo_loss_types(loss_types)
     if loss_weights is not None and len(loss_weights) != len(loss_types):
         raise ValueError(f"{len(loss_weights)} loss_weights for {len(loss_types)} loss types")
 
@@ -71,6 +70,10 @@ def check_preference_request(
         _check_pair_tensor(name, tensor, chosen)
     if f_divergence_type not in F_DIVERGENCE_TYPES:
         raise ValueError(f"Unknown f_divergence_type {f_divergence_type!r}; expected one of {F_DIVERGENCE_TYPES}")
+    if family == "dpo":
+        preference_registry.check_registered_request(
+            loss_types, f_divergence_type=f_divergence_type,
+            has_lengths=chosen_lengths is not None and rejected_lengths is not None, has_nll=chosen_nll is not None)
     if f_divergence_type != "reverse_kl" and (family == "cpo" or not set(loss_types) <= F_DIVERGENCE_LOSS_TYPES):
         raise ValueError(
             f"f_divergence_type={f_divergence_type!r} only applies to DPO {sorted(F_DIVERGENCE_LOSS_TYPES)}: the "
