@@ -14,6 +14,8 @@ import resource
 import time
 from pathlib import Path
 
+import torch
+
 from fusedrl.engine.registry import kernel_backends, parse_kernel_spec, use_kernels
 from fusedrl.trainers import presets
 from fusedrl.trainers.callbacks import RichProgressCallback
@@ -104,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_steps", type=int, help="override the recipe's step count")
     parser.add_argument("--kernels", help="backend selection, e.g. linear_logprobs=compiled")
     args = parser.parse_args(argv)
+    # The recipe's thread count: a model this small is dominated by per-op overhead, where a second OpenMP thread
+    # mostly waits at barriers (measured in presets/recipes.py).
+    torch.set_num_threads(presets.DEMO_RECIPE.get("torch_num_threads", torch.get_num_threads()))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_demo_trainer(output_dir, max_steps=args.max_steps, kernels=args.kernels,
