@@ -18,7 +18,7 @@ import torch
 
 from fusedrl.engine.registry import kernel_backends, parse_kernel_spec, use_kernels
 from fusedrl.trainers import presets
-from fusedrl.trainers.callbacks import RichProgressCallback
+from fusedrl.trainers.callbacks import use_rich_progress
 from fusedrl.trainers.dpo import DPOTrainer
 from fusedrl.trainers.dpo_config import DPOConfig
 
@@ -39,7 +39,7 @@ def build_demo_trainer(output_dir: str | Path, *, max_steps: int | None = None, 
     tokenizer = presets.build_tokenizer()
     config = DPOConfig(
         output_dir=str(output_dir), kernels=kernels, report_to="none", save_strategy="no", eval_strategy="no",
-        disable_tqdm=True, **fields,
+        disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available(), **fields,
     )
     data = {split: presets.load_preset_dataset(recipe["dataset"], split, seed=config.seed) for split in ("train", "test")}
     return DPOTrainer(
@@ -62,13 +62,17 @@ def _curves(log_history: list[dict], path: Path) -> None:
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     loss_ax.plot([e["step"] for e in train], [e["loss"] for e in train], marker=".")
     loss_ax.set(xlabel="step", ylabel="DPO loss", title="training loss")
-    acc_ax.plot([e["step"] for e in train], [e.get("rewards/accuracies", float("nan")) for e in train], marker=".",
-                label="train batch")
-    acc_ax.plot([e["step"] for e in train], [e.get("rewards/margins", float("nan")) for e in train], marker=".",
-                label="train margin")
-    acc_ax.axhline(ACCURACY_TARGET, linestyle="--", color="grey", label=f"target {ACCURACY_TARGET}")
-    acc_ax.set(xlabel="step", title="reward accuracy / margin")
-    acc_ax.legend()
+    steps = [e["step"] for e in train]
+    acc_ax.plot(steps, [e.get("rewards/accuracies", float("nan")) for e in train], marker=".", label="batch accuracy")
+    acc_ax.axhline(ACCURACY_TARGET, linestyle="--", color="grey", label=f"held-out target {ACCURACY_TARGET}")
+    acc_ax.set(xlabel="step", ylabel="reward accuracy", ylim=(0, 1.05), title="reward accuracy and margin")
+    margin_ax = acc_ax.twinx()
+    margin_ax.plot(steps, [e.get("rewards/margins", float("nan")) for e in train], color="tab:orange", marker=".",
+                   label="batch margin")
+    margin_ax.set(ylabel="reward margin")
+    lines = acc_ax.get_legend_handles_labels()
+    more = margin_ax.get_legend_handles_labels()
+    acc_ax.legend(lines[0] + more[0], lines[1] + more[1], loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -111,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(presets.DEMO_RECIPE.get("torch_num_threads", torch.get_num_threads()))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    trainer = build_demo_trainer(output_dir, max_steps=args.max_steps, kernels=args.kernels,
-                                 callbacks=[RichProgressCallback()])
+    trainer = build_demo_trainer(output_dir, max_steps=args.max_steps, kernels=args.kernels)
+    use_rich_progress(trainer)
     before = _eval(trainer)
     start = time.perf_counter()
     trainer.train()
