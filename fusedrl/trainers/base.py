@@ -38,6 +38,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, ProcessorMixin, 
 
 from fusedrl.engine.ops.logprobs import linear_token_logprobs
 from fusedrl.engine.registry import kernel_backends, parse_kernel_spec, use_kernels
+from fusedrl.trainers.callbacks.sync_ref import SyncRefModelCallback
 
 logger = logging.getLogger("fusedrl")
 
@@ -271,6 +272,43 @@ class FusedTrainer(Trainer):
         with use_kernels(**self._kernel_selection):
             logger.info("fusedrl kernels for %s on %s: %s", type(self).__name__, self.accelerator.device,
                         kernel_backends(self.accelerator.device))
+
+    def _prepare_splits(self, train_dataset, eval_dataset, tokenizer, args):
+        """The trainer's ``_prepare`` applied to the train split and to each eval split (one dataset or a dict)."""
+        train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {key: self._prepare(ds, tokenizer, args, key) for key, ds in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = self._prepare(eval_dataset, tokenizer, args, "eval")
+        return train_dataset, eval_dataset
+
+    def _setup_router_aux_loss(self, args) -> None:
+        """Mixture-of-experts load balancing as TRL weights it: ``args.router_aux_loss_coef``, else the model's."""
+        text_config = self.model.config.get_text_config()
+        coef = args.router_aux_loss_coef
+        if coef and not hasattr(text_config, "output_router_logits"):
+            raise ValueError(f"router_aux_loss_coef={coef} but {type(self.model).__name__} has no router to weight")
+        self.router_aux_loss_coef = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
+        self.aux_loss_enabled = hasattr(text_config, "output_router_logits") and self.router_aux_loss_coef != 0.0
+
+    def _setup_reference(self, ref_model: PreTrainedModel | None, args) -> None:
+        """``_finish_setup``, then TR-DPO reference syncing and precomputed reference log-probs for trainers whose
+        config has ``sync_ref_model`` / ``precompute_ref_log_probs`` and that define ``_precompute_ref_logps``."""
+        self._finish_setup(ref_model, precompute=args.precompute_ref_log_probs)
+        if args.sync_ref_model:
+            self.add_callback(SyncRefModelCallback(self.ref_model, self.accelerator))
+        if not args.precompute_ref_log_probs:
+            return
+        self.train_dataset = self._precompute_ref_logps(
+            self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size)
+        if self.eval_dataset is None:
+            return
+        batch_size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {name: self._precompute_ref_logps(ds, name, batch_size)
+                                 for name, ds in self.eval_dataset.items()}
+        else:
+            self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", batch_size)
 
     # --- per-step context -----------------------------------------------------------------------------------------
 

@@ -38,7 +38,6 @@ from fusedrl.kernels.preference import (
     wpo_pair_weights,
 )
 from fusedrl.trainers.base import IGNORE_INDEX, FusedTrainer, tokenizer_of
-from fusedrl.trainers.callbacks.sync_ref import SyncRefModelCallback
 from fusedrl.trainers.dpo_config import DPOConfig
 from fusedrl.trainers.preference_data import PreferenceCollator, prepare_preference_dataset
 
@@ -130,36 +129,14 @@ class DPOTrainer(FusedTrainer):
             data_collator = PreferenceCollator(tokenizer.pad_token_id, args.max_length, args.truncation_mode,
                                                args.pad_to_multiple_of)
         self._max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {key: self._prepare(ds, tokenizer, args, key) for key, ds in eval_dataset.items()}
-        elif eval_dataset is not None:
-            eval_dataset = self._prepare(eval_dataset, tokenizer, args, "eval")
+        train_dataset, eval_dataset = self._prepare_splits(train_dataset, eval_dataset, tokenizer, args)
 
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers)
 
-        text_config = self.model.config.get_text_config()
-        coef = args.router_aux_loss_coef
-        if coef and not hasattr(text_config, "output_router_logits"):
-            raise ValueError(f"router_aux_loss_coef={coef} but {type(model).__name__} has no router to weight")
-        self.router_aux_loss_coef = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
-        self.aux_loss_enabled = hasattr(text_config, "output_router_logits") and self.router_aux_loss_coef != 0.0
-
-        self._finish_setup(ref_model, precompute=args.precompute_ref_log_probs)
-        if args.sync_ref_model:
-            self.add_callback(SyncRefModelCallback(self.ref_model, self.accelerator))
-        if args.precompute_ref_log_probs:
-            self.train_dataset = self._precompute_ref_logps(
-                self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size)
-            if self.eval_dataset is not None:
-                batch_size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
-                if isinstance(self.eval_dataset, dict):
-                    self.eval_dataset = {name: self._precompute_ref_logps(ds, name, batch_size)
-                                         for name, ds in self.eval_dataset.items()}
-                else:
-                    self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", batch_size)
+        self._setup_router_aux_loss(args)
+        self._setup_reference(ref_model, args)
 
     # --- data ---------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,126 @@
+"""Targets checked against a run, and the markdown report (every target is listed: met, MISSED or NOT MEASURED)."""
+
+from __future__ import annotations
+
+from benchmarks.cases import Target
+
+# Cores used by other processes during a path above which its times are flagged (the machine has 2).
+BUSY_CORES = 0.2
+
+_KIND_TEXT = {
+    "time_ratio_max": "time <= {value:g}x {vs}",
+    "speedup_min": ">= {value:g}x faster than {vs}",
+    "peak_mb_max": "peak memory <= {value:g} MB",
+    "peak_ratio_max": "peak memory <= {value:g}x {vs}",
+}
+
+
+def evaluate(target: Target, results: dict[str, dict]) -> dict:
+    """``{"path", "kind", "value", "vs", "text", "measured", "status"}``; status is met / MISSED / NOT MEASURED."""
+    out = {**vars(target), "text": f"{target.path}: " + _KIND_TEXT[target.kind].format(**vars(target))}
+    involved = [target.path] + ([target.vs] if target.kind != "peak_mb_max" else [])
+    absent = [p for p in involved if "time_median_s" not in results.get(p, {})]
+    if absent:
+        why = "; ".join(f"{p}: {results.get(p, {}).get('skipped') or results.get(p, {}).get('error')}" for p in absent)
+        return {**out, "measured": None, "status": "NOT MEASURED", "why": why}
+    r = results[target.path]
+    if target.kind == "time_ratio_max":
+        measured = r["time_median_s"] / results[target.vs]["time_median_s"]
+        ok = measured <= target.value
+    elif target.kind == "speedup_min":
+        measured = results[target.vs]["time_median_s"] / r["time_median_s"]
+        ok = measured >= target.value
+    elif target.kind == "peak_mb_max":
+        measured = r["peak_mb"]
+        ok = measured <= target.value
+    else:
+        vs_peak = results[target.vs]["peak_mb"]
+        measured = r["peak_mb"] / vs_peak if vs_peak > 0 else float("inf")
+        ok = measured <= target.value
+    busy = [p for p in involved if results[p].get("other_cpu_cores", 0.0) > BUSY_CORES]
+    status = ("met" if ok else "MISSED") + (f" (busy machine during {', '.join(busy)})" if busy else "")
+    return {**out, "measured": measured, "status": status}
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.2f}"
+
+
+def _measured_text(t: dict) -> str:
+    if t["measured"] is None:
+        return f"not measured ({t['why']})"
+    return f"{t['measured']:.0f} MB" if t["kind"] == "peak_mb_max" else f"{t['measured']:.2f}x"
+
+
+def _case_markdown(case: dict, mode: str) -> list[str]:
+    if case.get("kind") == "trainer":  # whole training steps: their own table and method note
+        from benchmarks import trainers
+
+        return trainers.case_markdown(case, mode)
+    shape = " ".join(f"{k}={v}" for k, v in case["shape"].items())
+    extra = ", ".join(f"{k}={v}" for k, v in {**case["input_kwargs"], **case["path_kwargs"]}.items())
+    base_label = case["base"]
+    lines = [
+        f"### {case['name']}: {shape} {case['dtype']}" + (f" ({extra})" if extra else ""),
+        "",
+        case["description"] + ".",
+        "",
+        (
+            f"| path | median ms | min-max ms | time / {base_label} | peak MB | peak / {base_label} "
+            f"| grads = {base_label} | other CPU |"
+        ),
+        "|---|---:|---:|---:|---:|---:|:---:|---:|",
+    ]
+    for path, r in case["paths"].items():
+        label = f"{path} ({case['labels'][path]})"
+        if "time_median_s" not in r:
+            reason = r.get("skipped") or f"FAILED: {r.get('error')}"
+            lines.append(f"| {label} | - | - | - | - | - | {reason} | - |")
+            continue
+        ratio = f"{r['time_vs_base']:.2f}x" if r.get("time_vs_base") is not None else "-"
+        peak_ratio = f"{r['peak_vs_base']:.2f}x" if r.get("peak_vs_base") is not None else "-"
+        match = r.get("grads_match_base")
+        match = "-" if match is None else "yes" if match else f"NO ({r['grad_rel_diff_vs_base']:.1e})"
+        lines.append(
+            f"| {label} | {_ms(r['time_median_s'])} | {_ms(r['time_min_s'])}-{_ms(r['time_max_s'])} | {ratio} "
+            f"| {r['peak_mb']:,.0f} | {peak_ratio} | {match} | {r['other_cpu_cores']:.2f} |"
+        )
+    if case["targets"]:
+        lines += ["", "Targets" + (" (set for the full sizes; quick sizes only indicate)" if mode == "quick" else "")
+                  + ":", ""]
+        lines += [f"- **{t['status']}**: {t['text']}: measured {_measured_text(t)}" for t in case["targets"]]
+    return lines + [""]
+
+
+def markdown(run: dict) -> str:
+    m, v, g = run["machine"], run["versions"], run["git"]
+    commit = (g["commit"] or "no commit")[:12] + (" (dirty tree)" if g.get("dirty") else "")
+    repeats = sorted({r["repeats"] for c in run["cases"] for r in c["paths"].values() if "repeats" in r})
+    mem_repeats = sorted({len(r["peak_mb_each"]) for c in run["cases"] for r in c["paths"].values()
+                          if "peak_mb_each" in r})
+    machine = (
+        f"**CPU measurements** (no GPU): {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GiB RAM, "
+        f"torch.set_num_threads({run['num_threads']}). GPU figures would differ; the Triton backends and GPU-only "
+        "peers are not measured here."
+    )
+    software = (
+        f"torch {v['torch']}, triton {v['triton']}, trl {v['trl']}, liger-kernel {v['liger-kernel']}; "
+        f"commit {commit}; {run['wall_s'] / 60:.1f} min."
+    )
+    method = (
+        f"Time: median over {'/'.join(map(str, repeats)) or '?'} forward+backward repeats after warmup (compile "
+        "excluded), min-max spread. Peak: extra resident memory (VmHWM over the post-warmup VmRSS) of one "
+        "forward+backward in a fresh process per path, gradients included, inputs excluded; the largest of "
+        f"{'/'.join(map(str, mem_repeats)) or '?'} untimed iterations, with glibc unmapping every freed block "
+        ">= 1 MiB so RSS tracks live tensors. Ratios are against the case's base path (< 1 = faster / smaller "
+        "than it). `grads = base`: input-gradient norms agree with the base path to 1e-3 (the floor uses a random "
+        "upstream gradient, so it is not compared). `other CPU`: cores used by other processes while the path ran; "
+        f"above ~{BUSY_CORES} the times are not trustworthy."
+    )
+    lines = [f"# fusedrl benchmarks ({run['mode']}), {run['started_utc']}", "", machine, "", software, ""]
+    if any(case.get("kind") != "trainer" for case in run["cases"]):
+        lines += [method, ""]
+    for case in run["cases"]:
+        lines += _case_markdown(case, run["mode"])
+    return "\n".join(lines)
