@@ -193,7 +193,7 @@ def test_bad_rows_fail_at_construction(name, tmp_path):
 
 
 def test_refused_arguments(tmp_path):
-    with pytest.raises(NotImplementedError, match="generate_during_eval"):
+    with pytest.raises(ValueError, match="generate_during_eval"):
         make_trainer(fused, tiny_model(), tmp_path, generate_during_eval=True)
     with pytest.raises(ValueError, match=r"unknown backend 'fast'"):
         make_trainer(fused, tiny_model(), tmp_path, kernels="linear_logprobs=fast")

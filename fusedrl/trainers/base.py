@@ -136,7 +136,7 @@ def _check_plain_head(model: PreTrainedModel) -> None:
     for name in _LOGIT_TRANSFORMS:
         value = getattr(config, name, None)
         if value is not None and value != 1.0:
-            raise NotImplementedError(
+            raise ValueError(
                 f"{type(model).__name__} transforms its logits ({name}={value}); fusedrl's fused LM head computes "
                 "log_softmax(hidden @ lm_head.weight.T + bias) and would give this model wrong log-probs"
             )
@@ -250,10 +250,10 @@ class FusedTrainer(Trainer):
             raise ValueError(f"{type(self).__name__} does not support nn.DataParallel; launch with accelerate or "
                              "torchrun, or expose one GPU")
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise NotImplementedError("DeepSpeed ZeRO-3 shards lm_head.weight outside the module forward, where the "
+            raise ValueError("DeepSpeed ZeRO-3 shards lm_head.weight outside the module forward, where the "
                                       "fused head reads it; use ZeRO-1/2 or FSDP2")
         if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
-            raise NotImplementedError("FSDP1 shards lm_head.weight outside the module forward, where the fused head "
+            raise ValueError("FSDP1 shards lm_head.weight outside the module forward, where the fused head "
                                       "reads it; set fsdp_version=2")
         if ref_model is None and not is_peft_model(self.model) and not precompute:
             ref_model = copy.deepcopy(self.accelerator.unwrap_model(self.model))

@@ -70,7 +70,7 @@ def _check_config(args: DPOConfig) -> None:
         raise ValueError(f"f_divergence_type={args.f_divergence_type!r} only applies to "
                          f"{sorted(F_DIVERGENCE_LOSS_TYPES)}; got loss_type={args.loss_type}")
     if args.use_weighting and {"aot", "aot_unpaired"} & set(args.loss_type):
-        raise NotImplementedError("WPO weighting (use_weighting) cannot apply to 'aot'/'aot_unpaired': they sort "
+        raise ValueError("WPO weighting (use_weighting) cannot apply to 'aot'/'aot_unpaired': they sort "
                                   "the batch, which misaligns the per-pair weights")
     if "exo_pair" in args.loss_type and args.label_smoothing == 0.0:
         raise ValueError("'exo_pair' needs label_smoothing > 0 (the EXO paper uses 1e-3)")
@@ -101,21 +101,21 @@ class DPOTrainer(FusedTrainer):
         if train_dataset is None:
             raise ValueError("train_dataset is required")
         if compute_metrics is not None:
-            raise NotImplementedError("compute_metrics needs logits, which fusedrl's DPOTrainer never builds")
+            raise ValueError("compute_metrics needs logits, which fusedrl's DPOTrainer never builds")
         if isinstance(train_dataset, IterableDataset):
             if args.precompute_ref_log_probs:
                 raise ValueError("precompute_ref_log_probs=True needs a map-style Dataset, not an IterableDataset")
             args.accelerator_config.dispatch_batches = False
         columns = train_dataset.column_names or list(next(iter(train_dataset)).keys())
         if "image" in columns or "images" in columns:
-            raise NotImplementedError("vision preference data is not supported by fusedrl's DPOTrainer")
+            raise ValueError("vision preference data is not supported by fusedrl's DPOTrainer")
         _check_config(args)
 
         set_seed(args.seed)  # PEFT initialises adapters randomly
         model, processing_class = self._setup_model(model, args, processing_class, peft_config=peft_config,
                                                     ref_model=ref_model, quantization_config=quantization_config)
         if args.sync_ref_model and is_peft_model(model):
-            raise NotImplementedError("sync_ref_model=True with a PEFT model: the reference is the base model with "
+            raise ValueError("sync_ref_model=True with a PEFT model: the reference is the base model with "
                                       "adapters disabled, there is no separate reference to update")
         tokenizer = tokenizer_of(processing_class)
         if args.padding_free:
@@ -207,7 +207,7 @@ class DPOTrainer(FusedTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
-            raise NotImplementedError("return_outputs=True needs logits, which fusedrl's DPOTrainer never builds")
+            raise ValueError("return_outputs=True needs logits, which fusedrl's DPOTrainer never builds")
         mode = self._mode()
         completion_mask = inputs["completion_mask"]
         mask_NT = completion_mask[:, 1:].bool()

@@ -94,14 +94,14 @@ class KTOTrainer(FusedTrainer):
         if train_dataset is None:
             raise ValueError("train_dataset is required")
         if compute_metrics is not None:
-            raise NotImplementedError("compute_metrics needs logits, which fusedrl's KTOTrainer never builds")
+            raise ValueError("compute_metrics needs logits, which fusedrl's KTOTrainer never builds")
         if isinstance(train_dataset, IterableDataset):
             if args.precompute_ref_log_probs:
                 raise ValueError("precompute_ref_log_probs=True needs a map-style Dataset, not an IterableDataset")
             args.accelerator_config.dispatch_batches = False
         columns = train_dataset.column_names or list(next(iter(train_dataset)).keys())
         if "image" in columns or "images" in columns:
-            raise NotImplementedError("vision preference data is not supported by fusedrl's KTOTrainer")
+            raise ValueError("vision preference data is not supported by fusedrl's KTOTrainer")
         _check_config(args)
         self.calculate_kl = args.loss_type != "apo_zero_unpaired"
 
@@ -109,7 +109,7 @@ class KTOTrainer(FusedTrainer):
         model, processing_class = self._setup_model(model, args, processing_class, peft_config=peft_config,
                                                     ref_model=ref_model, quantization_config=quantization_config)
         if args.sync_ref_model and is_peft_model(model):
-            raise NotImplementedError("sync_ref_model=True with a PEFT model: the reference is the base model with "
+            raise ValueError("sync_ref_model=True with a PEFT model: the reference is the base model with "
                                       "adapters disabled, there is no separate reference to update")
         tokenizer = tokenizer_of(processing_class)
         if data_collator is None:
@@ -202,7 +202,7 @@ class KTOTrainer(FusedTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
-            raise NotImplementedError("return_outputs=True needs logits, which fusedrl's KTOTrainer never builds")
+            raise ValueError("return_outputs=True needs logits, which fusedrl's KTOTrainer never builds")
         mode = self._mode()
         labels_N = inputs["label"].bool()
         kl = None

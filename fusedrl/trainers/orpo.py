@@ -26,6 +26,7 @@ the padding part of logits/*); encoder-decoder models and ``model_init`` are not
 
 from __future__ import annotations
 
+import abc
 import logging
 
 import torch
@@ -43,7 +44,7 @@ logger = logging.getLogger("fusedrl")
 _DEFAULT_MAX_LENGTH = 512
 
 
-class ReferenceFreeTrainer(FusedTrainer):
+class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
     """What TRL 1.16's experimental ORPO and CPO trainers share (their sources are copies apart from the loss):
     construction, data, the one policy forward per step, metrics. Subclasses set ``config_class``/``method`` and
     implement :meth:`scored_rows` and :meth:`pair_loss`.
@@ -61,28 +62,28 @@ class ReferenceFreeTrainer(FusedTrainer):
         if train_dataset is None:
             raise ValueError("train_dataset is required")
         if model_init is not None:
-            raise NotImplementedError(f"model_init is not supported by fusedrl's {type(self).__name__}; pass model")
+            raise ValueError(f"model_init is not supported by fusedrl's {type(self).__name__}; pass model")
         for what, value in (("compute_metrics", compute_metrics),
                             ("preprocess_logits_for_metrics", preprocess_logits_for_metrics)):
             if value is not None:
-                raise NotImplementedError(f"{what} needs logits, which fusedrl's {type(self).__name__} never builds")
+                raise ValueError(f"{what} needs logits, which fusedrl's {type(self).__name__} never builds")
         if args.generate_during_eval:
-            raise NotImplementedError("generate_during_eval=True is not supported (TRL logs the generations to "
+            raise ValueError("generate_during_eval=True is not supported (TRL logs the generations to "
                                       "W&B/Comet); use a completions callback from fusedrl.trainers.callbacks")
         if args.is_encoder_decoder:
-            raise NotImplementedError(f"fusedrl's {type(self).__name__} supports decoder-only models only")
+            raise ValueError(f"fusedrl's {type(self).__name__} supports decoder-only models only")
         if isinstance(train_dataset, IterableDataset):
             args.accelerator_config.dispatch_batches = False
         columns = train_dataset.column_names or list(next(iter(train_dataset)).keys())
         if "image" in columns or "images" in columns:
-            raise NotImplementedError(f"vision preference data is not supported by fusedrl's {type(self).__name__}")
+            raise ValueError(f"vision preference data is not supported by fusedrl's {type(self).__name__}")
         self.check_config(args)
 
         set_seed(args.seed)  # PEFT initialises adapters randomly
         model, processing_class = self._setup_model(model, args, processing_class, peft_config=peft_config,
                                                     ref_model=None, quantization_config=None, reference=False)
         if model.config.is_encoder_decoder:
-            raise NotImplementedError(f"fusedrl's {type(self).__name__} supports decoder-only models only")
+            raise ValueError(f"fusedrl's {type(self).__name__} supports decoder-only models only")
         tokenizer = tokenizer_of(processing_class)
         if args.max_length is None:
             logger.warning("max_length is None: using %d, as TRL does", _DEFAULT_MAX_LENGTH)
@@ -131,15 +132,15 @@ class ReferenceFreeTrainer(FusedTrainer):
 
     # --- loss ---------------------------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def scored_rows(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[2B, T]`` 0/1 mask of the tokens whose log-probs the loss needs."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def pair_loss(self, logps_NT: torch.Tensor, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """The loss from per-token log-probs ``[2B, T - 1]``, and its TRL metrics as detached tensors (means are
         taken after gathering): rewards and log-probs ``[B]`` (keys ``chosen_rewards``, ``rejected_rewards``,
         ``chosen_logps``, ``rejected_logps``), then method-specific scalars under their TRL names."""
-        raise NotImplementedError
 
     def logits_positions(self, mean_logits_NT: torch.Tensor) -> torch.Tensor:
         """The positions TRL's ``logits/*`` average over (all of them for CPO; ORPO drops the last)."""
@@ -147,7 +148,7 @@ class ReferenceFreeTrainer(FusedTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
-            raise NotImplementedError(f"return_outputs=True needs logits, which {type(self).__name__} never builds")
+            raise ValueError(f"return_outputs=True needs logits, which {type(self).__name__} never builds")
         labels = inputs["input_ids"].masked_fill(self.scored_rows(inputs) == 0, IGNORE_INDEX)
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         policy: TokenOutputs = self.token_logprobs(model, model_inputs, labels, all_position_mean_logits=True,

@@ -127,6 +127,8 @@ def linear_logprobs_fwd(
         for out_K, part_C in zip(outs_K, rows_fwd(logits_CV, labels_K[s:e], inv_temperature, ignore_index,
                                                     with_entropy)):
             out_K[s:e] = part_C
+        # Free this tile before the next one is allocated: otherwise two [C, V] tiles are alive at once.
+        del logits_CV
     for out_N, out_K in zip((logprobs_N, entropy_N, lse_N), outs_K):
         if index_K is None:
             out_N.copy_(out_K)
@@ -181,6 +183,7 @@ def linear_logprobs_bwd(
             _add_matmul(grad_weight_VH, grad_CV.T, hidden_CH)
         if grad_bias_V is not None:
             grad_bias_V.add_(grad_CV.sum(0, dtype=torch.float32))
+        del grad_CV  # as in the forward: one [C, V] gradient tile alive at a time
     grad_hidden_NH = None
     if grad_hidden_KH is not None:
         if index_K is None:

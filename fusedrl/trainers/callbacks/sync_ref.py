@@ -66,11 +66,11 @@ def _operand(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if source_dt and not target_dt:
         source = source.full_tensor()
     elif target_dt and not source_dt:
-        raise NotImplementedError(
+        raise ValueError(
             "the reference is sharded (DTensor) but the policy is not; pass a `gather` hook that yields matching views"
         )
     elif source_dt and (source.device_mesh != target.device_mesh or source.placements != target.placements):
-        raise NotImplementedError(
+        raise ValueError(
             f"policy and reference are sharded differently ({source.placements} vs {target.placements}); "
             "pass a `gather` hook that yields matching views"
         )
