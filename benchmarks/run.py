@@ -225,13 +225,17 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "git": git_info(),
         "num_threads": 2,
-        "cases": [run_case(case, quick=args.quick) for case in selected],
+        "cases": [],
     }
-    run["wall_s"] = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
-
     name = args.name or started.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(run, indent=2) + "\n")
+    for case in selected:
+        run["cases"].append(run_case(case, quick=args.quick))
+        run["wall_s"] = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
+        # Written after every case (a full run takes ~10+ min): an interrupted run keeps what it measured.
+        run["complete"] = len(run["cases"]) == len(selected)
+        (args.out / f"{name}.json").write_text(json.dumps(run, indent=2) + "\n")
+
     markdown = report.markdown(run)
     (args.out / f"{name}.md").write_text(markdown)
     (args.out / "latest.md").write_text(markdown)
