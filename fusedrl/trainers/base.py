@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import torch
 from accelerate.utils import is_peft_model
+from datasets import IterableDataset
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, PreTrainedModel, ProcessorMixin, Trainer, TrainingArguments
 
@@ -272,6 +273,26 @@ class FusedTrainer(Trainer):
         with use_kernels(**self._kernel_selection):
             logger.info("fusedrl kernels for %s on %s: %s", type(self).__name__, self.accelerator.device,
                         kernel_backends(self.accelerator.device))
+
+    def _checked_inputs(self, model, args, config_cls, train_dataset, compute_metrics):
+        """TRL's constructor prelude: a default config named ``<model>-<method>`` when ``args`` is None, then the
+        refusals that apply before any set-up. Returns the config."""
+        trainer = type(self).__name__
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = config_cls(f"{name.rstrip('/').split('/')[-1] or 'model'}-{trainer.removesuffix('Trainer')}")
+        if train_dataset is None:
+            raise ValueError("train_dataset is required")
+        if compute_metrics is not None:
+            raise ValueError(f"compute_metrics needs logits, which fusedrl's {trainer} never builds")
+        if isinstance(train_dataset, IterableDataset):
+            if args.precompute_ref_log_probs:
+                raise ValueError("precompute_ref_log_probs=True needs a map-style Dataset, not an IterableDataset")
+            args.accelerator_config.dispatch_batches = False
+        columns = train_dataset.column_names or list(next(iter(train_dataset)).keys())
+        if "image" in columns or "images" in columns:
+            raise ValueError(f"vision preference data is not supported by fusedrl's {trainer}")
+        return args
 
     def _prepare_splits(self, train_dataset, eval_dataset, tokenizer, args):
         """The trainer's ``_prepare`` applied to the train split and to each eval split (one dataset or a dict)."""

@@ -95,20 +95,7 @@ class DPOTrainer(FusedTrainer):
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
                  optimizers=(None, None), quantization_config=None, peft_config=None):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = DPOConfig(f"{name.rstrip('/').split('/')[-1] or 'model'}-DPO")
-        if train_dataset is None:
-            raise ValueError("train_dataset is required")
-        if compute_metrics is not None:
-            raise ValueError("compute_metrics needs logits, which fusedrl's DPOTrainer never builds")
-        if isinstance(train_dataset, IterableDataset):
-            if args.precompute_ref_log_probs:
-                raise ValueError("precompute_ref_log_probs=True needs a map-style Dataset, not an IterableDataset")
-            args.accelerator_config.dispatch_batches = False
-        columns = train_dataset.column_names or list(next(iter(train_dataset)).keys())
-        if "image" in columns or "images" in columns:
-            raise ValueError("vision preference data is not supported by fusedrl's DPOTrainer")
+        args = self._checked_inputs(model, args, DPOConfig, train_dataset, compute_metrics)
         _check_config(args)
 
         set_seed(args.seed)  # PEFT initialises adapters randomly

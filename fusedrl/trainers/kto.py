@@ -88,20 +88,7 @@ class KTOTrainer(FusedTrainer):
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
                  optimizers=(None, None), quantization_config=None, peft_config=None):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = KTOConfig(f"{name.rstrip('/').split('/')[-1] or 'model'}-KTO")
-        if train_dataset is None:
-            raise ValueError("train_dataset is required")
-        if compute_metrics is not None:
-            raise ValueError("compute_metrics needs logits, which fusedrl's KTOTrainer never builds")
-        if isinstance(train_dataset, IterableDataset):
-            if args.precompute_ref_log_probs:
-                raise ValueError("precompute_ref_log_probs=True needs a map-style Dataset, not an IterableDataset")
-            args.accelerator_config.dispatch_batches = False
-        columns = train_dataset.column_names or list(next(iter(train_dataset)).keys())
-        if "image" in columns or "images" in columns:
-            raise ValueError("vision preference data is not supported by fusedrl's KTOTrainer")
+        args = self._checked_inputs(model, args, KTOConfig, train_dataset, compute_metrics)
         _check_config(args)
         self.calculate_kl = args.loss_type != "apo_zero_unpaired"
 
