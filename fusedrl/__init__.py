@@ -1,10 +1,19 @@
 """fusedrl: fused kernels and TRL-compatible trainers for preference and RL fine-tuning of language models."""
 
+from fusedrl.engine.ops.gae import GAEResult, gae
 from fusedrl.engine.ops.logprobs import (
     TokenLogprobs,
     linear_token_logprobs,
     token_logprobs,
     token_logprobs_and_entropy,
+)
+from fusedrl.engine.ops.policy import (
+    LinearPolicyLoss,
+    PolicyLoss,
+    kl_penalty,
+    linear_policy_loss,
+    policy_loss,
+    value_loss,
 )
 from fusedrl.engine.ops.preference import (
     LinearPreferenceLoss,
@@ -19,25 +28,47 @@ from fusedrl.engine.preference_registry import (
     unregister_preference_loss,
 )
 from fusedrl.engine.registry import configure_kernels, kernel_backends, use_kernels
+from fusedrl.kernels.advantages import (
+    group_advantages,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GAEResult",
+    "LinearPolicyLoss",
     "LinearPreferenceLoss",
+    "PolicyLoss",
     "PreferenceLoss",
     "TokenLogprobs",
     "configure_kernels",
     "dpo_loss_types",
+    "gae",
+    "group_advantages",
     "kernel_backends",
+    "kl_penalty",
+    "linear_policy_loss",
     "linear_preference_loss",
     "linear_token_logprobs",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
     "preference_loss",
     "register_preference_loss",
     "registered_preference_losses",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
     "token_logprobs",
     "token_logprobs_and_entropy",
     "unregister_preference_loss",
     "use_kernels",
+    "value_loss",
 ]
 
 # Trainers pull in transformers/accelerate (seconds of import time): loaded on first use, so kernel-only users and

@@ -1,4 +1,5 @@
-"""The ``fusedrl`` command: ``demo``, ``bench``, ``aot`` and the trainers (``dpo``, ``orpo``, ``kto``, ``cpo``)."""
+"""The ``fusedrl`` command: ``demo``, ``bench``, ``aot`` and the trainers (``dpo``, ``orpo``, ``kto``, ``cpo``,
+``grpo``, ``rloo``, ``ppo``, ``online-dpo``)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ COMMANDS = {
     "demo": (_demo, "the main job on the embedded default"),
     **{
         name: (_trainer(name), f"train with {name.upper()} (--model, --dataset, --config, any config field)")
-        for name in ("dpo", "orpo", "kto", "cpo")
+        for name in ("dpo", "orpo", "kto", "cpo", "grpo", "rloo", "ppo", "online-dpo")
     },
 }
 

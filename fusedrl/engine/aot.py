@@ -160,8 +160,63 @@ def preference_specs(num_pairs: int = REPRESENTATIVE_PAIRS) -> list[KernelSpec]:
     return specs
 
 
+def gae_specs() -> list[KernelSpec]:
+    """The GAE kernel (fp32 rewards/values, bool mask). Traffic per POSITION: rewards, values and mask read once
+    (4 + 4 + 1 bytes), advantages and returns written once (4 + 4): also the minimum."""
+    from fusedrl.kernels.gae import triton_gae
+
+    pointers = ("rewards_ptr", "values_ptr", "mask_ptr", "advantages_ptr", "returns_ptr")
+    return [KernelSpec(
+        name="gae_fwd[fp32]",
+        kernel=triton_gae._gae_fwd_kernel,
+        signature={"rewards_ptr": "*fp32", "values_ptr": "*fp32", "mask_ptr": "*i1", "advantages_ptr": "*fp32",
+                   "returns_ptr": "*fp32", "num_rows": "i32", "num_steps": "i32", "stride_row": "i32",
+                   "gamma": "fp32", "discount": "fp32", "BLOCK_B": "constexpr"},
+        constexprs={"BLOCK_B": triton_gae.BLOCK_ROWS},
+        num_warps=triton_gae.NUM_WARPS,
+        # T = 4096 (the benchmark's rows): the row stride and step count are 16-divisible.
+        divisible_by_16=(*pointers, "num_steps", "stride_row"),
+        traffic=TrafficModel(modelled=17, minimum=17),
+    )]
+
+
+REPRESENTATIVE_COMPLETION = 1024  # the GRPO benchmark's completion length
+
+
+def policy_specs(num_cols: int = REPRESENTATIVE_COMPLETION) -> list[KernelSpec]:
+    """The policy-loss kernel: TRL's default (token level, [B] advantages, no KL, no entropy mask) and the heaviest
+    variants of each level (k3 KL, top-entropy mask, [B, T] advantages). Traffic per TOKEN: each present fp32
+    [B, T] input read once and the gradient written once, which is also the minimum; the per-row scalars (a few
+    bytes per row of T = 1024) and the sequence level's torch pre-pass (the mean log-ratio) are left out."""
+    from fusedrl.kernels.policy import triton_loss
+
+    block, num_warps = triton_loss.launch_config(num_cols)
+    pointers = ("logps_ptr", "old_ptr", "ratio_ptr", "adv_ptr", "mask_ptr", "row_scale_ptr", "keep_ptr", "ref_ptr",
+                "loss_ptr", "grad_ptr", "slope_ptr", "kl_ptr", "low_ptr", "high_ptr")
+    signature = {**{name: "*fp32" for name in pointers}, "num_cols": "i32",
+                 **{name: "fp32" for name in ("beta", "clip_low", "clip_high", "delta")},
+                 **{name: "constexpr" for name in ("KL", "SEQUENCE", "ADV_PER_TOKEN", "HAS_KEEP", "HAS_REF",
+                                                   "BLOCK_T")}}
+    specs = []
+    for label, sequence, full in (("token", False, False), ("token,k3,keep,adv_BT", False, True),
+                                  ("sequence,k3,keep,adv_BT", True, True)):
+        # mask + logps (+ old at token level) (+ adv, keep, ref) read, gradient written.
+        token_bytes = 4 * (2 + (not sequence) + 3 * full + 1)
+        specs.append(KernelSpec(
+            name=f"policy_fwd[{label}]",
+            kernel=triton_loss._policy_fwd_kernel,
+            signature=signature,
+            constexprs={"KL": triton_loss.KL_CODES["k3"], "SEQUENCE": sequence, "ADV_PER_TOKEN": full,
+                        "HAS_KEEP": full, "HAS_REF": full, "BLOCK_T": block},
+            num_warps=num_warps,
+            divisible_by_16=(*pointers, "num_cols"),
+            traffic=TrafficModel(modelled=token_bytes, minimum=token_bytes),
+        ))
+    return specs
+
+
 # One factory per kernel file; a new Triton kernel joins the report (and tests/test_aot.py) by appending here.
-SPEC_FACTORIES: list[Callable[[], list[KernelSpec]]] = [logprobs_specs, preference_specs]
+SPEC_FACTORIES: list[Callable[[], list[KernelSpec]]] = [logprobs_specs, preference_specs, gae_specs, policy_specs]
 
 
 def all_specs() -> list[KernelSpec]:

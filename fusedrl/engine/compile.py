@@ -1,4 +1,17 @@
-"""Every torch.compile setting fusedrl uses, in one place, applied when first needed (never at import)."""
+"""Every torch.compile setting fusedrl uses, in one place, applied when first needed (never at import).
+
+Three things are compiled, each at a clear boundary and always with ``fullgraph=True``:
+
+- kernels (:func:`compile_kernel`): a chunk of row statistics, a loss tail; pure tensor math inside the fused ops.
+- the loss region (:func:`compile_region`, a trainer's ``compile=True``): final hidden states -> fused head -> loss,
+  one graph per trainer; the fused ops appear in it as opaque custom ops.
+- transformer blocks (:func:`compile_blocks`, ``compile_blocks=True``): each decoder layer, compiled in place. All
+  layers share one graph (same code, parameters are graph inputs), so compile time does not grow with depth.
+
+Recompilation is bounded by compiling with symbolic shapes from the first call (``dynamic=True``): a batch of another
+sequence length reuses the graph. tests/test_compile_capture.py checks that five different lengths compile each
+boundary at most :data:`MAX_COMPILES_PER_BOUNDARY` times.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +23,66 @@ import torch
 
 F = TypeVar("F", bound=Callable)
 
+# Documented bound, checked by the tests: graphs per boundary for any mix of sequence lengths and batch sizes. Shapes
+# never recompile; what does is the grad mode (training forward vs the no-grad reference / eval forward) and, for
+# blocks, whether the batch has padding: transformers passes the layers a mask tensor then and None otherwise
+# (plain causal attention). 2 x 2 = 4 for blocks; a loss region runs in one grad mode, 1 (2 if also evaluated).
+MAX_COMPILES_PER_BOUNDARY = 4
+
+
+def _compile_options() -> dict:
+    """The arguments of every ``torch.compile`` call, with the reason for each.
+
+    - ``fullgraph=True``: a graph break would silently fall back to eager for part of the region and lose the fusion
+      that is the point; an error names the construct instead.
+    - ``dynamic=True``: sequence lengths change every batch and the last chunk of a fused op is shorter; symbolic
+      sizes from the first compile give one graph instead of one per shape (automatic dynamic would compile twice:
+      static first, dynamic on the first new shape). Measured on the 2-core CPU, a [256, 32000] row-statistics chunk
+      runs within noise of the static-shape code (26-34 ms both).
+    - ``mode`` left at the default: ``reduce-overhead`` records CUDA graphs, which need static shapes and would
+      re-record for every length; ``max-autotune`` benchmarks GEMM configurations for minutes per shape.
+    """
+    return {"fullgraph": True, "dynamic": True}
+
 
 @functools.cache
 def compile_kernel(fn: F) -> F:
-    """Compile one tensor-math function of ``fusedrl.kernels`` (a chunk of row statistics, a loss tail).
+    """Compile one tensor-math function of ``fusedrl.kernels``, cached per function so every caller shares one
+    compiled artifact and its recompile budget (torch's limit is 8 graphs per code object)."""
+    return torch.compile(fn, **_compile_options())
 
-    - ``fullgraph=True``: these functions are pure tensor math; a graph break would silently fall back to eager
-      and lose the fusion that is the whole point.
-    - ``dynamic=True``: chunk rows, vocabulary and hidden sizes vary (the last chunk of a call is shorter, each
-      model has its own V); symbolic sizes from the first compile give one graph per dtype instead of a recompile
-      per shape. Measured on the 2-core CPU, a [256, 32000] row-statistics chunk runs within noise of the
-      static-shape code (26-34 ms both).
-    - cached per function so every caller shares one compiled artifact and its recompile budget.
-    """
-    return torch.compile(fn, fullgraph=True, dynamic=True)
+
+@functools.cache
+def compile_region(fn: F) -> F:
+    """Compile a trainer's loss region (hidden states -> loss); one artifact per function, shared by every trainer
+    instance of the class."""
+    return torch.compile(fn, **_compile_options())
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of ``model``: modules whose class is named in transformers' ``_no_split_modules`` (the
+    decoder layer classes, e.g. ``LlamaDecoderLayer``), outermost first; PEFT and DDP wrappers are looked through."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    blocks: list[torch.nn.Module] = []
+    prefixes: list[str] = []
+    for name, module in model.named_modules():
+        # A block inside a block (a composite model's sub-encoder layers) is compiled as part of the outer one.
+        if type(module).__name__ in names and not any(name.startswith(prefix) for prefix in prefixes):
+            blocks.append(module)
+            prefixes.append(f"{name}.")
+    if not blocks:
+        raise ValueError(f"compile_blocks=True: {type(model).__name__} names no decoder layer class in "
+                         "_no_split_modules; set compile_blocks=False")
+    return blocks
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """Compile each transformer block of ``model`` in place (``nn.Module.compile``: parameter names, state dicts and
+    checkpoints are unchanged; ``module.forward`` itself is untouched). Activation checkpointing keeps working: the
+    layer's checkpoint wrapper is traced as torch's checkpoint operator. Returns the number of blocks."""
+    blocks = decoder_blocks(model)
+    for block in blocks:
+        block.compile(**_compile_options())
+    return len(blocks)

@@ -13,6 +13,15 @@ Selection, highest priority first:
 
 An explicit request that cannot be met raises ``ValueError`` naming the valid choices; only the default falls back
 (logged once with the reason).
+
+Run-time fallback (:func:`run_with_fallback`): a Triton kernel can still fail when it is first compiled for a shape
+or dtype (a compiler error, a launch needing more shared memory or registers than the GPU has, a failed C build of
+the launcher stub). Every Triton launch site calls ``run_with_fallback(op, triton_fn, fallback_fn, *args)``
+inside its custom op (forward and backward): on such a failure a default selection runs ``fallback_fn`` (the
+compiled backend), logs the reason once per op and routes later calls of that op to ``compiled`` for the rest of
+the process; an explicit ``triton`` request re-raises instead. The explicit request is looked up where the launch
+fails, so a backward running outside the ``use_kernels`` block that chose Triton falls back rather than raising.
+New ops (GAE, policy losses) wrap their launches the same way.
 """
 
 from __future__ import annotations
@@ -23,8 +32,10 @@ import functools
 import importlib.util
 import logging
 import os
+import subprocess
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
 
 import torch
 
@@ -43,6 +54,10 @@ _context_selection: contextvars.ContextVar[Mapping[str, str]] = contextvars.Cont
 )
 _configured_selection: dict[str, str] = {}
 _logged_fallbacks: set[tuple[str, str]] = set()
+# Op -> why its Triton kernel failed at run time; the default selection then runs it on `compiled`.
+_failed_triton: dict[str, str] = {}
+
+R = TypeVar("R")
 
 
 def register_op(name: str, description: str) -> None:
@@ -153,14 +168,53 @@ def resolve(op: str, device: torch.device | str) -> str:
                 f"reference, compiled, or run on CUDA"
             )
         return backend
+    backend = _default_backend(op, device)
+    return "compiled" if backend == "triton" and op in _failed_triton else backend
+
+
+def _default_backend(op: str, device: torch.device) -> str:
+    """``triton`` on CUDA when it can run there, else ``compiled`` (logged once per op and reason)."""
     if device.type == "cuda":
         reason = _triton_unavailable_reason(device)
         if reason is None:
             return "triton"
-        if (op, reason) not in _logged_fallbacks:
-            _logged_fallbacks.add((op, reason))
-            logger.warning("fusedrl: %s falls back to the compiled backend: %s", op, reason)
+        _log_fallback(op, reason)
     return "compiled"
+
+
+def _log_fallback(op: str, reason: str) -> None:
+    if (op, reason) not in _logged_fallbacks:
+        _logged_fallbacks.add((op, reason))
+        logger.warning("fusedrl: %s falls back to the compiled backend: %s", op, reason)
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions meaning "this Triton kernel cannot be built or launched here", not "the inputs are wrong"."""
+    errors: list[type[BaseException]] = [subprocess.CalledProcessError]  # the launcher stub's C build failed
+    if triton_importable():
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources, PTXASError
+
+        errors += [CompilationError, OutOfResources, PTXASError]
+    return tuple(errors)
+
+
+def run_with_fallback(op: str, triton_fn: Callable[..., R], fallback_fn: Callable[..., R], *args, **kwargs) -> R:
+    """``triton_fn(*args, **kwargs)``; if the Triton kernel fails to compile or launch (see :func:`_compile_errors`)
+    and ``op=triton`` was not requested explicitly, ``fallback_fn(*args, **kwargs)`` instead, logged once; later calls
+    of ``op`` skip the failing kernel. An explicit ``triton`` request re-raises the error."""
+    explicit = (_requested(op) or ("", ""))[0] == "triton"
+    if op in _failed_triton and not explicit:
+        return fallback_fn(*args, **kwargs)
+    try:
+        return triton_fn(*args, **kwargs)
+    except _compile_errors() as error:
+        if explicit:
+            raise
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        _failed_triton[op] = f"its Triton kernel failed at run time ({type(error).__name__}: {first_line})"
+        _log_fallback(op, _failed_triton[op])
+        return fallback_fn(*args, **kwargs)
 
 
 def kernel_backends(device: torch.device | str | None = None) -> dict[str, str]:

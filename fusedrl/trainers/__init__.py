@@ -15,3 +15,17 @@ from fusedrl.trainers.orpo import ORPOTrainer
 from fusedrl.trainers.orpo_config import ORPOConfig
 
 __all__ += ["CPOConfig", "CPOTrainer", "KTOConfig", "KTOTrainer", "ORPOConfig", "ORPOTrainer"]
+
+from fusedrl.trainers.grpo import GRPOTrainer
+from fusedrl.trainers.grpo_config import GRPOConfig
+from fusedrl.trainers.rloo import RLOOTrainer
+from fusedrl.trainers.rloo_config import RLOOConfig
+
+__all__ += ["GRPOConfig", "GRPOTrainer", "RLOOConfig", "RLOOTrainer"]
+
+from fusedrl.trainers.online_dpo import OnlineDPOTrainer
+from fusedrl.trainers.online_dpo_config import OnlineDPOConfig
+from fusedrl.trainers.ppo import PPOTrainer
+from fusedrl.trainers.ppo_config import PPOConfig
+
+__all__ += ["OnlineDPOConfig", "OnlineDPOTrainer", "PPOConfig", "PPOTrainer"]

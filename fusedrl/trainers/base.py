@@ -25,20 +25,26 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import IterableDataset
-from torch.distributed.tensor import DTensor
-from transformers import AutoModelForCausalLM, PreTrainedModel, ProcessorMixin, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, PreTrainedModel, ProcessorMixin, TrainingArguments
 
+from fusedrl.engine.compile import compile_blocks, compile_region
+from fusedrl.engine.hidden import catch_final_hidden
+from fusedrl.engine.memory import MemoryCallback, SelectiveCheckpointCallback
+from fusedrl.engine.offload import ActivationOffloader
 from fusedrl.engine.ops.logprobs import linear_token_logprobs
 from fusedrl.engine.registry import kernel_backends, parse_kernel_spec, use_kernels
+from fusedrl.engine.resumable import DEFAULT_MAX_NONFINITE_STEPS, ResumableTrainer
+from fusedrl.engine.sharded_head import is_zero3_param, prepare_reference, whole_head
 from fusedrl.trainers.callbacks.sync_ref import SyncRefModelCallback
 
 logger = logging.getLogger("fusedrl")
@@ -78,10 +84,52 @@ class FusedConfig(TrainingArguments):
     kernels: str | None = field(
         default=None, metadata={"help": "fusedrl kernel backends for this trainer, e.g. 'linear_logprobs=compiled'."}
     )
+    activation_offloading: bool = field(
+        default=False, metadata={"help": "Copy saved activations to host memory on a side stream during the forward "
+                                         "and prefetch them back in the backward (docs/offloading.md)."}
+    )
+    compile: bool = field(
+        default=False, metadata={"help": "Compile the loss region (final hidden states -> fused head -> loss) with "
+                                         "fullgraph=True and dynamic shapes (engine/compile.py)."}
+    )
+    compile_blocks: bool = field(
+        default=False, metadata={"help": "Also compile each transformer block in place (one shared graph)."}
+    )
+    checkpoint_every_n_layers: int = field(
+        default=1, metadata={"help": "With gradient_checkpointing: checkpoint every n-th decoder layer only (1: all)."}
+    )
+    selective_checkpointing: bool = field(
+        default=False, metadata={"help": "With gradient_checkpointing: keep matmul and attention outputs, recompute "
+                                         "only the cheap elementwise ops in the backward (engine/memory.py)."}
+    )
+    release_memory_every_step: bool = field(
+        default=False, metadata={"help": "gc.collect() and empty the accelerator cache after every optimizer step "
+                                         "(each gradient-accumulation boundary)."}
+    )
+    log_memory: bool = field(
+        default=True, metadata={"help": "Log peak memory of each step: memory/peak_allocated_mb and "
+                                        "memory/peak_reserved_mb on CUDA, memory/peak_rss_mb on CPU."}
+    )
+
+    max_nonfinite_steps: int = field(
+        default=DEFAULT_MAX_NONFINITE_STEPS,
+        metadata={"help": "Optimizer steps with a non-finite loss or gradient to skip before training stops with an "
+                          "error (0: stop at the first; engine/faults.py)."},
+    )
 
     def __post_init__(self):
         self.bf16 = not self.fp16 if self.bf16 is None else self.bf16
+        if not (isinstance(self.max_nonfinite_steps, int) and self.max_nonfinite_steps >= 0):
+            raise ValueError(f"max_nonfinite_steps must be an int >= 0 (0 stops at the first non-finite step), got "
+                             f"{self.max_nonfinite_steps!r}")
+        if not (isinstance(self.checkpoint_every_n_layers, int) and self.checkpoint_every_n_layers >= 1):
+            raise ValueError(f"checkpoint_every_n_layers must be an int >= 1 (1 checkpoints every layer), got "
+                             f"{self.checkpoint_every_n_layers!r}")
         super().__post_init__()
+        if self.checkpoint_every_n_layers != 1:
+            # transformers reads every_n_layers from the checkpointing kwargs (both names mirror each other).
+            kwargs = {**(self.activation_checkpointing_kwargs or {}), "every_n_layers": self.checkpoint_every_n_layers}
+            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs
         if self.kernels is not None:
             parse_kernel_spec(self.kernels, source="kernels")  # a typo fails here, not at the first step
 
@@ -96,6 +144,25 @@ class TokenOutputs(NamedTuple):
     is_top1: torch.Tensor | None = None
     log_sum_sq_probs: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+
+
+class HeadInputs(NamedTuple):
+    """What a fused head needs from one model forward (:meth:`FusedTrainer.head_inputs`): ``hidden_NTH``
+    ``[N, T - 1, H]`` (differentiable, in the head's dtype), the head's ``weight_VH`` / ``bias_V``, ``labels_NT``
+    ``[N, T - 1]`` (-100 where not scored), the MoE ``aux_loss`` if asked for, and detached statistics
+    (``mean_logits``, ``is_top1``, ``log_sum_sq_probs``) keyed as in :class:`TokenOutputs`."""
+
+    hidden_NTH: torch.Tensor
+    weight_VH: torch.Tensor
+    bias_V: torch.Tensor | None
+    labels_NT: torch.Tensor
+    aux_loss: torch.Tensor | None
+    stats: dict[str, torch.Tensor]
+
+
+def _head_logprobs(hidden_NTH, weight_VH, bias_V, labels_NT, with_entropy: bool):
+    """The smallest loss region: the fused head alone (trainers with a loss tail compile head and tail together)."""
+    return linear_token_logprobs(hidden_NTH, weight_VH, labels_NT, bias=bias_V, with_entropy=with_entropy)
 
 
 def load_causal_lm(model: str | PreTrainedModel, args: FusedConfig, quantization_config=None) -> PreTrainedModel:
@@ -179,7 +246,7 @@ def _head_statistics(hidden_NTH, weight_VH, bias_V, labels_NT, statistics_mask_N
     }
 
 
-class FusedTrainer(Trainer):
+class FusedTrainer(ResumableTrainer):
     """``transformers.Trainer`` plus the shared pieces listed in the module docstring.
 
     The contract of a new trainer (docs/extending.md; a runnable one: examples/custom_trainer.py), with a config
@@ -250,18 +317,19 @@ class FusedTrainer(Trainer):
         if self.args.n_gpu > 1:
             raise ValueError(f"{type(self).__name__} does not support nn.DataParallel; launch with accelerate or "
                              "torchrun, or expose one GPU")
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise ValueError("DeepSpeed ZeRO-3 shards lm_head.weight outside the module forward, where the "
-                                      "fused head reads it; use ZeRO-1/2 or FSDP2")
         if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
             raise ValueError("FSDP1 shards lm_head.weight outside the module forward, where the fused head "
                                       "reads it; set fsdp_version=2")
         if ref_model is None and not is_peft_model(self.model) and not precompute:
-            ref_model = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+            policy = self.accelerator.unwrap_model(self.model)
+            if any(is_zero3_param(param) for param in policy.parameters()):
+                raise ValueError("the policy was created partitioned (ZeRO-3 with zero3_init_flag); a copy of it "
+                                 "cannot be the reference: pass ref_model, or set zero3_init_flag: false")
+            ref_model = copy.deepcopy(policy)
         if ref_model is not None:
             _check_plain_head(ref_model)
             ref_model.requires_grad_(False).eval()
-            ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+            ref_model = prepare_reference(ref_model, self.accelerator)  # sharded like the policy (ZeRO-3, FSDP2)
         self.ref_model = ref_model
         if self.args.disable_dropout:
             disable_dropout(self.model)
@@ -273,6 +341,24 @@ class FusedTrainer(Trainer):
         with use_kernels(**self._kernel_selection):
             logger.info("fusedrl kernels for %s on %s: %s", type(self).__name__, self.accelerator.device,
                         kernel_backends(self.accelerator.device))
+        self._setup_runtime()
+
+    def _setup_runtime(self) -> None:
+        """Graph capture and memory management from the config: compiled blocks, selective checkpointing, per-step
+        peak memory and memory release (engine/compile.py, engine/memory.py)."""
+        args = self.args
+        if args.compile_blocks:
+            num_blocks = compile_blocks(self.accelerator.unwrap_model(self.model))
+            if self.ref_model is not None:
+                compile_blocks(self.accelerator.unwrap_model(self.ref_model))
+            logger.info("fusedrl: compiled %d transformer blocks (fullgraph, dynamic shapes)", num_blocks)
+        if args.selective_checkpointing:
+            if not args.gradient_checkpointing:
+                raise ValueError("selective_checkpointing=True needs gradient_checkpointing=True")
+            self.add_callback(SelectiveCheckpointCallback())
+        if args.log_memory or args.release_memory_every_step:
+            self.add_callback(MemoryCallback(self.accelerator.device, functools.partial(self.record, "train"),
+                                             log_memory=args.log_memory, release=args.release_memory_every_step))
 
     def _checked_inputs(self, model, args, config_cls, train_dataset, compute_metrics):
         """TRL's constructor prelude: a default config named ``<model>-<method>`` when ``args`` is None, then the
@@ -339,12 +425,13 @@ class FusedTrainer(Trainer):
             yield
 
     def training_step(self, *args, **kwargs):
-        # TRL's activation offloading streams activations to pinned host memory; save_on_cpu is the same trade with
-        # torch's own hooks (every saved tensor goes to the host and returns for the backward).
-        offload = getattr(self.args, "activation_offloading", False)
-        context = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload
-                   else contextlib.nullcontext())
-        with context:
+        if not getattr(self.args, "activation_offloading", False):
+            return super().training_step(*args, **kwargs)
+        # One offloader per trainer (its side stream and counters persist); it re-reads the model's parameter
+        # storages at each step. Forward and backward both run inside, so the backward drains its stash.
+        if getattr(self, "_activation_offloader", None) is None:
+            self._activation_offloader = ActivationOffloader(self.model, device=self.accelerator.device)
+        with self._activation_offloader:
             return super().training_step(*args, **kwargs)
 
     @contextlib.contextmanager
@@ -373,15 +460,59 @@ class FusedTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         if is_peft_model(unwrapped):
             unwrapped = unwrapped.get_base_model()
-        head = unwrapped.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        if isinstance(weight, DTensor):  # FSDP2: gather the head once per call (differentiable)
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if bias is not None else None
-        if weight.numel() == 0:
-            raise RuntimeError("lm_head.weight is sharded (numel 0) outside the model forward; the fused head needs "
-                               "it whole (FSDP2 or no parameter sharding)")
-        return weight, bias
+        # FSDP2 / ZeRO-3 shards are gathered with gradients flowing back to them (engine/sharded_head.py). Call it
+        # after the model forward, once per forward.
+        return tuple(whole_head(unwrapped.get_output_embeddings()))
+
+    def head_inputs(
+        self,
+        model: torch.nn.Module,
+        model_inputs: dict[str, torch.Tensor],
+        labels_NT: torch.Tensor,
+        *,
+        statistics_mask: torch.Tensor | None = None,
+        router_logits: bool = False,
+        all_position_mean_logits: bool = False,
+    ) -> HeadInputs:
+        """Run ``model`` (policy, reference or wrapped) and return what its fused head needs: final hidden states
+        ``[N, T - 1, H]`` in the head's dtype, the head's weight and bias, the shifted labels ``[N, T - 1]``, plus the
+        detached statistics asked for (see :meth:`token_logprobs`)."""
+        extra = {"output_router_logits": True} if router_logits else {}
+        # The final (normed) hidden states come from a hook on the decoder trunk (engine/hidden.py): asking for
+        # output_hidden_states would install transformers' capture hooks, which compiled blocks cannot trace.
+        # logits_to_keep=1 leaves a [N, 1, V] slice of logits, whose gradient is zero.
+        with catch_final_hidden(model) as final:
+            outputs = model(**model_inputs, use_cache=False, logits_to_keep=1, **extra)
+        weight_VH, bias_V = self._lm_head(model)
+        length = labels_NT.shape[1]
+        # Prompt-learning PEFT prepends virtual tokens: the real positions are the last T. The head runs in the
+        # weights' dtype (fp32 master weights under mixed precision, so the head is exact there rather than bf16).
+        hidden_NTH = final.value[:, -length:-1].to(weight_VH.device, weight_VH.dtype)
+        labels_NT = labels_NT[:, 1:].to(weight_VH.device)
+        stats = {}
+        if statistics_mask is not None:
+            stats = _head_statistics(hidden_NTH.detach(), weight_VH.detach(),
+                                     None if bias_V is None else bias_V.detach(), labels_NT, statistics_mask)
+        if all_position_mean_logits:
+            full_NTH = final.value[:, -length:].detach().to(weight_VH.device, weight_VH.dtype)
+            stats["mean_logits"] = _vocab_mean_logits(full_NTH, weight_VH.detach(),
+                                                      None if bias_V is None else bias_V.detach())
+        aux_loss = getattr(outputs, "aux_loss", None) if router_logits else None
+        return HeadInputs(hidden_NTH, weight_VH, bias_V, labels_NT, aux_loss, stats)
+
+    @contextlib.contextmanager
+    def head_region(self, device: torch.device) -> Iterator[None]:
+        """Around the fused head and loss: autocast off (the ops accumulate in fp32 themselves) and activation
+        offloading paused (the head's saved hidden states are the first thing the backward needs)."""
+        offloader = getattr(self, "_activation_offloader", None)
+        with torch.autocast(device.type, enabled=False), \
+                offloader.paused() if offloader is not None else contextlib.nullcontext():
+            yield
+
+    def loss_region(self, fn: Callable) -> Callable:
+        """``fn`` (final hidden states -> loss, pure tensor math) compiled with ``fullgraph=True`` when
+        ``args.compile`` is set, else ``fn`` itself; run it inside :meth:`head_region`."""
+        return compile_region(fn) if self.args.compile else fn
 
     def token_logprobs(
         self,
@@ -403,32 +534,13 @@ class FusedTrainer(Trainer):
         ``all_position_mean_logits`` makes ``mean_logits`` ``[N, T]``: the vocabulary mean of the logits at every input
         position, padding and the last one included (TRL's ORPO/CPO average their ``logits/*`` metrics over those).
         """
-        extra = {"output_router_logits": True} if router_logits else {}
-        # output_hidden_states=-1 keeps only the final (normed) hidden states: True would hold every layer's output
-        # until the head is done, L x [N, T, H] extra in the no-grad reference forward. logits_to_keep=1 leaves a
-        # [N, 1, V] slice of logits, whose gradient is zero.
-        outputs = model(**model_inputs, use_cache=False, output_hidden_states=-1, logits_to_keep=1, **extra)
-        weight_VH, bias_V = self._lm_head(model)
-        length = labels_NT.shape[1]
-        # Prompt-learning PEFT prepends virtual tokens: the real positions are the last T.
-        hidden_NTH = outputs.hidden_states[-1][:, -length:-1].to(weight_VH.device)
-        labels_NT = labels_NT[:, 1:].to(weight_VH.device)
-        # Autocast off: the op accumulates in fp32 itself; the head runs in the weights' dtype (fp32 master weights
-        # under mixed precision, so the head is exact there rather than bf16).
-        with torch.autocast(hidden_NTH.device.type, enabled=False):
-            hidden_NTH = hidden_NTH.to(weight_VH.dtype)
-            result = linear_token_logprobs(hidden_NTH, weight_VH, labels_NT, bias=bias_V, with_entropy=with_entropy)
+        head = self.head_inputs(model, model_inputs, labels_NT, statistics_mask=statistics_mask,
+                                router_logits=router_logits, all_position_mean_logits=all_position_mean_logits)
+        with self.head_region(head.hidden_NTH.device):
+            result = self.loss_region(_head_logprobs)(head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT,
+                                                      with_entropy)
         logps, entropy = (result.logprobs, result.entropy.detach()) if with_entropy else (result, None)
-        stats = {}
-        if statistics_mask is not None:
-            stats = _head_statistics(hidden_NTH.detach(), weight_VH.detach(),
-                                     None if bias_V is None else bias_V.detach(), labels_NT, statistics_mask)
-        if all_position_mean_logits:
-            full_NTH = outputs.hidden_states[-1][:, -length:].detach().to(weight_VH.device, weight_VH.dtype)
-            stats["mean_logits"] = _vocab_mean_logits(full_NTH, weight_VH.detach(),
-                                                      None if bias_V is None else bias_V.detach())
-        return TokenOutputs(logps, entropy, aux_loss=getattr(outputs, "aux_loss", None) if router_logits else None,
-                            **stats)
+        return TokenOutputs(logps, entropy, aux_loss=head.aux_loss, **head.stats)
 
     # --- metrics --------------------------------------------------------------------------------------------------
 
@@ -455,12 +567,35 @@ class FusedTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = self._mode()
-        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        # Peaks are reported as the largest since the last log; everything else is averaged (TRL's rule).
+        metrics = {key: max(values) if key.startswith("memory/") else sum(values) / len(values)
+                   for key, values in self._metrics[mode].items() if values}
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
         super().log(logs, start_time)
         self._metrics[mode].clear()
+
+    # --- resumable state (engine/resumable.py) ---------------------------------------------------------------------
+
+    def fusedrl_state(self) -> dict:
+        # Metric values recorded since the last log are kept too: a save between two logs would otherwise drop them
+        # from the resumed run's next averages.
+        return {**super().fusedrl_state(), "total_train_tokens": self._total_train_tokens,
+                "train_metrics": {name: list(values) for name, values in self._metrics["train"].items()}}
+
+    def load_fusedrl_state(self, state: dict) -> None:
+        super().load_fusedrl_state(state)
+        self._total_train_tokens = state.get("total_train_tokens", 0)
+        self._metrics["train"].clear()
+        self._metrics["train"].update(state.get("train_metrics", {}))
+
+    def mutable_reference(self) -> torch.nn.Module | None:
+        # TR-DPO moves a separate reference toward the policy; a frozen one is rebuilt from the initial model.
+        return self.ref_model if getattr(self.args, "sync_ref_model", False) else None
+
+    def record_nonfinite_steps(self, total: int) -> None:
+        self._metrics["train"]["nonfinite_steps"] = [total]
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # The loss needs no labels column, and there are no logits to return (they are never built).

@@ -21,6 +21,7 @@ One step, for a batch of B pairs laid out as 2B rows ``[chosen; rejected]`` (``p
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 from accelerate.utils import is_peft_model
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader
 from transformers import set_seed
 
 from fusedrl.engine import preference_registry
+from fusedrl.engine.ops.logprobs import linear_token_logprobs
 from fusedrl.kernels.preference import (
     F_DIVERGENCE_LOSS_TYPES,
     DPOLossOutput,
@@ -37,7 +39,7 @@ from fusedrl.kernels.preference import (
     token_mean_nll,
     wpo_pair_weights,
 )
-from fusedrl.trainers.base import IGNORE_INDEX, FusedTrainer, tokenizer_of
+from fusedrl.trainers.base import IGNORE_INDEX, FusedTrainer, TokenOutputs, tokenizer_of
 from fusedrl.trainers.dpo_config import DPOConfig
 from fusedrl.trainers.preference_data import PreferenceCollator, prepare_preference_dataset
 
@@ -81,6 +83,41 @@ def _check_config(args: DPOConfig) -> None:
     if args.sync_ref_model and args.precompute_ref_log_probs:
         raise ValueError("sync_ref_model=True updates the reference, so precomputed reference log-probs would go "
                          "stale; set one of them to False")
+
+
+def _sequence_logps(logps_NT: torch.Tensor, mask_NT: torch.Tensor, ld_alpha: float | None) -> torch.Tensor:
+    if ld_alpha is None:
+        return sequence_logps(logps_NT, mask_NT)
+    return ld_sequence_logps(logps_NT, mask_NT, ld_alpha=ld_alpha)
+
+
+class _DPORegion(NamedTuple):
+    loss: torch.Tensor
+    logps: torch.Tensor
+    entropy: torch.Tensor
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    out: DPOLossOutput
+
+
+def _dpo_region(hidden_NTH, weight_VH, bias_V, labels_NT, mask_NT, ref_chosen, ref_rejected, lengths_N,
+                log_sum_sq_probs_NT, args: DPOConfig) -> _DPORegion:
+    """The loss region (compiled whole with ``compile=True``): policy hidden states -> fused head -> sequence
+    log-probs -> the loss of every ``loss_type``, averaged over pairs. Steps 1, 2 and 4 of the module docstring.
+
+    lengths_N: unshifted completion lengths (ipo / sigmoid_norm average over them, as TRL counts);
+    log_sum_sq_probs_NT: detached head statistic for WPO weighting (``use_weighting``), else None.
+    """
+    result = linear_token_logprobs(hidden_NTH, weight_VH, labels_NT, bias=bias_V, with_entropy=True)
+    chosen, rejected = _sequence_logps(result.logprobs, mask_NT, args.ld_alpha).chunk(2)
+    num_pairs = chosen.shape[0]
+    terms = {"chosen_lengths": lengths_N[:num_pairs], "rejected_lengths": lengths_N[num_pairs:]}
+    if "sft" in args.loss_type or "chosen_nll" in preference_registry.needed_inputs(args.loss_type):
+        terms["chosen_nll"] = token_mean_nll(result.logprobs[:num_pairs], mask_NT[:num_pairs])
+    if log_sum_sq_probs_NT is not None:
+        terms["pair_weights"] = wpo_pair_weights(result.logprobs, log_sum_sq_probs_NT, mask_NT)
+    out = _dpo_loss(args, chosen, rejected, ref_chosen, ref_rejected, **terms)
+    return _DPORegion(out.losses.mean(), result.logprobs, result.entropy, chosen, rejected, out)
 
 
 class DPOTrainer(FusedTrainer):
@@ -182,15 +219,10 @@ class DPOTrainer(FusedTrainer):
 
     # --- loss ---------------------------------------------------------------------------------------------------
 
-    def _sequence_logps(self, logps_NT: torch.Tensor, mask_NT: torch.Tensor) -> torch.Tensor:
-        if self.args.ld_alpha is None:
-            return sequence_logps(logps_NT, mask_NT)
-        return ld_sequence_logps(logps_NT, mask_NT, ld_alpha=self.args.ld_alpha)
-
     def _reference_logps(self, model_inputs, labels, mask_NT) -> tuple[torch.Tensor, torch.Tensor]:
         with self.reference_context() as reference:
             ref = self.token_logprobs(reference, model_inputs, labels)
-        return self._sequence_logps(ref.logps, mask_NT).chunk(2)
+        return _sequence_logps(ref.logps, mask_NT, self.args.ld_alpha).chunk(2)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
@@ -204,27 +236,24 @@ class DPOTrainer(FusedTrainer):
         statistics_mask = mask_NT.clone()
         if not self.args.use_weighting:  # mean_token_accuracy only looks at the chosen completions
             statistics_mask[num_pairs:] = False
-        policy = self.token_logprobs(model, model_inputs, labels, with_entropy=True,
-                                     statistics_mask=statistics_mask, router_logits=self.aux_loss_enabled)
-        chosen, rejected = self._sequence_logps(policy.logps, mask_NT).chunk(2)
+        head = self.head_inputs(model, model_inputs, labels, statistics_mask=statistics_mask,
+                                router_logits=self.aux_loss_enabled)
         if self.args.precompute_ref_log_probs:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             ref_chosen, ref_rejected = self._reference_logps(model_inputs, labels, mask_NT)
-
-        # ipo / sigmoid_norm average over the completion: TRL counts the unshifted completion mask.
-        lengths = completion_mask.sum(-1).float()
-        terms = {"chosen_lengths": lengths[:num_pairs], "rejected_lengths": lengths[num_pairs:]}
-        if "sft" in self.args.loss_type or "chosen_nll" in preference_registry.needed_inputs(self.args.loss_type):
-            terms["chosen_nll"] = token_mean_nll(policy.logps[:num_pairs], mask_NT[:num_pairs])
-        if self.args.use_weighting:
-            terms["pair_weights"] = wpo_pair_weights(policy.logps, policy.log_sum_sq_probs, mask_NT)
-        out = _dpo_loss(self.args, chosen, rejected, ref_chosen, ref_rejected, **terms)
-        loss = out.losses.mean()
+        with self.head_region(head.hidden_NTH.device):
+            region = self.loss_region(_dpo_region)(
+                head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT, mask_NT, ref_chosen, ref_rejected,
+                completion_mask.sum(-1).float(), head.stats.get("log_sum_sq_probs") if self.args.use_weighting
+                else None, self.args,
+            )
+        policy = TokenOutputs(region.logps, region.entropy.detach(), aux_loss=head.aux_loss, **head.stats)
+        loss = region.loss
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * policy.aux_loss
             self.record(mode, "aux_loss", self.gathered_mean(policy.aux_loss))
-        self._record_metrics(mode, inputs, policy, mask_NT, out, chosen, rejected)
+        self._record_metrics(mode, inputs, policy, mask_NT, region.out, region.chosen, region.rejected)
         return loss
 
     def _record_metrics(self, mode, inputs, policy, mask_NT, out: DPOLossOutput, chosen, rejected) -> None:

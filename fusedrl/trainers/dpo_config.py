@@ -1,7 +1,7 @@
 """``DPOConfig``: TRL 1.16's DPOConfig fields, names and defaults, plus fusedrl's ``kernels`` (from FusedConfig).
 
-Differences from TRL: none in the fields. ``activation_offloading`` is implemented with
-``torch.autograd.graph.save_on_cpu``; ``padding_free`` warns and falls back to padding, as TRL 1.16 does.
+Differences from TRL: none in the fields. ``activation_offloading`` (shared by every fusedrl config) is
+``fusedrl.engine.offload.ActivationOffloader``; ``padding_free`` warns and falls back to padding, as TRL 1.16 does.
 """
 
 from __future__ import annotations
@@ -76,7 +76,6 @@ class DPOConfig(FusedConfig):
     beta: float = field(default=0.1, metadata={"help": "Deviation from the reference (tau for ipo)."})
     use_weighting: bool = field(default=False, metadata={"help": "WPO weighting of each pair's loss."})
     discopop_tau: float = field(default=0.05, metadata={"help": "Temperature of the discopop loss."})
-    activation_offloading: bool = field(default=False, metadata={"help": "Keep saved activations on the CPU."})
     sync_ref_model: bool = field(
         default=False, metadata={"help": "TR-DPO: mix the policy into the reference every ref_model_sync_steps."}
     )

@@ -50,7 +50,6 @@ class KTOConfig(FusedConfig):
     beta: float = field(default=0.1, metadata={"help": "Deviation from the reference model."})
     desirable_weight: float = field(default=1.0, metadata={"help": "Weight of the desirable examples' losses."})
     undesirable_weight: float = field(default=1.0, metadata={"help": "Weight of the undesirable examples' losses."})
-    activation_offloading: bool = field(default=False, metadata={"help": "Keep saved activations on the CPU."})
     sync_ref_model: bool = field(
         default=False, metadata={"help": "TR-DPO: mix the policy into the reference every ref_model_sync_steps."}
     )

@@ -6,7 +6,8 @@
 ``--model`` and ``--dataset`` take a preset name (``fusedrl.trainers.presets``) or a local path: a model directory
 saved with ``save_pretrained``; a dataset saved with ``save_to_disk`` or a ``.json``/``.jsonl``/``.parquet``/``.csv``
 file. Every field of the trainer's config (TRL's names) is a flag; precedence: flags > ``--config`` YAML > defaults.
-Several processes: ``accelerate launch -m fusedrl dpo ...`` (accelerate sets the ranks; nothing here changes).
+Several processes: ``--accelerate_config ddp|fsdp2|zero2|zero3|<yaml>`` (and ``--num_processes``) re-runs the
+command under accelerate (``fusedrl.engine.launcher``); ``accelerate launch -m fusedrl dpo ...`` works too.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ TRAINERS = {
     "orpo": ("fusedrl.trainers.orpo", "ORPOTrainer", "ORPOConfig", "paired"),
     "cpo": ("fusedrl.trainers.cpo", "CPOTrainer", "CPOConfig", "paired"),
     "kto": ("fusedrl.trainers.kto", "KTOTrainer", "KTOConfig", "unpaired"),
+    # Sampling trainers: prompt-only data; rewards come from the config's reward_funcs (--reward_funcs accuracy ...).
+    "grpo": ("fusedrl.trainers.grpo", "GRPOTrainer", "GRPOConfig", "prompts"),
+    "rloo": ("fusedrl.trainers.rloo", "RLOOTrainer", "RLOOConfig", "prompts"),
+    "ppo": ("fusedrl.trainers.ppo", "PPOTrainer", "PPOConfig", "prompts"),
+    "online-dpo": ("fusedrl.trainers.online_dpo", "OnlineDPOTrainer", "OnlineDPOConfig", "prompts"),
 }
+# Dataset layout of a trainer -> the kind of rows a dataset preset generates for it (presets.load_preset_dataset).
+PRESET_KINDS = {"paired": "preference", "unpaired": "unpaired", "prompts": "prompt"}
 DATA_FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -91,7 +99,7 @@ def load_datasets(spec: str, layout: str, *, num_rows: int | None = None, seed: 
     from fusedrl.trainers import presets
 
     if spec in presets.DATASET_PRESETS:
-        kind = "unpaired" if layout == "unpaired" else "preference"
+        kind = PRESET_KINDS[layout]
         return (presets.load_preset_dataset(spec, "train", kind=kind, n=num_rows, seed=seed),
                 presets.load_preset_dataset(spec, "test", kind=kind, seed=seed))
     import datasets
@@ -142,13 +150,32 @@ def build_job(name: str, argv: list[str]) -> Job:
     return Job(trainer_cls, config, model, tokenizer, train, evaluation)
 
 
+def resume_target(value: str | None) -> str | bool | None:
+    """``--resume_from_checkpoint``: ``true``/``last`` resumes from the last complete checkpoint of ``output_dir``,
+    a path from that checkpoint; unset or ``false`` starts fresh."""
+    if value is None or value.lower() in ("false", "no", ""):
+        return None
+    if value.lower() in ("true", "yes", "last"):
+        return True
+    if not Path(value).is_dir():
+        raise SystemExit(f"--resume_from_checkpoint {value!r}: not a checkpoint directory; pass one, or 'last' for "
+                         "the last complete checkpoint of --output_dir")
+    return value
+
+
 def run(name: str, argv: list[str]) -> int:
+    from fusedrl.engine import launcher
+
+    code = launcher.relaunch(name, argv)  # --accelerate_config: train in several processes started from here
+    if code is not None:
+        return code
     job = build_job(name, argv)
+    launcher.adopt_cpu_fsdp()  # FSDP on a machine without CUDA (tests): see its docstring
     trainer = job.trainer_cls(
         model=job.model, args=job.config, train_dataset=job.train_dataset, eval_dataset=job.eval_dataset,
         processing_class=job.tokenizer,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_target(job.config.resume_from_checkpoint))
     trainer.save_model(job.config.output_dir)
     if job.eval_dataset is not None:
         print(trainer.evaluate())

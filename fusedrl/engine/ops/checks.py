@@ -47,5 +47,6 @@ def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) 
 
 
 def check_temperature(temperature: float) -> None:
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+    # A chained comparison rejects NaN, inf and <= 0 alike, and Dynamo folds it (math.isfinite breaks the graph).
+    if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")

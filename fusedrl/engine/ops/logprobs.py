@@ -10,6 +10,7 @@ reference backend is plain torch that Dynamo traces directly. The backend is cho
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -41,14 +42,16 @@ def _chunk_tokens(vocab_size: int) -> int:
     return max(16, 1 << (_TILE_BYTES // (4 * vocab_size)).bit_length() - 1)
 
 
-def _row_functions(backend: str) -> tuple[chunked.RowsFwd, chunked.RowsBwd]:
+def _row_functions(backend: str, op: str) -> tuple[chunked.RowsFwd, chunked.RowsBwd]:
     if backend == "compiled":
         return _compiled_rows_fwd, _compiled_rows_bwd
     if backend == "triton":
         # Imported on first use: triton.jit reads TRITON_INTERPRET when the module is imported.
         from fusedrl.kernels.logprobs import triton_rows
 
-        return triton_rows.rows_fwd, triton_rows.rows_bwd
+        # A kernel that fails to build at run time falls back to the compiled rows (registry.run_with_fallback).
+        return (functools.partial(registry.run_with_fallback, op, triton_rows.rows_fwd, _compiled_rows_fwd),
+                functools.partial(registry.run_with_fallback, op, triton_rows.rows_bwd, _compiled_rows_bwd))
     raise ValueError(f"backend {backend!r} has no row kernels; choose compiled or triton")
 
 
@@ -86,7 +89,7 @@ def _token_logprobs_op(
     logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float, ignore_index: int, with_entropy: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows_fwd, _ = _row_functions(backend)
+    rows_fwd, _ = _row_functions(backend, "logprobs")
     return chunked.logprobs_fwd(
         logits, labels, inv_temperature=inv_temperature, ignore_index=ignore_index, with_entropy=with_entropy,
         rows_fwd=rows_fwd, chunk_tokens=_chunk_tokens(logits.shape[-1]),
@@ -105,7 +108,7 @@ def _token_logprobs_backward_op(
     labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, inv_temperature: float, ignore_index: int,
     backend: str,
 ) -> torch.Tensor:
-    _, rows_bwd = _row_functions(backend)
+    _, rows_bwd = _row_functions(backend, "logprobs")
     return chunked.logprobs_bwd(
         grad_logprobs, grad_entropy, logits, labels, lse, entropy, inv_temperature=inv_temperature,
         ignore_index=ignore_index, rows_bwd=rows_bwd, chunk_tokens=_chunk_tokens(logits.shape[-1]),
@@ -183,7 +186,7 @@ def _linear_token_logprobs_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     inv_temperature: float, ignore_index: int, with_entropy: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows_fwd, _ = _row_functions(backend)
+    rows_fwd, _ = _row_functions(backend, "linear_logprobs")
     return chunked.linear_logprobs_fwd(
         hidden, weight, bias, labels, inv_temperature=inv_temperature, ignore_index=ignore_index,
         with_entropy=with_entropy, rows_fwd=rows_fwd, chunk_tokens=_chunk_tokens(weight.shape[0]),
@@ -202,7 +205,7 @@ def _linear_token_logprobs_backward_op(
     weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
     inv_temperature: float, ignore_index: int, backend: str, needs_input_grad: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, rows_bwd = _row_functions(backend)
+    _, rows_bwd = _row_functions(backend, "linear_logprobs")
     grads = chunked.linear_logprobs_bwd(
         grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, inv_temperature=inv_temperature,
         ignore_index=ignore_index, rows_bwd=rows_bwd, chunk_tokens=_chunk_tokens(weight.shape[0]),

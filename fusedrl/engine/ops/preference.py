@@ -102,17 +102,23 @@ def _pair_losses_op(
     x = PairInputs(chosen, rejected, ref_chosen, ref_rejected, chosen_scale, rejected_scale, pair_weights)
     p = PairParams(score, beta, label_smoothing, discopop_tau, margin, score_alpha, loss_weight)
     if backend == "compiled":
-        # The gradient is analytic, so the stages need no autograd: detached inputs under no_grad give them one grad
-        # mode and one requires_grad pattern, both of which Dynamo guards on (each variant would compile again).
-        with torch.no_grad():
-            x = PairInputs(*(None if t is None else t.detach() for t in x))
-            return tuple(pair_losses(x, p, formula, compile_fn=compile_kernel))
+        return _compiled_pair_losses(x, p, formula)
     if backend == "triton":
         # Imported on first use: triton.jit reads TRITON_INTERPRET when the module is imported.
         from fusedrl.kernels.preference import triton_loss
 
-        return tuple(triton_loss.pair_losses(x, p, formula))
+        # A kernel that fails to build at run time falls back to the compiled stages (registry.run_with_fallback).
+        return tuple(registry.run_with_fallback("preference", triton_loss.pair_losses, _compiled_pair_losses,
+                                                x, p, formula))
     raise ValueError(f"backend {backend!r} has no pair kernels; choose compiled or triton")
+
+
+def _compiled_pair_losses(x: PairInputs, p: PairParams, formula: str) -> tuple[torch.Tensor, ...]:
+    # The gradient is analytic, so the stages need no autograd: detached inputs under no_grad give them one grad
+    # mode and one requires_grad pattern, both of which Dynamo guards on (each variant would compile again).
+    with torch.no_grad():
+        x = PairInputs(*(None if t is None else t.detach() for t in x))
+        return tuple(pair_losses(x, p, formula, compile_fn=compile_kernel))
 
 
 @_pair_losses_op.register_fake
