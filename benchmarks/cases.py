@@ -267,9 +267,37 @@ CASES = CASES + (
 )
 
 
+# Graph capture: the same DPO steps with the loss region and every transformer block compiled, against eager.
+CASES = CASES + (
+    TrainerCase(
+        name="dpo_compile",
+        op="dpo_compile",
+        trainer="dpo",
+        model="tiny",
+        # 8 pairs of a 96-token prompt (the few-shot header needs ~70) and a 2-4 token completion, within the
+        # preset's 128 positions; completion lengths vary, so padded lengths do.
+        shape={"B": 8, "P": 96},
+        quick_shape={"B": 4, "P": 80},
+        paths=("fusedrl", "fusedrl_compiled"),
+        base="fusedrl",
+        description=(
+            "DPO (sigmoid, beta 0.1) optimizer steps on the tiny preset Llama (hidden 64, 2 layers, vocabulary "
+            "128), fp32, gradient checkpointing on: compile off vs compile=True + compile_blocks=True (fullgraph, "
+            "dynamic shapes). The compiled path's first steps compile the blocks and the loss region (untimed); "
+            "the first logged losses must agree"
+        ),
+        config={"learning_rate": 1e-4, "beta": 0.1, "loss_type": ["sigmoid"]},
+        steps=16,
+        quick_steps=8,
+        warmup_steps=4,
+        quick_warmup_steps=4,
+    ),
+)
+
+
 # GAE: the compiled loop-free scan against the Python loop over T, forward only (no autograd). Inputs and paths are
 # registered by benchmarks/peers_gae.py, imported here so that every process that loads the cases has them.
-from benchmarks import peers_gae  # noqa: E402,F401
+from benchmarks import peers_gae  # noqa: F401
 
 CASES = CASES + (
     Case(
@@ -288,5 +316,34 @@ CASES = CASES + (
         # A fusedrl call takes a few ms, a loop call ~0.15 s at full size: more repeats keep the median stable.
         repeats=15,
         quick_repeats=10,
+    ),
+)
+
+
+# GRPO loss from hidden states (TRL's default loss: dapo, epsilon 0.2, beta 0). Inputs and paths are registered by
+# benchmarks/peers_grpo.py, imported here so that every process that loads the cases has them.
+from benchmarks import peers_grpo  # noqa: F401
+
+CASES = CASES + (
+    Case(
+        name="linear_policy_loss.grpo",
+        op="linear_policy_loss",
+        inputs="grpo",
+        shape={"B": 16, "T": 1024, "H": 1024, "V": 32000},
+        quick_shape={"B": 4, "T": 256, "H": 512, "V": 8000},
+        paths=("fusedrl", "trl", "liger"),
+        base="fusedrl",
+        description=(
+            "GRPO loss (dapo, epsilon 0.2, beta 0, token-level ratios, given old log-probs) from the completion "
+            "positions' hidden states [B, T, H] and the LM head, fwd+bwd (grad hidden, weight); right-padded "
+            "completions, lengths uniform in [T/2, T]. fusedrl computes entropies too (TRL logs them), Liger does not"
+        ),
+        targets=(
+            Target("fusedrl", "peak_ratio_max", 0.5, vs="trl"),
+            Target("fusedrl", "time_ratio_max", 1.0, vs="liger"),
+        ),
+        # Liger compiles inside its first call and marks the sequence dimension dynamic there: a second untimed
+        # call keeps any recompile out of the timed repeats.
+        warmup=2,
     ),
 )

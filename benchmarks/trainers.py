@@ -90,6 +90,8 @@ class TrainerPath:
     module: str
     label: str
     kernels: str | None = None
+    # Extra config fields of this path only (e.g. compile on), as (name, value) pairs.
+    config: tuple[tuple[str, object], ...] = ()
 
     def unavailable(self) -> str | None:
         if importlib.util.find_spec(self.module.split(".")[0]) is None:
@@ -101,6 +103,8 @@ PATHS: dict[str, TrainerPath] = {
     "fusedrl": TrainerPath("fusedrl.trainers", "fusedrl, default kernels"),
     "fusedrl_reference": TrainerPath("fusedrl.trainers", "fusedrl, linear_logprobs=reference",
                                      kernels="linear_logprobs=reference"),
+    "fusedrl_compiled": TrainerPath("fusedrl.trainers", "fusedrl, compile=True, compile_blocks=True",
+                                    config=(("compile", True), ("compile_blocks", True))),
     "trl": TrainerPath("trl", "trl.DPOTrainer"),
 }
 # trainer name -> (config class, trainer class) attribute names in a path's module.
@@ -170,6 +174,7 @@ def measure(case: cases.TrainerCase, path: str, *, quick: bool) -> dict:
         }
         if spec.kernels is not None:
             settings["kernels"] = spec.kernels
+        settings.update(spec.config)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS: the peak below excludes building and saving the model
         rss_start_mb = _status_mb("VmRSS")

@@ -328,15 +328,10 @@ def test_bad_configs_fail_at_construction(name, tmp_path):
 
 
 def test_config_has_trl_fields_and_defaults():
-    """Every trl.DPOConfig field exists with TRL's default; fusedrl adds only ``kernels``."""
+    """Every trl.DPOConfig field exists with TRL's default; fusedrl adds only the shared engine fields."""
+    from tests.test_orpo_trainer import assert_trl_fields
 
-    def defaults(cls):
-        return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                for f in dataclasses.fields(cls)}
-
-    theirs, ours = defaults(trl.DPOConfig), defaults(fused.DPOConfig)
-    assert ours.keys() - theirs.keys() == {"kernels"}
-    assert {k: ours.get(k) for k in theirs} == theirs
+    assert_trl_fields(trl.DPOConfig, fused.DPOConfig)
 
 
 # ------------------------------------------------------------------------------------------------------------------

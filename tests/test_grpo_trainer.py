@@ -36,10 +36,11 @@ BASE = dict(per_device_train_batch_size=8, num_generations=4, max_completion_len
 IGNORED = {"step_time", "memory/peak_rss_mb", "epoch", "step"}
 
 
-def digits_reward(completions, **kwargs):
-    """Fraction of characters that are digits: a dense signal that varies within a group."""
+def char_reward(completions, **kwargs):
+    """Mean of ``ord(c) % 7 / 7`` over the characters: arbitrary, but dense, so every group of a random model's
+    completions has spread (a zero-spread group gives zero advantages and no gradient to compare)."""
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+    return [sum(ord(ch) % 7 for ch in t) / (7 * max(len(t), 1)) for t in texts]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def _run(trainer_cls, config_cls, model_path, tmp_path, *, conversational=False,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = trainer_cls(AutoModelForCausalLM.from_pretrained(model_path),
-                              reward_funcs=rewards or [presets.answer_reward, digits_reward], args=config,
+                              reward_funcs=rewards or [presets.answer_reward, char_reward], args=config,
                               train_dataset=_data(conversational), processing_class=TOKENIZER,
                               peft_config=peft_config)
         before = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
@@ -114,8 +115,8 @@ def test_peft_reference_is_the_adapter_disabled_policy(model_path, tmp_path):
 
 
 def test_golden_trajectory(model_path, tmp_path):
-    """The first 2 steps' loss, reward and mean length on the reference backend (CPU, fp32)."""
-    logs, _, _ = _run(GRPOTrainer, GRPOConfig, model_path, tmp_path, beta=0.04, num_iterations=2)
+    """The first 3 steps' loss, reward and mean length on the reference backend (CPU, fp32)."""
+    logs, _, _ = _run(GRPOTrainer, GRPOConfig, model_path, tmp_path, beta=0.04, max_steps=3)
     got = {key: [entry[key] for entry in logs] for key in ("loss", "reward", "completions/mean_length")}
     if os.environ.get("FUSEDRL_UPDATE_GOLDEN") == "1":
         GOLDEN.write_text(json.dumps(got, indent=1) + "\n")

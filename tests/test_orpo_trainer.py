@@ -99,14 +99,21 @@ def assert_backends_agree(make) -> None:
 
 
 def assert_trl_fields(trl_config, our_config) -> None:
-    """Every field of the TRL config exists with TRL's default; fusedrl adds only ``kernels``."""
+    """Every field of the TRL config exists with TRL's default; fusedrl adds only the shared engine fields of
+    ``FusedConfig`` (kernels, compile, offloading, memory, fault handling), never a field of its own per trainer."""
+    from transformers import TrainingArguments
+
+    from fusedrl.trainers.base import FusedConfig
 
     def defaults(cls):
         return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                 for f in dataclasses.fields(cls)}
 
     theirs, ours = defaults(trl_config), defaults(our_config)
-    assert ours.keys() - theirs.keys() == {"kernels"}
+    engine_fields = {f.name for f in dataclasses.fields(FusedConfig)}
+    engine_fields -= {f.name for f in dataclasses.fields(TrainingArguments)}
+    added = ours.keys() - theirs.keys()
+    assert "kernels" in added and added <= engine_fields, added - engine_fields
     assert {k: ours.get(k) for k in theirs} == theirs
 
 

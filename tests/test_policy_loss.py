@@ -82,7 +82,7 @@ def test_kl_estimators(backend, level, estimator):
 @pytest.mark.parametrize("case", ("on_policy", "adv_per_token", "no_ref", "dapo_normaliser", "no_clip_range"))
 def test_variants(backend, level, case):
     logps, old, ref, adv, mask, entropy = _inputs(adv_per_token=case == "adv_per_token", spread=1.0)
-    options = dict(ref_logps_BT=ref, beta=0.1, entropy_BT=entropy, importance_sampling_level=level)
+    options = {"ref_logps_BT": ref, "beta": 0.1, "entropy_BT": entropy, "importance_sampling_level": level}
     if case == "on_policy":
         old = None
     if case == "no_ref":
@@ -124,7 +124,7 @@ def test_extreme_values_stay_finite(backend):
     dirty_old = old.masked_fill(~mask, -math.inf)
     dirty_ref = ref.masked_fill(~mask, math.nan)
     for level in ("token", "sequence"):
-        options = dict(beta=0.01, importance_sampling_level=level, kl_estimator="k2", entropy_BT=entropy)
+        options = {"beta": 0.01, "importance_sampling_level": level, "kl_estimator": "k2", "entropy_BT": entropy}
         expected, grad_expected = _run("reference", logps, old, adv, mask, ref_logps_BT=ref, **options)
         actual, grad_actual = _run(backend, logps, dirty_old, adv, mask, ref_logps_BT=dirty_ref, **options)
         assert torch.isfinite(actual.loss) and torch.isfinite(grad_actual).all()
@@ -205,8 +205,8 @@ def _trl_loss(logps, old, ref, adv, mask, entropy, *, loss_type, level, beta, ep
 def test_reference_matches_trl(level, loss_type):
     pytest.importorskip("trl")
     logps, old, ref, adv, mask, entropy = _inputs(4, 29)
-    options = dict(beta=0.04, eps_low=0.2, eps_high=0.28, delta=1.3, quantile=0.5, max_completion_length=32,
-                   num_items=57.0)
+    options = {"beta": 0.04, "eps_low": 0.2, "eps_high": 0.28, "delta": 1.3, "quantile": 0.5, "max_completion_length": 32,
+                   "num_items": 57.0}
     leaf = logps.clone().requires_grad_()
     trl_loss, metrics = _trl_loss(leaf, old, ref, adv, mask, entropy, loss_type=loss_type, level=level, **options)
     trl_loss.backward()
@@ -252,7 +252,7 @@ def test_linear_policy_loss_matches_full_logits(backend):
     old = torch.randn(num_rows, num_cols) * 0.2 - 3.5
     ref = torch.randn(num_rows, num_cols) * 0.2 - 3.5
     adv = torch.randn(num_rows)
-    options = dict(ref_logps_BT=ref, beta=0.05, loss_type="grpo", top_entropy_quantile=0.5)
+    options = {"ref_logps_BT": ref, "beta": 0.05, "loss_type": "grpo", "top_entropy_quantile": 0.5}
 
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     labels = ids.masked_fill(~mask, -100)

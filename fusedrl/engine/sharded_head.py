@@ -5,22 +5,28 @@ sharding engine leaves there outside a module forward:
 
 - ZeRO-3 frees a partitioned weight after each module forward (``weight.numel() == 0``) and gathers it again before
   that module's backward; only the module's own hooks do that.
-- FSDP2 keeps the sharded ``DTensor`` outside the forward of the module that owns it. ``weight.full_tensor()`` gathers
+- FSDP2 keeps the sharded ``DTensor`` outside the forward of the unit that owns it. ``weight.full_tensor()`` gathers
   it, but its backward hands each rank only its own rank-local gradient slice, with no reduction across ranks
   (checked on 2 gloo processes: the shards' gradients were off by 3.2 on a 6 x 4 head), so it is only used where no
-  gradient is needed. The head of the root FSDP2 unit (accelerate's default wrapping: one unit per decoder layer, the
-  head in the root) stays unsharded from the model forward until the backward ends, so it is a plain tensor there.
+  gradient is needed (the reference).
 
-The gathered weight therefore comes out of the head module's own forward when the head is partitioned by ZeRO-3 or
-is its own FSDP2 unit (:func:`whole_head`): the engine's pre-forward hook gathers the weight, the forward returns a
-copy of it (``weight + anchor``, ``anchor`` a zero scalar input that requires grad), the engine frees its gathered
-weight as usual, and the copy lives as long as the autograd graph needs it. In the backward the engine's hooks on
-the outputs gather the parameter again, the gradient of the copy flows to the parameter and through the engine's own
-reduce-scatter into the shards, and the hook on the ``anchor`` input (its gradient comes out of the same add) tells the
-engine the module's backward is done, so it frees the parameter again. Cost: one ``[V, H]`` copy held from the
-forward to the backward, the memory ``GatheredParameters`` around both would hold. The module's forward is swapped
-for that one call and restored after it (an instance attribute, removed in ``finally``): the head keeps its class,
-parameters and hooks.
+ZeRO-3: the gathered weight comes out of the head module's own forward (:func:`whole_head`): DeepSpeed's pre-forward
+hook gathers the weight, the forward returns a copy of it (``weight + anchor``, ``anchor`` a zero scalar input that
+requires grad), DeepSpeed frees its gathered weight as usual, and the copy lives as long as the autograd graph needs
+it. In the backward DeepSpeed's hooks on the outputs gather the parameter again, the gradient of the copy flows to the
+parameter and through DeepSpeed's reduce-scatter into the partitions, and the hook on ``anchor`` (its gradient comes
+out of the same add) tells DeepSpeed the module's backward is done, so it frees the parameter. Cost: one ``[V, H]``
+copy held from the forward to the backward, what ``GatheredParameters`` around both would hold. The module's forward
+is swapped for that one call and restored after it (an instance attribute, removed in ``finally``).
+
+FSDP2: accelerate shards the final norm and the head as one unit (``fully_shard([norm, lm_head])``) and reshards it
+after the forward. Its gather for the backward hangs on the head's output (logits), which the fused loss never uses:
+the loss's gradient enters through the final hidden states, so the norm's backward would read freed storage (a
+segfault on CPU, checked). The anchor trick is wrong here too: the anchor's gradient arrives before the norm's
+backward and would reshard the whole unit early. So the unit that owns the head (and the root unit) is gathered after
+the forward and told not to reshard after later forwards (torch's own default for a root unit); the fused ops then
+read the plain gathered parameters, their gradients land in the gathered gradients, and FSDP2 reduce-scatters them and
+reshards after the backward as usual.
 
 Legend: V vocabulary, H hidden.
 """
@@ -71,19 +77,37 @@ def _gathered_by_forward(head: torch.nn.Module) -> HeadWeights:
 
 def whole_head(head: torch.nn.Module) -> HeadWeights:
     """The whole ``(weight_VH, bias_V)`` of the linear ``head``, differentiable into its parameters wherever they
-    live: the parameters themselves when unsharded (DDP, ZeRO-1/2, the root unit of FSDP2 after the model forward),
-    else a copy gathered by the head's own forward (see the module docstring). Call it after the model forward and
-    use the result in the same step."""
-    weight, bias = head.weight, head.bias
-    if is_zero3_param(weight) or _is_fsdp2_unit(head):
+    live (see the module docstring). Call it after the model forward and use the result in the same step."""
+    if is_zero3_param(head.weight):
         return _gathered_by_forward(head)
+    if _is_fsdp2_unit(head) and torch.is_grad_enabled():
+        _keep_gathered(head)
+    weight, bias = head.weight, head.bias
     if isinstance(weight, DTensor):
         if torch.is_grad_enabled() and weight.requires_grad:
             raise ValueError("lm_head.weight is an FSDP2 DTensor outside any forward of its FSDP unit, where "
-                             "gathering it cannot reduce its gradient across ranks; shard lm_head as its own unit "
-                             "(fully_shard(model.lm_head)) or leave it in the root unit")
+                             "gathering it cannot reduce its gradient across ranks; shard lm_head in a unit of its "
+                             "own or leave it in the root unit")
         return HeadWeights(weight.full_tensor(), bias.full_tensor() if isinstance(bias, DTensor) else bias)
     return HeadWeights(weight, bias)
+
+
+def _keep_gathered(unit: torch.nn.Module) -> None:
+    unit.set_reshard_after_forward(False, recurse=False)
+    unit.unshard()
+
+
+def keep_root_unsharded(model: torch.nn.Module) -> None:
+    """Call after a forward of ``model`` (with grad) whose gradient enters through tensors taken from inside it (the
+    final hidden states caught on the decoder trunk, engine/hidden.py) rather than through its outputs: gathers the
+    FSDP2 root unit and keeps it gathered until FSDP2 reshards it after the backward (see the module docstring)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not torch.is_grad_enabled():
+        return
+    root = next((module for module in model.modules() if isinstance(module, FSDPModule)), None)
+    if root is not None:
+        _keep_gathered(root)
 
 
 # --- the reference model -------------------------------------------------------------------------------------------
@@ -120,18 +144,8 @@ def prepare_reference(model: torch.nn.Module, accelerator) -> torch.nn.Module:
         engine, *_ = deepspeed.initialize(model=model, config=config)
         engine.eval()  # DeepSpeedEngine.eval returns None, unlike Module.eval
         return engine
-    if is_fsdp2(accelerator) and not __import__('os').environ.get('DBG_NOREF'):
+    if is_fsdp2(accelerator):
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
         return fsdp2_prepare_model(accelerator, model).eval()
     return accelerator.prepare_model(model, evaluation_mode=True)
-
-
-def reshard_reference(model: torch.nn.Module) -> None:
-    """Free the gathered parameters FSDP2 keeps after a no-grad forward of its root unit (it frees them only after
-    a backward, which a reference never runs), so the reference holds 1/world of its weights between steps and a
-    sync writes the sharded parameters, not a stale gathered copy."""
-    for module in model.modules():
-        if _is_fsdp2_unit(module):
-            module.reshard()
-

@@ -44,7 +44,7 @@ from fusedrl.engine.offload import ActivationOffloader
 from fusedrl.engine.ops.logprobs import linear_token_logprobs
 from fusedrl.engine.registry import kernel_backends, parse_kernel_spec, use_kernels
 from fusedrl.engine.resumable import DEFAULT_MAX_NONFINITE_STEPS, ResumableTrainer
-from fusedrl.engine.sharded_head import is_zero3_param, prepare_reference, whole_head
+from fusedrl.engine.sharded_head import is_zero3_param, keep_root_unsharded, prepare_reference, whole_head
 from fusedrl.trainers.callbacks.sync_ref import SyncRefModelCallback
 
 logger = logging.getLogger("fusedrl")
@@ -457,11 +457,12 @@ class FusedTrainer(ResumableTrainer):
     # --- log-probs ------------------------------------------------------------------------------------------------
 
     def _lm_head(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        unwrapped = self.accelerator.unwrap_model(model)
-        if is_peft_model(unwrapped):
-            unwrapped = unwrapped.get_base_model()
         # FSDP2 / ZeRO-3 shards are gathered with gradients flowing back to them (engine/sharded_head.py). Call it
         # after the model forward, once per forward.
+        unwrapped = self.accelerator.unwrap_model(model)
+        keep_root_unsharded(unwrapped)
+        if is_peft_model(unwrapped):
+            unwrapped = unwrapped.get_base_model()
         return tuple(whole_head(unwrapped.get_output_embeddings()))
 
     def head_inputs(

@@ -12,6 +12,11 @@ given per-row quantities), so the backward is one multiply. The aggregation (``l
 per-row weight and the top-entropy mask (a quantile over the whole batch) is computed in torch before the launch
 (``tokenwise.high_entropy_keep``: a sort, no data-dependent shapes). The custom op captures as one opaque node
 under ``torch.compile(fullgraph=True)``. Old and reference log-probs and advantages are constants: no gradient.
+Why a custom op rather than ``torch.compile`` of the reference with compiled autograd: it is the same autograd
+node as the Triton backend, and it saves one ``[B, T]`` gradient instead of the intermediates of an autograd graph.
+Its cost is not the point either way: measured on the 2-core CPU (1 thread, B=16, T=1024, grpo + k3 KL, loaded
+machine) one forward+backward took 0.66 ms vs 0.41 ms for the compiled reference and 1.02 ms eager, against
+seconds for the LM head that produces the log-probs at V=32000.
 ``value_loss`` and ``kl_penalty`` are a few elementwise ops: plain torch, traced by any caller's compile.
 """
 
@@ -25,8 +30,13 @@ from fusedrl.engine import registry
 from fusedrl.engine.compile import compile_kernel
 from fusedrl.engine.ops.logprobs import linear_token_logprobs
 from fusedrl.engine.ops.policy_checks import check_policy_request, check_value_request
-from fusedrl.kernels.policy import KL_ESTIMATORS, kl_penalty_reference, policy_loss_reference, value_loss_reference
-from fusedrl.kernels.policy import tokenwise
+from fusedrl.kernels.policy import (
+    KL_ESTIMATORS,
+    kl_penalty_reference,
+    policy_loss_reference,
+    tokenwise,
+    value_loss_reference,
+)
 
 registry.register_op("policy_loss", "GRPO/PPO clipped policy loss (+ KL) on per-token log-probs")
 

@@ -43,7 +43,7 @@ def _gae_fwd_kernel(
     row_start = rows.to(tl.int64) * stride_row
     running = tl.zeros([BLOCK_B], dtype=tl.float32)
     next_value = tl.zeros([BLOCK_B], dtype=tl.float32)
-    for step in range(0, num_steps):
+    for step in range(num_steps):
         offsets = row_start + (num_steps - 1 - step)
         real = tl.load(mask_ptr + offsets, mask=row_ok, other=0) != 0
         # Padding's rewards and values are never read (other=0 keeps the discarded math finite).
