@@ -347,3 +347,28 @@ CASES = CASES + (
         warmup=2,
     ),
 )
+
+
+# GRPO trainer steps (generation, scoring, loss): fusedrl.GRPOTrainer against trl.GRPOTrainer, same config.
+CASES = CASES + (
+    TrainerCase(
+        name="grpo_trainer",
+        op="grpo_trainer",
+        trainer="grpo",
+        model="bench-head",
+        # B completions per step (B / 4 prompts, 4 generations each) of a P-token prompt, up to 8 sampled tokens.
+        shape={"B": 16, "P": 256},
+        quick_shape={"B": 8, "P": 64},
+        paths=("fusedrl", "fusedrl_reference", "trl"),
+        base="fusedrl",
+        description=(
+            "GRPO optimizer steps (TRL's defaults: dapo loss, beta 0, one iteration; 4 generations per prompt, up "
+            "to 8 sampled tokens at temperature 1, exact-answer reward), fp32, gradient checkpointing on, on the "
+            "bench-head Llama (hidden 256, 4 layers, 32000 vocabulary rows); arithmetic prompts padded with "
+            "few-shot examples to P tokens. Each step samples its completions with model.generate (KV cache), "
+            "scores them and takes one loss step; same checkpoint, data, seed and config for every path, so the "
+            "completions and losses agree"
+        ),
+        config={"learning_rate": 1e-4, "num_generations": 4, "max_completion_length": 8},
+    ),
+)

@@ -108,7 +108,15 @@ PATHS: dict[str, TrainerPath] = {
     "trl": TrainerPath("trl", "trl.DPOTrainer"),
 }
 # trainer name -> (config class, trainer class) attribute names in a path's module.
-TRAINERS = {"dpo": ("DPOConfig", "DPOTrainer")}
+TRAINERS = {"dpo": ("DPOConfig", "DPOTrainer"), "grpo": ("GRPOConfig", "GRPOTrainer")}
+
+
+def grpo_inputs(pairs):
+    """GRPO's view of the benchmark pairs: prompt-only rows whose ``answer`` (the chosen completion) feeds the
+    exact-answer reward, and that reward as the trainer's ``reward_funcs`` (the same function for every path)."""
+    from fusedrl.trainers.presets import answer_reward
+
+    return pairs.remove_columns("rejected").rename_column("chosen", "answer"), {"reward_funcs": [answer_reward]}
 
 
 # ---------------------------------------------------------------------------------------------------------- worker
@@ -164,6 +172,9 @@ def measure(case: cases.TrainerCase, path: str, *, quick: bool) -> dict:
 
     tokenizer = build_tokenizer()
     dataset = long_prompt_dataset(shape["B"] * steps, shape["P"], tokenizer)
+    trainer_kwargs = {}
+    if case.trainer == "grpo":
+        dataset, trainer_kwargs = grpo_inputs(dataset)
     with tempfile.TemporaryDirectory() as tmp:
         build_model(case.model, tokenizer, seed=0).save_pretrained(f"{tmp}/model")
         gc.collect()
@@ -182,7 +193,7 @@ def measure(case: cases.TrainerCase, path: str, *, quick: bool) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer = trainer_cls(model=f"{tmp}/model", args=config_cls(**settings), train_dataset=dataset,
-                                  processing_class=tokenizer)
+                                  processing_class=tokenizer, **trainer_kwargs)
         setup_s = time.perf_counter() - setup_start
         timer = _step_timer()
         trainer.add_callback(timer)

@@ -36,10 +36,10 @@ def pairs() -> Dataset:
 
 def make_trainer(tmp_path, **fields) -> DPOTrainer:
     tokenizer = presets.build_tokenizer()
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=len(PROMPTS), logging_steps=1,
-                learning_rate=1e-3, report_to="none", save_strategy="no", bf16=False, use_cpu=True,
-                disable_tqdm=True, dataloader_pin_memory=False, gradient_checkpointing=False, seed=0,
-                kernels="all=compiled")
+    base = {"output_dir": str(tmp_path), "per_device_train_batch_size": 1, "max_steps": len(PROMPTS),
+            "logging_steps": 1, "learning_rate": 1e-3, "report_to": "none", "save_strategy": "no", "bf16": False,
+            "use_cpu": True, "disable_tqdm": True, "dataloader_pin_memory": False, "gradient_checkpointing": False,
+            "seed": 0, "kernels": "all=compiled"}
     base.update(fields)
     return DPOTrainer(model=presets.load_preset_model("tiny", seed=0, tokenizer=tokenizer), args=DPOConfig(**base),
                       train_dataset=pairs(), processing_class=tokenizer)
@@ -174,3 +174,17 @@ def test_bad_memory_fields_fail_at_construction(tmp_path):
         DPOConfig(output_dir=str(tmp_path), checkpoint_every_n_layers=0)
     with pytest.raises(ValueError, match="gradient_checkpointing=True"):
         make_trainer(tmp_path, selective_checkpointing=True, gradient_checkpointing=False)
+
+
+def test_ppo_compile_on_matches_off(tmp_path):
+    """The same base switch on an RL trainer: PPO's loss region (fused head -> clipped policy loss + value loss) and
+    the blocks of policy and value model compiled give the eager losses (same rollouts: same seed, and sampling
+    runs outside the compiled regions)."""
+    from tests.test_ppo_trainer import make_trainer as make_ppo
+    from tests.test_ppo_trainer import train as train_ppo
+
+    eager = [entry["loss"] for entry in train_ppo(make_ppo(tmp_path / "eager", kernels="all=compiled"))]
+    compiled = [entry["loss"] for entry in train_ppo(make_ppo(tmp_path / "compiled", kernels="all=compiled",
+                                                              compile=True, compile_blocks=True))]
+    assert len(eager) == 2
+    assert_close(torch.tensor(compiled), torch.tensor(eager))

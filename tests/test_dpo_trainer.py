@@ -19,7 +19,6 @@ trainers, as a TRL user would; TRL reloads its reference from that path, fusedrl
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import math

@@ -15,8 +15,9 @@ boundary at most :data:`MAX_COMPILES_PER_BOUNDARY` times.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
@@ -86,3 +87,13 @@ def compile_blocks(model: torch.nn.Module) -> int:
     for block in blocks:
         block.compile(**_compile_options())
     return len(blocks)
+
+
+@contextlib.contextmanager
+def eager_generation() -> Iterator[None]:
+    """Run compiled blocks eagerly inside the block (``torch.compiler.set_stance("force_eager")``): sampling with a
+    KV cache changes the cache's state and strides at every decoding step, each a guard failure and a recompile,
+    and ``fullgraph=True`` turns the ninth into an error. Generation is a no-grad loop of small steps, where a
+    training-shaped graph would not pay off anyway."""
+    with torch.compiler.set_stance("force_eager"):
+        yield

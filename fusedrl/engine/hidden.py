@@ -52,3 +52,12 @@ def catch_final_hidden(model: torch.nn.Module) -> Iterator[_Caught]:
         yield caught
     finally:
         handle.remove()
+
+
+def final_hidden_states(model: torch.nn.Module, **inputs) -> tuple[object, torch.Tensor]:
+    """``(outputs, hidden_NTH)``: ``model(**inputs, use_cache=False, logits_to_keep=1)`` and its final-normed hidden
+    states, caught on the trunk. Use this instead of ``output_hidden_states=...``: once transformers' capture hooks
+    are installed on a model they stay, and compiled blocks of that model stop tracing."""
+    with catch_final_hidden(model) as final:
+        outputs = model(**inputs, use_cache=False, logits_to_keep=1)
+    return outputs, final.value

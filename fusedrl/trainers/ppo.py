@@ -47,6 +47,7 @@ from accelerate.utils import is_peft_model
 from datasets import IterableDataset
 from transformers import AutoModelForSequenceClassification, set_seed
 
+from fusedrl.engine.hidden import final_hidden_states
 from fusedrl.engine.ops.gae import gae
 from fusedrl.engine.ops.logprobs import linear_token_logprobs
 from fusedrl.engine.ops.policy import kl_penalty, linear_policy_loss, value_loss
@@ -88,6 +89,17 @@ def ppo_targets(scores_B, logps_BC, ref_logps_BC, values_BC, mask_BC, *, kl_coef
     advantages_BC, returns_BC = gae(rewards_BC, values_BC.float() * mask, mask, gamma=gamma, lam=lam)
     advantages_BC = masked_whiten(advantages_BC, mask) * mask
     return PPOTargets(advantages_BC, returns_BC, rewards_BC, kl_BC, non_score_BC)
+
+
+def _ppo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_logps_BC, advantages_BC, values_BC,
+                old_values_BC, returns_BC, args: PPOConfig):
+    """The loss region (compiled whole with ``compile=True``): completion hidden states -> fused head -> clipped
+    policy loss, plus the clipped value loss weighted by ``vf_coef``. Returns ``(loss, policy, vf_loss)``."""
+    policy = linear_policy_loss(
+        hidden_BCH, weight_VH, completion_ids_BC, mask_BC, old_logps_BC, advantages_BC, bias=bias_V,
+        temperature=args.temperature, epsilon_low=args.cliprange, epsilon_high=args.cliprange, loss_type="bnpo")
+    vf_loss = value_loss(values_BC, old_values_BC, returns_BC, mask_BC, clip_range_value=args.cliprange_value)
+    return policy.loss + args.vf_coef * vf_loss, policy, vf_loss
 
 
 class PPOTrainer(FusedTrainer):
@@ -244,8 +256,7 @@ class PPOTrainer(FusedTrainer):
                 logps.append(self._completion_logps(wrapper, out.hidden_NTH, prompt_length, ids_BC, chunk_mask_BC))
                 values.append(out.values_NT[:, prompt_length - 1:-1])
                 with self.reference_context() as reference:
-                    hidden = reference(**chunk, use_cache=False, output_hidden_states=-1,
-                                       logits_to_keep=1).hidden_states[-1]
+                    _, hidden = final_hidden_states(reference, **chunk)
                     ref_logps.append(self._completion_logps(reference, hidden, prompt_length, ids_BC, chunk_mask_BC))
             logps_BC, ref_logps_BC, values_BC = torch.cat(logps), torch.cat(ref_logps), torch.cat(values) * mask_BC
             targets = ppo_targets(scores_B, logps_BC, ref_logps_BC, values_BC, mask_BC, kl_coef=args.kl_coef,
@@ -297,16 +308,13 @@ class PPOTrainer(FusedTrainer):
                     position_ids=inputs["position_ids"])
         weight_VH, bias_V = self._lm_head(model)
         hidden_BCH = out.hidden_NTH[:, prompt_length - 1:-1].to(weight_VH.device, weight_VH.dtype)
-        with torch.autocast(hidden_BCH.device.type, enabled=False):
-            policy = linear_policy_loss(
-                hidden_BCH, weight_VH, inputs["completion_ids"], mask_BC, inputs["old_logps"], inputs["advantages"],
-                bias=bias_V, temperature=args.temperature, epsilon_low=args.cliprange, epsilon_high=args.cliprange,
-                loss_type="bnpo")
         values_BC = out.values_NT[:, prompt_length - 1:-1]
-        vf_loss = value_loss(values_BC, inputs["old_values"], inputs["returns"], mask_BC,
-                             clip_range_value=args.cliprange_value)
+        with self.head_region(hidden_BCH.device):
+            loss, policy, vf_loss = self.loss_region(_ppo_region)(
+                hidden_BCH, weight_VH, bias_V, inputs["completion_ids"], mask_BC, inputs["old_logps"],
+                inputs["advantages"], values_BC, inputs["old_values"], inputs["returns"], args)
         self._record_update(policy, vf_loss, values_BC, inputs)
-        return policy.loss + args.vf_coef * vf_loss
+        return loss
 
     def _record_update(self, policy, vf_loss, values_BC, inputs) -> None:
         mode, mask_BC, args = self._mode(), inputs["completion_mask"], self.args

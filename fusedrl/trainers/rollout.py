@@ -32,6 +32,8 @@ from typing import Any, NamedTuple
 import torch
 from transformers import GenerationConfig
 
+from fusedrl.engine.compile import eager_generation
+
 PROMPT_TRUNCATION_MODES = ("keep_end", "error")
 
 
@@ -253,8 +255,9 @@ def generate_completions(
     with unwrapped_for_generation(model, accelerator) as generator:
         device = next(generator.parameters()).device
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        output = generator.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                    generation_config=generation_config)
+        with eager_generation():  # compiled blocks (compile_blocks=True) would recompile every decoding step
+            output = generator.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                        generation_config=generation_config)
     completion_ids = output[:, prompt_ids.shape[1]:]
     completion_mask = completion_mask_after_eos(completion_ids, eos_token_ids)
     lengths = completion_mask.sum(1)

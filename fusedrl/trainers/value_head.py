@@ -20,6 +20,8 @@ import torch
 from accelerate.utils import is_peft_model
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from fusedrl.engine.hidden import catch_final_hidden
+
 
 def _trunk(model: PreTrainedModel) -> torch.nn.Module:
     prefix = getattr(model, "base_model_prefix", None)
@@ -91,10 +93,13 @@ class PolicyAndValue(torch.nn.Module):
         self.config = policy.config
 
     def forward(self, input_ids, attention_mask, position_ids=None) -> PolicyValueOutput:
-        outputs = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False, output_hidden_states=-1, logits_to_keep=1)
+        # The final hidden states come from a hook on the trunk (engine/hidden.py), which keeps compiled blocks
+        # traceable; logits_to_keep=1 leaves a [N, 1, V] slice of logits.
+        with catch_final_hidden(self.policy) as final:
+            self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False, logits_to_keep=1)
         values_NT = token_values(self.value_model, input_ids, attention_mask, position_ids)
-        return PolicyValueOutput(outputs.hidden_states[-1], values_NT)
+        return PolicyValueOutput(final.value, values_NT)
 
     def get_output_embeddings(self):
         return self.policy.get_output_embeddings()

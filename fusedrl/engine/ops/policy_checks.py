@@ -22,7 +22,9 @@ def _check_like(name: str, tensor, like: torch.Tensor, *, floating: bool = True,
 
 
 def _check_number(name: str, value, *, low: float, low_inclusive: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    # Comparisons instead of math.isfinite: inside a compiled loss region the value may be a symbolic float, which
+    # Dynamo compares but cannot pass to math.isfinite (a graph break).
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and -math.inf < value < math.inf
     ok = ok and (value >= low if low_inclusive else value > low)
     if not ok:
         raise ValueError(f"{name} must be a finite number {'>=' if low_inclusive else '>'} {low}, got {value!r}")

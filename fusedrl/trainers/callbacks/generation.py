@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from fusedrl.engine.compile import eager_generation
+
 # Used when the caller passes no GenerationConfig. Greedy so the policy and the reference are compared on their
 # modes, and two evaluations of the same weights give the same completions.
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -115,7 +117,8 @@ def generate_local(
                 add_special_tokens=not prompts.chat,
                 return_tensors="pt",
             ).to(device)
-            output_ids = model.generate(**batch, generation_config=generation_config)
+            with eager_generation():  # compiled blocks would recompile every decoding step
+                output_ids = model.generate(**batch, generation_config=generation_config)
             completions += tokenizer.batch_decode(
                 output_ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
             )

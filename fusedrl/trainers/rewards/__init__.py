@@ -13,6 +13,7 @@ See docs/rewards.md for the calling convention, validation and reward models.
 
 from fusedrl.trainers.rewards.builtin import (
     accuracy_reward,
+    digit_accuracy_reward,
     format_reward,
     length_penalty,
     overlong_penalty,
@@ -38,6 +39,7 @@ __all__ = [
     "Reward",
     "RewardScores",
     "accuracy_reward",
+    "digit_accuracy_reward",
     "format_reward",
     "get_reward",
     "length_penalty",

@@ -6,6 +6,9 @@ columns as keyword arguments, and returns one float per completion (``None`` = n
 
 - ``accuracy``: 1.0 when the completion, stripped of surrounding whitespace, equals the row's ``answer`` column
   exactly, else 0.0 (the bundled arithmetic task; ``presets.answer_reward`` is the same rule).
+- ``digit_accuracy``: partial credit, the share of the answer's characters the completion has at the same place,
+  over the longer of the two (``"22"`` for ``"20"``: 0.5; ``"200"``: 2/3; exactly 1.0 iff ``accuracy`` is 1.0), a
+  denser signal for a policy that rarely gets the whole answer right.
 - ``format``: 1.0 when the stripped completion is an integer (``-?\\d+``), the bundled task's answer format, else 0.0.
   :func:`regex_format_reward` builds one for another pattern.
 - ``length_penalty``: ``-0.01`` per completion token (EOS included), a linear cost that favours short answers.
@@ -30,6 +33,21 @@ def accuracy_reward(completions: list, answer: list[str] | None = None, **kwargs
         raise ValueError("the accuracy reward needs an 'answer' column in the dataset (the expected completion text)")
     return [None if expected is None else float(completion_text(c).strip() == str(expected).strip())
             for c, expected in zip(completions, answer, strict=True)]
+
+
+def digit_accuracy_reward(completions: list, answer: list[str] | None = None, **kwargs) -> list[float | None]:
+    """Positional character matches between the stripped completion and ``answer``, divided by the longer length."""
+    if answer is None:
+        raise ValueError("the digit_accuracy reward needs an 'answer' column in the dataset")
+    out = []
+    for completion, expected in zip(completions, answer, strict=True):
+        if expected is None:
+            out.append(None)
+            continue
+        text, expected = completion_text(completion).strip(), str(expected).strip()
+        matches = sum(a == b for a, b in zip(text, expected, strict=False))
+        out.append(matches / max(len(text), len(expected), 1))
+    return out
 
 
 def regex_format_reward(pattern: str, *, name: str = "format") -> Callable[..., list[float]]:

@@ -10,6 +10,7 @@ from fusedrl.trainers.rewards import builtin
 
 BUILTIN_REWARDS: dict[str, Callable] = {
     "accuracy": builtin.accuracy_reward,
+    "digit_accuracy": builtin.digit_accuracy_reward,
     "format": builtin.format_reward,
     "length_penalty": builtin.length_penalty,
 }
