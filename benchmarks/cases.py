@@ -363,8 +363,9 @@ CASES = CASES + (
         base="fusedrl",
         description=(
             "GRPO optimizer steps (TRL's defaults: dapo loss, beta 0, one iteration; 4 generations per prompt, up "
-            "to 8 sampled tokens at temperature 1, exact-answer reward), fp32, gradient checkpointing on, on the "
-            "bench-head Llama (hidden 256, 4 layers, 32000 vocabulary rows); arithmetic prompts padded with "
+            "to 8 sampled tokens at temperature 1, exact-answer + character-code rewards), fp32, gradient "
+            "checkpointing on, on the bench-head Llama (hidden 256, 4 layers, 32000 vocabulary rows); arithmetic "
+            "prompts padded with "
             "few-shot examples to P tokens. Each step samples its completions with model.generate (KV cache), "
             "scores them and takes one loss step; same checkpoint, data, seed and config for every path, so the "
             "completions and losses agree"

@@ -105,18 +105,25 @@ PATHS: dict[str, TrainerPath] = {
                                      kernels="linear_logprobs=reference"),
     "fusedrl_compiled": TrainerPath("fusedrl.trainers", "fusedrl, compile=True, compile_blocks=True",
                                     config=(("compile", True), ("compile_blocks", True))),
-    "trl": TrainerPath("trl", "trl.DPOTrainer"),
+    "trl": TrainerPath("trl", "trl, the same trainer"),
 }
 # trainer name -> (config class, trainer class) attribute names in a path's module.
 TRAINERS = {"dpo": ("DPOConfig", "DPOTrainer"), "grpo": ("GRPOConfig", "GRPOTrainer")}
 
 
+def char_code_reward(completions, **kwargs):
+    """Mean ``ord(c) % 7 / 7`` over a completion's characters: meaningless, but it differs between completions of
+    a random model (the exact answer never comes up), so advantages and losses are nonzero and comparable."""
+    return [sum(ord(ch) % 7 for ch in text) / (7 * max(len(text), 1)) for text in completions]
+
+
 def grpo_inputs(pairs):
-    """GRPO's view of the benchmark pairs: prompt-only rows whose ``answer`` (the chosen completion) feeds the
-    exact-answer reward, and that reward as the trainer's ``reward_funcs`` (the same function for every path)."""
+    """GRPO's view of the benchmark pairs: prompt-only rows (``answer`` keeps the chosen completion), and the
+    trainer's ``reward_funcs``: exact answer plus :func:`char_code_reward`, the same functions for every path."""
     from fusedrl.trainers.presets import answer_reward
 
-    return pairs.remove_columns("rejected").rename_column("chosen", "answer"), {"reward_funcs": [answer_reward]}
+    rewards = [answer_reward, char_code_reward]
+    return pairs.remove_columns("rejected").rename_column("chosen", "answer"), {"reward_funcs": rewards}
 
 
 # ---------------------------------------------------------------------------------------------------------- worker

@@ -30,9 +30,9 @@ from tests.utils import assert_close
 
 GOLDEN = Path(__file__).parent / "golden" / "grpo_tiny.json"
 TOKENIZER = presets.build_tokenizer()
-BASE = dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=5, max_steps=2, logging_steps=1,
-            learning_rate=1e-2, bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no",
-            disable_tqdm=True, dataloader_pin_memory=False, seed=3)
+BASE = {"per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 5, "max_steps": 2,
+        "logging_steps": 1, "learning_rate": 1e-2, "bf16": False, "activation_checkpointing": False,
+        "report_to": "none", "save_strategy": "no", "disable_tqdm": True, "dataloader_pin_memory": False, "seed": 3}
 IGNORED = {"step_time", "memory/peak_rss_mb", "epoch", "step"}
 
 
@@ -162,3 +162,42 @@ def test_overlong_prompts_are_rejected_when_asked(model_path, tmp_path):
     # keep_end trains on the truncated prompts.
     logs, _, _ = _run(GRPOTrainer, GRPOConfig, model_path, tmp_path, max_prompt_length=4, max_steps=1)
     assert math.isfinite(logs[0]["loss"])
+
+
+@pytest.mark.parametrize("command", ["grpo", "rloo"])
+def test_cli_builds_and_trains(tmp_path, command):
+    """`fusedrl grpo|rloo` on the presets: prompt rows with answers, rewards named on the command line."""
+    from fusedrl.trainers import launch
+
+    job = launch.build_job(command, [
+        "--model", "tiny", "--dataset", "arithmetic", "--num_rows", "16", "--output_dir", str(tmp_path),
+        "--reward_funcs", "accuracy", "format", "--reward_weights", "1", "0.5", "--max_steps", "1",
+        "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "3",
+        "--activation_checkpointing", "False", "--report_to", "none", "--kernels", "all=reference",
+    ])
+    assert job.train_dataset.column_names == ["prompt", "answer"] and len(job.train_dataset) == 16
+    trainer = job.trainer_cls(model=job.model, args=job.config, train_dataset=job.train_dataset,
+                              processing_class=job.tokenizer)
+    assert type(trainer).__name__ == f"{command.upper()}Trainer"
+    assert trainer.reward_func_names == ["accuracy", "format"]
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_demo_grpo_stage_builds_and_reports_a_curve(tmp_path):
+    """The demo's GRPO stage runs its recipe (here 2 steps, from an untrained demo model); ``reward_curve``
+    averages the logged reward and accuracy per window: steps 1-2 -> (0.2+0.4)/2, (0+0.2)/2; step 3 -> 0.8, 0.6."""
+    from fusedrl.trainers import demo
+
+    history = [{"step": 1, "reward": 0.2, "rewards/accuracy/mean": 0.0},
+               {"step": 2, "reward": 0.4, "rewards/accuracy/mean": 0.2}, {"step": 2, "loss": 0.1},
+               {"step": 3, "reward": 0.8, "rewards/accuracy/mean": 0.6}]
+    curve = demo.reward_curve(history, 2)
+    assert [row["steps"] for row in curve] == ["1-2", "3-4"]
+    assert [row["reward"] for row in curve] == pytest.approx([0.3, 0.8])
+    assert [row["accuracy"] for row in curve] == pytest.approx([0.1, 0.6])
+    model = presets.load_preset_model("demo", seed=0, tokenizer=TOKENIZER)
+    trainer = demo.build_grpo_trainer(model, tmp_path, max_steps=2, kernels="all=reference")
+    assert len(trainer.train_dataset) == demo.GRPO_DEMO_RECIPE["num_prompts"]
+    trainer.train()
+    assert trainer.state.global_step == 2

@@ -23,9 +23,9 @@ from fusedrl.trainers import RLOOConfig, RLOOTrainer, presets
 from tests.utils import assert_close
 
 TOKENIZER = presets.build_tokenizer()
-BASE = dict(per_device_train_batch_size=8, num_generations=4, max_completion_length=5, max_steps=2, logging_steps=1,
-            learning_rate=1e-2, bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no",
-            disable_tqdm=True, dataloader_pin_memory=False, seed=5)
+BASE = {"per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 5, "max_steps": 2,
+        "logging_steps": 1, "learning_rate": 1e-2, "bf16": False, "activation_checkpointing": False,
+        "report_to": "none", "save_strategy": "no", "disable_tqdm": True, "dataloader_pin_memory": False, "seed": 5}
 IGNORED = {"step_time", "memory/peak_rss_mb", "epoch", "step"}
 
 

@@ -194,6 +194,8 @@ def sampling_config(*, max_completion_length: int, temperature: float = 1.0, top
         "top_p": top_p, "top_k": top_k, "min_p": min_p, "repetition_penalty": repetition_penalty,
         "cache_implementation": cache_implementation, "use_cache": True,
     }
+    if not do_sample:  # greedy: sampling fields would only draw "not valid" warnings from generate
+        kwargs.update(temperature=None, top_p=None, top_k=None, min_p=None)
     kwargs.update(generation_kwargs or {})
     return GenerationConfig(**kwargs, disable_compile=True)
 

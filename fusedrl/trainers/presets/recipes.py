@@ -72,10 +72,13 @@ DEMO_RECIPE: dict = {
 # - temperature 1.5, so the peaked prompts still sample some digits;
 # - reward = accuracy + digit_accuracy (partial credit per right digit): exact answers alone are too rare at 5%;
 # - lr 3e-4: 1e-3 collapsed the entropy (0.006 by step 180) and the accuracy with it.
-# Exact-answer accuracy (sampled at T = 1.5), mean over 30-step windows, seed 0:
-#     steps       1-30   31-60  61-90  91-120 121-150 151-180 181-210 211-240 241-270 271-300
-#     accuracy   0.047   0.128  0.147  0.197   0.269   0.234   0.281   0.325   0.287   0.284
-# 300 steps took 40 CPU s (61 s wall at load ~8).
+# Exact-answer accuracy (sampled at T = 1.5), mean over 30-step windows, by GRPO seed (prompt draw and sampling; the
+# DPO policy is the seed-0 demo's), and greedy accuracy on the 16 prompts before -> after:
+#     steps      1-30  31-60  61-90 91-120 121-150 151-180 181-210 211-240 241-270 271-300   greedy       wall
+#     seed 0    0.059  0.090  0.132  0.187   0.238   0.270   0.279   0.284   0.299   0.302   0.06 -> 0.31   90 s
+#     seed 1    0.001  0.000  0.000  0.001   0.059   0.124   0.140   0.167   0.181   0.176   0.00 -> 0.19   39 s
+#     seed 2    0.038  0.055  0.071  0.123   0.212   0.222   0.284   0.303   0.350   0.314   0.12 -> 0.25   49 s
+# (wall: load ~8 for seed 0, ~3 for the others; about 40 CPU s each).
 GRPO_DEMO_RECIPE: dict = {
     "dataset": "arithmetic",
     "num_prompts": 16,
