@@ -24,7 +24,6 @@ Legend: B completions in a micro-batch, P prompt positions, C completion positio
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -33,6 +32,7 @@ from collections import deque
 import torch
 from accelerate.utils import gather, gather_object, is_peft_model, set_seed
 
+from fusedrl.engine.hidden import final_hidden_states
 from fusedrl.engine.ops.logprobs import linear_token_logprobs
 from fusedrl.engine.ops.policy import kl_penalty, linear_policy_loss
 from fusedrl.kernels.advantages import group_advantages
@@ -54,6 +54,42 @@ from fusedrl.trainers.sampling import (
 )
 
 logger = logging.getLogger("fusedrl")
+
+
+def _ratio_weighted_kl(logps_BC, mask_BC, old_logps_BC, ref_logps_BC, args: GRPOConfig, normaliser):
+    """``aggregate(k3(logps, ref) * r)`` with TRL's ratio ``r`` (per token, or per sequence for GSPO): the KL term of
+    ``use_bias_correction_kl=True``, differentiable through ``logps_BC`` in both factors; returns it and the weighted
+    per-token KL ``[B, C]``."""
+    mask = mask_BC.float()
+    log_ratio = logps_BC - (logps_BC.detach() if old_logps_BC is None else old_logps_BC)
+    if args.importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]
+    per_token_kl = kl_penalty(logps_BC, ref_logps_BC, "k3") * log_ratio.exp()
+    term = aggregate(per_token_kl, mask, args.loss_type, max_completion_length=args.max_completion_length,
+                     num_items_in_batch=normaliser)
+    return term, per_token_kl
+
+
+def _grpo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_logps_BC, advantages_B, ref_logps_BC,
+                 normaliser, args: GRPOConfig):
+    """The loss region (compiled whole with ``compile=True``): completion hidden states -> fused head -> TRL's
+    GRPO loss (``linear_policy_loss``), plus TRL's ratio-weighted KL when ``use_bias_correction_kl`` (then the fused
+    loss gets beta 0: the KL still feeds the metric, and the weighted term is added here from its log-probs)."""
+    corrected_kl = args.beta != 0.0 and args.use_bias_correction_kl
+    out = linear_policy_loss(
+        hidden_BCH, weight_VH, completion_ids_BC, mask_BC, old_logps_BC, advantages_B, bias=bias_V,
+        temperature=args.temperature, ref_logps_BT=ref_logps_BC, beta=0.0 if corrected_kl else args.beta,
+        epsilon_low=args.epsilon, epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
+        delta=args.delta, importance_sampling_level=args.importance_sampling_level, loss_type=args.loss_type,
+        max_completion_length=args.max_completion_length, num_items_in_batch=normaliser,
+        top_entropy_quantile=args.top_entropy_quantile,
+    )
+    if corrected_kl:
+        kl_term, per_token_kl = _ratio_weighted_kl(out.logps, mask_BC, old_logps_BC, ref_logps_BC, args, normaliser)
+        # TRL logs the ratio-weighted KL as `kl` too.
+        out = out._replace(loss=out.loss + args.beta * kl_term,
+                           kl=(per_token_kl.detach() * mask_BC).sum() / mask_BC.sum().clamp(min=1))
+    return out
 
 
 class GRPOTrainer(FusedTrainer):
@@ -177,11 +213,10 @@ class GRPOTrainer(FusedTrainer):
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
         attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
         extra = {"output_router_logits": True} if router_logits else {}
-        # output_hidden_states=-1 keeps the final (normed) states only; logits_to_keep=1 leaves a [B, 1, V] slice.
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=-1,
-                        logits_to_keep=1, **extra)
+        # The final (normed) states are caught on the trunk (engine/hidden.py): compiled blocks stay traceable.
+        outputs, hidden_NTH = final_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask, **extra)
         num_completion = batch["completion_ids"].shape[1]
-        hidden_BCH = outputs.hidden_states[-1][:, -(num_completion + 1):-1]
+        hidden_BCH = hidden_NTH[:, -(num_completion + 1):-1]
         return hidden_BCH, getattr(outputs, "aux_loss", None) if router_logits else None
 
     @torch.no_grad()
@@ -313,48 +348,17 @@ class GRPOTrainer(FusedTrainer):
                 normaliser = normaliser * accumulation / args.steps_per_generation
         hidden_BCH, aux_loss = self._completion_hidden(model, inputs, router_logits=self.aux_loss_enabled)
         weight_VH, bias_V = self._lm_head(model)
-        # TRL's default weights the k3 KL by the importance ratio; the fused loss adds the plain KL, so then it gets
-        # beta = 0 (the KL still feeds the metric) and the weighted term is added below from its log-probs.
-        corrected_kl = args.beta != 0.0 and args.use_bias_correction_kl
-        offloader = getattr(self, "_activation_offloader", None)
-        with (torch.autocast(hidden_BCH.device.type, enabled=False),
-              offloader.paused() if offloader is not None else contextlib.nullcontext()):
-            out = linear_policy_loss(
-                hidden_BCH.to(weight_VH.dtype), weight_VH, inputs["completion_ids"], inputs["completion_mask"],
-                inputs.get("old_per_token_logps"), inputs["advantages"], bias=bias_V, temperature=args.temperature,
-                ref_logps_BT=inputs.get("ref_per_token_logps"), beta=0.0 if corrected_kl else args.beta,
-                epsilon_low=args.epsilon,
-                epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high, delta=args.delta,
-                importance_sampling_level=args.importance_sampling_level, loss_type=args.loss_type,
-                max_completion_length=args.max_completion_length, num_items_in_batch=normaliser,
-                top_entropy_quantile=args.top_entropy_quantile,
-            )
-            if corrected_kl:
-                kl_term, per_token_kl = self._ratio_weighted_kl(out.logps, inputs, normaliser)
-                # TRL logs the ratio-weighted KL as `kl` too.
-                out = out._replace(loss=out.loss + args.beta * kl_term,
-                                   kl=(per_token_kl.detach() * inputs["completion_mask"]).sum()
-                                   / inputs["completion_mask"].sum().clamp(min=1))
+        with self.head_region(hidden_BCH.device):
+            out = self.loss_region(_grpo_region)(
+                hidden_BCH.to(weight_VH.dtype), weight_VH, bias_V, inputs["completion_ids"], inputs["completion_mask"],
+                inputs.get("old_per_token_logps"), inputs["advantages"], inputs.get("ref_per_token_logps"),
+                normaliser, args)
         loss = out.loss if args.loss_type == "dapo" else out.loss / accumulation
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self.record(mode, "aux_loss", self.gathered_mean(aux_loss))
         self._record_loss_metrics(mode, inputs, out)
         return loss
-
-    def _ratio_weighted_kl(self, logps_BC: torch.Tensor, inputs: dict, normaliser) -> torch.Tensor:
-        """``aggregate(k3(logps, ref) * r)`` with TRL's ratio ``r`` (per token, or per sequence for GSPO): the KL
-        term of ``use_bias_correction_kl=True``, differentiable through ``logps_BC`` in both factors; returns it and
-        the weighted per-token KL ``[B, C]``."""
-        mask = inputs["completion_mask"].float()
-        old = inputs.get("old_per_token_logps")
-        log_ratio = logps_BC - (logps_BC.detach() if old is None else old)
-        if self.args.importance_sampling_level == "sequence":
-            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]
-        per_token_kl = kl_penalty(logps_BC, inputs["ref_per_token_logps"], "k3") * log_ratio.exp()
-        term = aggregate(per_token_kl, mask, self.args.loss_type, max_completion_length=self.args.max_completion_length,
-                         num_items_in_batch=normaliser)
-        return term, per_token_kl
 
     @torch.no_grad()
     def _record_loss_metrics(self, mode: str, inputs: dict, out) -> None:

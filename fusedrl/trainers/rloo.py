@@ -17,7 +17,6 @@ Legend: B completions in a micro-batch, C completion positions, H hidden, V voca
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -30,6 +29,20 @@ from fusedrl.trainers.base import IGNORE_INDEX
 from fusedrl.trainers.grpo import GRPOTrainer
 from fusedrl.trainers.rloo_config import RLOOConfig
 from fusedrl.trainers.sampling import zero_std_groups
+
+
+def _rloo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_logps_BC, advantages_B,
+                 args: RLOOConfig):
+    """The loss region (compiled whole with ``compile=True``): completion hidden states -> fused head -> the clipped
+    objective on summed log-probs, one "token" per sequence, averaged over sequences (``grpo`` aggregation)."""
+    labels_BC = completion_ids_BC.masked_fill(mask_BC == 0, IGNORE_INDEX)
+    token = linear_token_logprobs(hidden_BCH, weight_VH, labels_BC, bias=bias_V, temperature=args.temperature,
+                                  with_entropy=True)
+    logps_B1 = (token.logprobs * mask_BC).sum(-1, keepdim=True)
+    old_B1 = (old_logps_BC * mask_BC).sum(-1, keepdim=True)
+    out = policy_loss(logps_B1, old_B1, advantages_B, torch.ones_like(logps_B1), epsilon_low=args.epsilon,
+                      epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high, loss_type="grpo")
+    return token, logps_B1, old_B1, out
 
 
 class RLOOTrainer(GRPOTrainer):
@@ -63,19 +76,10 @@ class RLOOTrainer(GRPOTrainer):
         mask_BC = inputs["completion_mask"]
         hidden_BCH, aux_loss = self._completion_hidden(model, inputs, router_logits=self.aux_loss_enabled)
         weight_VH, bias_V = self._lm_head(model)
-        labels_BC = inputs["completion_ids"].masked_fill(mask_BC == 0, IGNORE_INDEX)
-        offloader = getattr(self, "_activation_offloader", None)
-        with (torch.autocast(hidden_BCH.device.type, enabled=False),
-              offloader.paused() if offloader is not None else contextlib.nullcontext()):
-            token = linear_token_logprobs(hidden_BCH.to(weight_VH.dtype), weight_VH, labels_BC, bias=bias_V,
-                                          temperature=args.temperature, with_entropy=True)
-        # One "token" per sequence: the clipped objective on summed log-probs, averaged over sequences (grpo).
-        logps_B1 = (token.logprobs * mask_BC).sum(-1, keepdim=True)
-        old_B1 = (inputs["old_per_token_logps"] * mask_BC).sum(-1, keepdim=True)
-        out = policy_loss(logps_B1, old_B1, inputs["advantages"], torch.ones_like(logps_B1),
-                          epsilon_low=args.epsilon,
-                          epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
-                          loss_type="grpo")
+        with self.head_region(hidden_BCH.device):
+            token, logps_B1, old_B1, out = self.loss_region(_rloo_region)(
+                hidden_BCH.to(weight_VH.dtype), weight_VH, bias_V, inputs["completion_ids"], mask_BC,
+                inputs["old_per_token_logps"], inputs["advantages"], args)
         loss = out.loss
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss
