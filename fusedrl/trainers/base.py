@@ -134,6 +134,17 @@ class FusedConfig(TrainingArguments):
             parse_kernel_spec(self.kernels, source="kernels")  # a typo fails here, not at the first step
 
 
+def resolve_pad_to_multiple_of(value: int | str | None, device: torch.device) -> int | None:
+    """TRL's ``pad_to_multiple_of``: an int, None, or ``"auto"`` (128 on Neuron, which compiles once per input shape,
+    so padding bounds the number of compilations; None elsewhere). Strings from the CLI/YAML are parsed."""
+    if isinstance(value, str) and value != "auto":
+        text = value.lower()
+        return None if text in ("none", "null") else int(text)
+    if value == "auto":
+        return 128 if device.type == "neuron" else None
+    return value
+
+
 class TokenOutputs(NamedTuple):
     """Per next-token position ``[N, T - 1]`` (``mean_logits``: ``[N, T]`` if asked for every position), zero where
     the label is ignored. ``logps`` is differentiable; the rest is detached. Fields not requested are None."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from fusedrl.trainers.base import FusedConfig
+from fusedrl.trainers.base import FusedConfig, resolve_pad_to_multiple_of
 
 
 @dataclass
@@ -97,9 +97,4 @@ class DPOConfig(FusedConfig):
             warnings.warn("truncation_mode='keep_end' is deprecated (as in TRL 1.16); use 'keep_start'",
                           FutureWarning, stacklevel=3)
         super().__post_init__()
-        if isinstance(self.pad_to_multiple_of, str) and self.pad_to_multiple_of != "auto":
-            text = self.pad_to_multiple_of.lower()
-            self.pad_to_multiple_of = None if text in ("none", "null") else int(text)
-        if self.pad_to_multiple_of == "auto":
-            # Neuron compiles once per input shape, so padding bounds the number of compilations.
-            self.pad_to_multiple_of = 128 if self.device.type == "neuron" else None
+        self.pad_to_multiple_of = resolve_pad_to_multiple_of(self.pad_to_multiple_of, self.device)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fusedrl.trainers.base import FusedConfig
+from fusedrl.trainers.base import FusedConfig, resolve_pad_to_multiple_of
 from fusedrl.trainers.rewards.scoring import ON_ERROR
 from fusedrl.trainers.rollout import PROMPT_TRUNCATION_MODES
 
@@ -111,12 +111,7 @@ class OnlineConfig(FusedConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.pad_to_multiple_of, str) and self.pad_to_multiple_of != "auto":
-            text = self.pad_to_multiple_of.lower()
-            self.pad_to_multiple_of = None if text in ("none", "null") else int(text)
-        if self.pad_to_multiple_of == "auto":
-            # Neuron compiles once per input shape, so padding bounds the number of compilations.
-            self.pad_to_multiple_of = 128 if self.device.type == "neuron" else None
+        self.pad_to_multiple_of = resolve_pad_to_multiple_of(self.pad_to_multiple_of, self.device)
         name = type(self).__name__.removesuffix("Config")
         if self.auto_find_batch_size:
             raise ValueError(f"auto_find_batch_size is not supported by {name}: shrinking the batch on OOM would "
