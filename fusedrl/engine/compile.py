@@ -84,9 +84,23 @@ def compile_blocks(model: torch.nn.Module) -> int:
     checkpoints are unchanged; ``module.forward`` itself is untouched). Activation checkpointing keeps working: the
     layer's checkpoint wrapper is traced as torch's checkpoint operator. Returns the number of blocks."""
     blocks = decoder_blocks(model)
+    _configure_dynamo_for_blocks()
     for block in blocks:
         block.compile(**_compile_options())
     return len(blocks)
+
+
+@functools.cache
+def _configure_dynamo_for_blocks() -> None:
+    """The one process-wide Dynamo setting fusedrl changes, applied the first time blocks are compiled.
+
+    ``recompile_limit`` (torch default 8) counts graphs per code object, and every decoder layer of every model in
+    the process runs the same code object (the layer class's forward): a model's 4 (grad mode x padded batch, see
+    MAX_COMPILES_PER_BOUNDARY) plus those of a value model with other inputs, or of a second trainer on a model of
+    another width (parameter shapes are static), add up past 8, and with ``fullgraph=True`` the ninth is an error.
+    32 leaves room for a few models in one process while still stopping a real recompile loop.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 
 
 @contextlib.contextmanager
