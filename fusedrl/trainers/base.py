@@ -13,10 +13,14 @@ work unchanged. The base owns no algorithm:
 - reference: an explicit ``ref_model``; else, for a PEFT policy, the policy with its adapters disabled (or switched to
   a frozen ``ref`` adapter copied from a pretrained one); else a frozen deep copy of the policy, or none at all when
   the trainer precomputes reference log-probs.
-- log-probs: the model (wrapped by DDP/FSDP as accelerate set it up) runs with ``logits_to_keep=1`` and returns its
-  final hidden states; ``linear_token_logprobs`` projects them through the LM head in chunks, so ``[N, T, V]`` logits
-  never exist.
-- metrics: appended per mode, averaged at each ``log`` with TRL's names.
+- log-probs: the model (wrapped by DDP/FSDP as accelerate set it up) runs with ``logits_to_keep=1``; its final hidden
+  states are caught on the decoder trunk (``engine/hidden.py``) and ``linear_token_logprobs`` projects them through
+  the LM head in chunks, so ``[N, T, V]`` logits never exist. ``head_inputs`` + ``loss_region`` let a trainer compile
+  head and loss as one graph (``compile=True``).
+- engine: compiled blocks, selective checkpointing and per-step memory statistics (``_setup_runtime``), activation
+  offloading (``training_step``), atomic checkpoints, exact resume and non-finite step skipping
+  (``engine.resumable.ResumableTrainer``), sharded LM heads under FSDP2 / ZeRO-3 (``engine.sharded_head``).
+- metrics: appended per mode, averaged at each ``log`` with TRL's names (``memory/*`` peaks: the largest).
 
 Legend: N sequences, T positions (``T - 1`` next-token positions), H hidden, V vocabulary, M labelled tokens.
 """
