@@ -179,4 +179,9 @@ def run(name: str, argv: list[str]) -> int:
     trainer.save_model(job.config.output_dir)
     if job.eval_dataset is not None:
         print(trainer.evaluate())
+    # Every rank reaches this line, then the process group is torn down before the interpreter exits: a gloo group
+    # left to interpreter shutdown can abort a rank (SIGABRT, seen on the 2-process CPU runs) while its peer still
+    # holds a connection, and torchrun then reports the run as failed after it finished.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return 0
