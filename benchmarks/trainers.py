@@ -218,7 +218,8 @@ def measure(case: cases.TrainerCase, path: str, *, quick: bool) -> dict:
         "optimizer_s": [e - p for p, e in zip(marks["pre_optimizer"], marks["end"])],
     }
     split["other_s"] = [s - t - o for s, t, o in zip(step_s, split["training_step_s"], split["optimizer_s"])]
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    metric = case.agreement_metric
+    losses = [entry[metric] for entry in trainer.state.log_history if "loss" in entry and metric in entry]
     backends = None
     if spec.module.startswith("fusedrl"):
         from fusedrl.engine.registry import kernel_backends, use_kernels
@@ -295,6 +296,7 @@ def run_case(case: cases.TrainerCase, *, quick: bool, run_worker: Callable[..., 
         "base": case.base,
         "config": dict(case.config),
         "loss_atol": case.loss_atol,
+        "agreement_metric": case.agreement_metric,
         "labels": {p: PATHS[p].label for p in case.paths},
         "paths": results,
         "targets": [report.evaluate(t, results) for t in case.targets],
@@ -307,6 +309,7 @@ def _measured_text(target: dict) -> str:
 
 def case_markdown(case: dict, mode: str) -> list[str]:
     base = case["base"]
+    metric = case.get("agreement_metric", "loss")
     shape = " ".join(f"{k}={v}" for k, v in case["shape"].items())
     measured = [r for r in case["paths"].values() if "time_median_s" in r]
     steps = measured[0]["num_steps"] if measured else "?"
@@ -320,11 +323,11 @@ def case_markdown(case: dict, mode: str) -> list[str]:
          "between consecutive steps' ends (data, forward, backward, optimizer, logging), median and min-max. "
          "Peak RSS: the whole worker process's VmHWM from trainer construction to the end of training. "
          "`split`: median seconds in forward + backward + clipping / AdamW / the rest (batch fetch, logging). "
-         f"Losses: the first logged ones; `loss diff` is the max abs difference from {base}'s "
+         f"`{metric}`: the first logged values; `diff` is the max abs difference from {base}'s "
          f"(agreement: <= {case['loss_atol']:g}). `load`: 1-minute load average at the path's start and end."),
         "",
         (f"| path | steps/s | s/step (min-max) | time / {base} | peak RSS MB | peak / {base} | split s "
-         "| losses | loss diff | other CPU | load |"),
+         f"| {metric} | diff | other CPU | load |"),
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for path, r in case["paths"].items():
