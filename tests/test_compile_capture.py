@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 import torch
 import torch._dynamo
 from datasets import Dataset
@@ -168,8 +169,6 @@ def test_peak_memory_logged_and_release_runs_each_step(tmp_path, monkeypatch):
 
 
 def test_bad_memory_fields_fail_at_construction(tmp_path):
-    import pytest
-
     with pytest.raises(ValueError, match="checkpoint_every_n_layers"):
         DPOConfig(output_dir=str(tmp_path), checkpoint_every_n_layers=0)
     with pytest.raises(ValueError, match="gradient_checkpointing=True"):

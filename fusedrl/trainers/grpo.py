@@ -232,7 +232,7 @@ class GRPOTrainer(FusedTrainer):
                 hidden_BCH, _ = self._completion_hidden(model, part)
                 weight_VH, bias_V = self._lm_head(model)
                 labels_BC = part["completion_ids"].masked_fill(part["completion_mask"] == 0, IGNORE_INDEX)
-                with torch.autocast(hidden_BCH.device.type, enabled=False):
+                with self.head_region(hidden_BCH.device):
                     chunks.append(linear_token_logprobs(hidden_BCH.to(weight_VH.dtype), weight_VH, labels_BC,
                                                         bias=bias_V, temperature=self.args.temperature))
         return torch.cat(chunks)

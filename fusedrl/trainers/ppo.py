@@ -222,7 +222,7 @@ class PPOTrainer(FusedTrainer):
         weight_VH, bias_V = self._lm_head(model)
         hidden_BCH = hidden_NTH[:, prompt_length - 1:-1].to(weight_VH.device, weight_VH.dtype)
         labels_BC = completion_ids_BC.masked_fill(~mask_BC, -100).to(weight_VH.device)
-        with torch.autocast(hidden_BCH.device.type, enabled=False):
+        with self.head_region(hidden_BCH.device):
             return linear_token_logprobs(hidden_BCH, weight_VH, labels_BC, bias=bias_V,
                                          temperature=self.args.temperature)
 
