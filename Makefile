@@ -4,15 +4,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fusedrl-installed
 
-.PHONY: demo test bench aot lint clean
+CONSTRAINTS := constraints.txt
+
+.PHONY: demo test test-latest bench aot lint clean
 
 # On a machine without an NVIDIA driver, install the pinned CPU torch wheel first: an unpinned `torch`
 # (asked for by any dependency) resolves to a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# Every dependency is pinned by constraints.txt (the versions the suite last passed with), so a fresh machine and CI
+# install the same set; `make test-latest` checks the newest releases instead.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install --quiet torch==2.13.0; fi
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -20,6 +24,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The newest releases within pyproject.toml's ranges, in a separate .venv-latest (torch stays the CPU wheel on a
+# machine without a driver); a green run here is the cue to refresh constraints.txt.
+test-latest:
+	test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install --quiet --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then .venv-latest/bin/python -m pip install --quiet torch==2.13.0; fi
+	.venv-latest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	.venv-latest/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|triton|transformers|accelerate|peft|datasets|trl|deepspeed) "
+	.venv-latest/bin/python -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) -m fusedrl bench
@@ -31,4 +45,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check fusedrl benchmarks tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-latest build *.egg-info

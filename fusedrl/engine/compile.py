@@ -92,15 +92,25 @@ def compile_blocks(model: torch.nn.Module) -> int:
 
 @functools.cache
 def _configure_dynamo_for_blocks() -> None:
-    """The one process-wide Dynamo setting fusedrl changes, applied the first time blocks are compiled.
+    """The process-wide Dynamo settings fusedrl changes, applied the first time blocks are compiled.
 
     ``recompile_limit`` (torch default 8) counts graphs per code object, and every decoder layer of every model in
     the process runs the same code object (the layer class's forward): a model's 4 (grad mode x padded batch, see
     MAX_COMPILES_PER_BOUNDARY) plus those of a value model with other inputs, or of a second trainer on a model of
     another width (parameter shapes are static), add up past 8, and with ``fullgraph=True`` the ninth is an error.
     32 leaves room for a few models in one process while still stopping a real recompile loop.
+
+    ``skip_fwd_side_effects_in_bwd_under_checkpoint``: transformers >= 5.25 wraps attention forwards with the
+    ``kernels`` package's ``use_kernelized_func``, which under compile sets and then resets a module-level variable
+    in every layer call (``CompileableContextVar``). Inside an activation-checkpointed layer Dynamo refuses any
+    forward side effect that the backward recompute would not replay ("HOP: Unsafe side effect"), so
+    ``compile_blocks=True`` with gradient checkpointing failed. That side effect is a set/reset pair that leaves
+    the variable as it found it, so not replaying it in the recompute changes nothing. Older torch releases without
+    the setting never met this wrapper (it came with transformers 5.25), hence the ``hasattr``.
     """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
 @contextlib.contextmanager
