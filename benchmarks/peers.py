@@ -187,7 +187,7 @@ def liger(x: LinearInputs, *, with_entropy: bool) -> None:
 
 def naive_linear(x: LinearInputs, *, with_entropy: bool) -> None:
     """Full fp32 ``[N, V]`` logits then log_softmax / gather / entropy: fusedrl's reference, which is exactly that."""
-    from fusedrl.kernels.logprobs.reference import linear_token_logprobs_reference
+    from fusedrl.ops.logprobs.reference import linear_token_logprobs_reference
 
     logprobs, entropy = linear_token_logprobs_reference(
         x.hidden_NH, x.weight_VH, x.labels_N, bias=None, temperature=1.0, ignore_index=IGNORE_INDEX,
@@ -234,7 +234,7 @@ def trl_logits(x: LogitsInputs) -> None:
 
 def reference_logits(x: LogitsInputs) -> None:
     """fusedrl's fp32 reference: full log_softmax, gather, entropy."""
-    from fusedrl.kernels.logprobs.reference import token_logprobs_reference
+    from fusedrl.ops.logprobs.reference import token_logprobs_reference
 
     logprobs, entropy = token_logprobs_reference(
         x.logits_BTV, x.labels_BT, temperature=1.0, ignore_index=IGNORE_INDEX, with_entropy=True

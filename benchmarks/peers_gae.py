@@ -54,7 +54,7 @@ def fusedrl_gae(x: GAEInputs) -> None:
 
 def loop_gae(x: GAEInputs) -> None:
     """The reverse Python loop over T (fusedrl's reference)."""
-    from fusedrl.kernels.gae.reference import gae_reference
+    from fusedrl.ops.gae.reference import gae_reference
 
     gae_reference(x.rewards_BT, x.values_BT, x.mask_BT, gamma=GAMMA, lam=LAM)
 

@@ -60,7 +60,7 @@ def long_prompt_dataset(num_pairs: int, prompt_tokens: int, tokenizer, seed: int
     first line may be partial, as in a sliding window over a document). Completions are unchanged."""
     from datasets import Dataset
 
-    from fusedrl.trainers.presets.datasets import ARITHMETIC, preference_dataset
+    from fusedrl.cli.presets.datasets import ARITHMETIC, preference_dataset
 
     pairs = preference_dataset(num_pairs, seed=seed)
     problems = ARITHMETIC.problems("train")
@@ -120,7 +120,7 @@ def char_code_reward(completions, **kwargs):
 def grpo_inputs(pairs):
     """GRPO's view of the benchmark pairs: prompt-only rows (``answer`` keeps the chosen completion), and the
     trainer's ``reward_funcs``: exact answer plus :func:`char_code_reward`, the same functions for every path."""
-    from fusedrl.trainers.presets import answer_reward
+    from fusedrl.cli.presets import answer_reward
 
     rewards = [answer_reward, char_code_reward]
     return pairs.remove_columns("rejected").rename_column("chosen", "answer"), {"reward_funcs": rewards}
@@ -174,8 +174,8 @@ def measure(case: cases.TrainerCase, path: str, *, quick: bool) -> dict:
     module = importlib.import_module(spec.module)
     config_cls, trainer_cls = (getattr(module, name) for name in TRAINERS[case.trainer])
 
-    from fusedrl.trainers.presets.models import build_model
-    from fusedrl.trainers.presets.tokenizer import build_tokenizer
+    from fusedrl.cli.presets.models import build_model
+    from fusedrl.cli.presets.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
     dataset = long_prompt_dataset(shape["B"] * steps, shape["P"], tokenizer)
@@ -222,7 +222,7 @@ def measure(case: cases.TrainerCase, path: str, *, quick: bool) -> dict:
     losses = [entry[metric] for entry in trainer.state.log_history if "loss" in entry and metric in entry]
     backends = None
     if spec.module.startswith("fusedrl"):
-        from fusedrl.engine.registry import kernel_backends, use_kernels
+        from fusedrl.ops.dispatch import kernel_backends, use_kernels
 
         with use_kernels(**trainer._kernel_selection):
             backends = kernel_backends("cpu")

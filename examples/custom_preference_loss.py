@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from transformers import PrinterCallback
 
 import fusedrl
+from fusedrl.cli.presets import build_tokenizer, load_preset_dataset, load_preset_model
 from fusedrl.trainers import DPOConfig, DPOTrainer
-from fusedrl.trainers.presets import build_tokenizer, load_preset_dataset, load_preset_model
 
 
 def sigmoid_margin_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *, beta: float,

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PrinterCallback
 
-from fusedrl.kernels.preference import sequence_logps, token_mean_nll
+from fusedrl.cli.presets import build_tokenizer, load_preset_dataset, load_preset_model
+from fusedrl.ops.preference.reference import sequence_logps, token_mean_nll
 from fusedrl.trainers import FusedConfig, FusedTrainer
 from fusedrl.trainers.base import IGNORE_INDEX, tokenizer_of
-from fusedrl.trainers.preference_data import TOKENIZED_COLUMNS, PreferenceCollator, prepare_preference_dataset
-from fusedrl.trainers.presets import build_tokenizer, load_preset_dataset, load_preset_model
+from fusedrl.trainers.preference.data import TOKENIZED_COLUMNS, PreferenceCollator, prepare_preference_dataset
 
 
 @dataclass

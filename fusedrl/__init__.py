@@ -1,13 +1,22 @@
 """fusedrl: fused kernels and TRL-compatible trainers for preference and RL fine-tuning of language models."""
 
-from fusedrl.engine.ops.gae import GAEResult, gae
-from fusedrl.engine.ops.logprobs import (
+from fusedrl.ops.advantages import (
+    group_advantages,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
+from fusedrl.ops.dispatch import configure_kernels, kernel_backends, use_kernels
+from fusedrl.ops.gae import GAEResult, gae
+from fusedrl.ops.logprobs import (
     TokenLogprobs,
     linear_token_logprobs,
     token_logprobs,
     token_logprobs_and_entropy,
 )
-from fusedrl.engine.ops.policy import (
+from fusedrl.ops.policy import (
     LinearPolicyLoss,
     PolicyLoss,
     kl_penalty,
@@ -15,26 +24,17 @@ from fusedrl.engine.ops.policy import (
     policy_loss,
     value_loss,
 )
-from fusedrl.engine.ops.preference import (
+from fusedrl.ops.preference import (
     LinearPreferenceLoss,
     PreferenceLoss,
     linear_preference_loss,
     preference_loss,
 )
-from fusedrl.engine.preference_registry import (
+from fusedrl.ops.preference.registry import (
     dpo_loss_types,
     register_preference_loss,
     registered_preference_losses,
     unregister_preference_loss,
-)
-from fusedrl.engine.registry import configure_kernels, kernel_backends, use_kernels
-from fusedrl.kernels.advantages import (
-    group_advantages,
-    masked_mean,
-    masked_var,
-    masked_whiten,
-    reinforce_pp_advantages,
-    rloo_advantages,
 )
 
 __version__ = "0.1.0"

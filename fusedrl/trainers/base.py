@@ -14,7 +14,7 @@ work unchanged. The base owns no algorithm:
   a frozen ``ref`` adapter copied from a pretrained one); else a frozen deep copy of the policy, or none at all when
   the trainer precomputes reference log-probs.
 - log-probs: the model (wrapped by DDP/FSDP as accelerate set it up) runs with ``logits_to_keep=1``; its final hidden
-  states are caught on the decoder trunk (``engine/hidden.py``) and ``linear_token_logprobs`` projects them through
+  states are caught on the decoder trunk (``runtime/hidden.py``) and ``linear_token_logprobs`` projects them through
   the LM head in chunks, so ``[N, T, V]`` logits never exist. ``head_inputs`` + ``loss_region`` let a trainer compile
   head and loss as one graph (``compile=True``).
 - engine: compiled blocks, selective checkpointing and per-step memory statistics (``_setup_runtime``), activation
@@ -41,14 +41,14 @@ from accelerate.utils import is_peft_model
 from datasets import IterableDataset
 from transformers import AutoModelForCausalLM, PreTrainedModel, ProcessorMixin, TrainingArguments
 
-from fusedrl.engine.compile import compile_blocks, compile_region
-from fusedrl.engine.hidden import catch_final_hidden
-from fusedrl.engine.memory import MemoryCallback, SelectiveCheckpointCallback
-from fusedrl.engine.offload import ActivationOffloader
-from fusedrl.engine.ops.logprobs import linear_token_logprobs
-from fusedrl.engine.registry import kernel_backends, parse_kernel_spec, use_kernels
-from fusedrl.engine.resumable import DEFAULT_MAX_NONFINITE_STEPS, ResumableTrainer
-from fusedrl.engine.sharded_head import is_zero3_param, keep_root_unsharded, prepare_reference, whole_head
+from fusedrl.ops.dispatch import kernel_backends, parse_kernel_spec, use_kernels
+from fusedrl.ops.logprobs import linear_token_logprobs
+from fusedrl.runtime.compile import compile_blocks, compile_region
+from fusedrl.runtime.hidden import catch_final_hidden
+from fusedrl.runtime.memory import MemoryCallback, SelectiveCheckpointCallback
+from fusedrl.runtime.offload import ActivationOffloader
+from fusedrl.runtime.resumable import DEFAULT_MAX_NONFINITE_STEPS, ResumableTrainer
+from fusedrl.runtime.sharded_head import is_zero3_param, keep_root_unsharded, prepare_reference, whole_head
 from fusedrl.trainers.callbacks.sync_ref import SyncRefModelCallback
 
 logger = logging.getLogger("fusedrl")
@@ -69,7 +69,7 @@ class FusedConfig(TrainingArguments):
     bf16 unless fp16 is set) and the fields every fusedrl trainer shares.
 
     kernels: backend selection for this trainer's fused ops, e.g. ``"linear_logprobs=compiled"`` or
-        ``"all=reference"`` (see ``fusedrl.engine.registry``); None leaves the process-wide selection
+        ``"all=reference"`` (see ``fusedrl.ops.dispatch``); None leaves the process-wide selection
         (``configure_kernels``, ``FUSEDRL_KERNELS``, defaults) in charge.
     """
 
@@ -94,7 +94,7 @@ class FusedConfig(TrainingArguments):
     )
     compile: bool = field(
         default=False, metadata={"help": "Compile the loss region (final hidden states -> fused head -> loss) with "
-                                         "fullgraph=True and dynamic shapes (engine/compile.py)."}
+                                         "fullgraph=True and dynamic shapes (runtime/compile.py)."}
     )
     compile_blocks: bool = field(
         default=False, metadata={"help": "Also compile each transformer block in place (one shared graph)."}
@@ -104,7 +104,7 @@ class FusedConfig(TrainingArguments):
     )
     selective_checkpointing: bool = field(
         default=False, metadata={"help": "With gradient_checkpointing: keep matmul and attention outputs, recompute "
-                                         "only the cheap elementwise ops in the backward (engine/memory.py)."}
+                                         "only the cheap elementwise ops in the backward (runtime/memory.py)."}
     )
     release_memory_every_step: bool = field(
         default=False, metadata={"help": "gc.collect() and empty the accelerator cache after every optimizer step "
@@ -118,7 +118,7 @@ class FusedConfig(TrainingArguments):
     max_nonfinite_steps: int = field(
         default=DEFAULT_MAX_NONFINITE_STEPS,
         metadata={"help": "Optimizer steps with a non-finite loss or gradient to skip before training stops with an "
-                          "error (0: stop at the first; engine/faults.py)."},
+                          "error (0: stop at the first; runtime/faults.py)."},
     )
 
     def __post_init__(self):
@@ -360,7 +360,7 @@ class FusedTrainer(ResumableTrainer):
 
     def _setup_runtime(self) -> None:
         """Graph capture and memory management from the config: compiled blocks, selective checkpointing, per-step
-        peak memory and memory release (engine/compile.py, engine/memory.py)."""
+        peak memory and memory release (runtime/compile.py, runtime/memory.py)."""
         args = self.args
         if args.compile_blocks:
             num_blocks = compile_blocks(self.accelerator.unwrap_model(self.model))
@@ -472,7 +472,7 @@ class FusedTrainer(ResumableTrainer):
     # --- log-probs ------------------------------------------------------------------------------------------------
 
     def _lm_head(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # FSDP2 / ZeRO-3 shards are gathered with gradients flowing back to them (engine/sharded_head.py). Call it
+        # FSDP2 / ZeRO-3 shards are gathered with gradients flowing back to them (runtime/sharded_head.py). Call it
         # after the model forward, once per forward.
         unwrapped = self.accelerator.unwrap_model(model)
         keep_root_unsharded(unwrapped)
@@ -494,7 +494,7 @@ class FusedTrainer(ResumableTrainer):
         ``[N, T - 1, H]`` in the head's dtype, the head's weight and bias, the shifted labels ``[N, T - 1]``, plus the
         detached statistics asked for (see :meth:`token_logprobs`)."""
         extra = {"output_router_logits": True} if router_logits else {}
-        # The final (normed) hidden states come from a hook on the decoder trunk (engine/hidden.py): asking for
+        # The final (normed) hidden states come from a hook on the decoder trunk (runtime/hidden.py): asking for
         # output_hidden_states would install transformers' capture hooks, which compiled blocks cannot trace.
         # logits_to_keep=1 leaves a [N, 1, V] slice of logits, whose gradient is zero.
         with catch_final_hidden(model) as final:
@@ -592,7 +592,7 @@ class FusedTrainer(ResumableTrainer):
         super().log(logs, start_time)
         self._metrics[mode].clear()
 
-    # --- resumable state (engine/resumable.py) ---------------------------------------------------------------------
+    # --- resumable state (runtime/resumable.py) ---------------------------------------------------------------------
 
     def fusedrl_state(self) -> dict:
         # Metric values recorded since the last log are kept too: a save between two logs would otherwise drop them

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 from transformers import GenerationConfig, TrainerCallback
 
-from fusedrl.trainers.judges import TIE, PairwiseJudge, check_verdicts
+from fusedrl.trainers.online.judges import TIE, PairwiseJudge, check_verdicts
 
 from .generation import (
     broadcast_from_main,
@@ -99,7 +99,7 @@ class WinRateCallback(TrainerCallback):
     ``metric_for_best_model="eval_win_rate"`` works.
 
     Args:
-        judge: a :class:`~fusedrl.trainers.judges.PairwiseJudge`.
+        judge: a :class:`~fusedrl.trainers.online.judges.PairwiseJudge`.
         trainer: the trainer, with an eval dataset holding a ``prompt`` column and a tokenizer.
         generation_config: for policy and reference generation; greedy, 64 new tokens if None.
         num_prompts: judge the first ``num_prompts`` eval prompts (all if None).

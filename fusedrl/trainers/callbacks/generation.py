@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from fusedrl.engine.compile import eager_generation
+from fusedrl.runtime.compile import eager_generation
 
 # Used when the caller passes no GenerationConfig. Greedy so the policy and the reference are compared on their
 # modes, and two evaluations of the same weights give the same completions.

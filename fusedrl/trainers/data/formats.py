@@ -10,7 +10,7 @@ A row is *standard* when its text fields are strings and *conversational* when t
   of ``chosen`` and ``rejected`` with no ``prompt`` column;
 - unpaired preference: ``prompt``, ``completion``, boolean ``label`` (KTO).
 
-Behaviour follows ``trl.data_utils`` 1.16 (tests/test_data.py compares every function with it on the same rows);
+Behaviour follows ``trl.data_utils`` 1.16 (tests/trainers/test_data.py compares every function with it on the same rows);
 where TRL's result depends on set iteration order or crashes on an edge case, this module picks the deterministic
 or explicit behaviour, noted in each docstring.
 """

@@ -3,7 +3,7 @@
 Every column to pack is a list column (``input_ids``, ``attention_mask``, ``labels``...) whose rows have equal
 lengths across columns. The work happens on Arrow tables inside a batched ``Dataset.map`` (1000 rows per batch
 unless ``map_kwargs`` says otherwise), so sequences are only ever packed with others of the same batch and the
-column types (int32 ids stay int32) are kept. Output equals TRL 1.16's row for row (tests/test_data.py).
+column types (int32 ids stay int32) are kept. Output equals TRL 1.16's row for row (tests/trainers/test_data.py).
 """
 
 from __future__ import annotations

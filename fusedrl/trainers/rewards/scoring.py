@@ -27,8 +27,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from fusedrl.trainers.online.rollout import is_conversational_prompt
 from fusedrl.trainers.rewards.registry import get_reward, registered_rewards
-from fusedrl.trainers.rollout import is_conversational_prompt
 
 logger = logging.getLogger("fusedrl")
 ON_ERROR = ("raise", "skip")

@@ -1,1 +1,0 @@
-"""Kernel selection, autograd / custom-op registration, compile capture and runtime glue."""

@@ -1,1 +1,0 @@
-"""Public fused ops: validation, backend dispatch, torch.library registration and autograd."""

@@ -1,0 +1,403 @@
+"""GRPOTrainer: TRL 1.16's GRPO recipe on fusedrl's fused LM head and loss.
+
+``from fusedrl import GRPOTrainer, GRPOConfig`` replaces ``from trl import ...`` for prompt-only datasets (standard or
+conversational) and reward functions or reward models: same constructor, config fields (``grpo_config.py`` lists
+what is absent), sampler, generation, reward calling convention, advantages, loss and logged names. With the same
+model, data, seed and config the completions and the logged losses match TRL's (tests/trainers/test_grpo_trainer.py runs
+both). What differs is how the loss is made: TRL patches the model's forward with a chunked head; here the policy
+loss is ``fusedrl.linear_policy_loss`` on the unpatched model's final hidden states, so no ``[B, T, V]`` logits.
+
+One generation round (every ``steps_per_generation * num_iterations`` micro-steps; ``_prepare_inputs``):
+
+1. the sampler yields ``generation_batch_size`` rows per process, each prompt ``num_generations`` times in a row;
+2. ``rollout.generate_completions`` samples one completion per row (KV cache on, masks up to the first EOS);
+3. without grad: old log-probs when the round outlives one optimizer step (``num_iterations > 1`` or more
+   micro-batches than accumulation steps), reference log-probs when ``beta != 0``;
+4. every reward scores every completion (``rewards/``); the weighted sum gives group advantages
+   (``fusedrl.group_advantages``);
+5. the rows are shuffled and cut into ``steps_per_generation`` micro-batches, consumed by ``compute_loss``:
+   a policy forward to the last hidden states, then ``fusedrl.linear_policy_loss`` (clipped ratio, k3 KL, TRL's
+   ``loss_type`` aggregation) and TRL's metrics.
+
+Legend: B completions in a micro-batch, P prompt positions, C completion positions, H hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+
+import torch
+from accelerate.utils import gather, gather_object, is_peft_model, set_seed
+
+from fusedrl.ops.advantages import group_advantages
+from fusedrl.ops.logprobs import linear_token_logprobs
+from fusedrl.ops.policy import kl_penalty, linear_policy_loss
+from fusedrl.ops.policy.reference import aggregate
+from fusedrl.runtime.hidden import final_hidden_states
+from fusedrl.trainers.base import IGNORE_INDEX, FusedTrainer, tokenizer_of
+from fusedrl.trainers.callbacks.sync_ref import SyncRefModelCallback
+from fusedrl.trainers.online.grpo_config import GRPOConfig
+from fusedrl.trainers.online.rollout import eos_token_ids_of, generate_completions, sampling_config
+from fusedrl.trainers.online.sampling import (
+    RepeatSampler,
+    check_prompt_dataset,
+    identity_collator,
+    nanstd,
+    print_completions,
+    shuffle_rows,
+    split_rows,
+    zero_std_groups,
+)
+from fusedrl.trainers.rewards import resolve_rewards, reward_weights_tensor, score_completions
+
+logger = logging.getLogger("fusedrl")
+
+
+def _ratio_weighted_kl(logps_BC, mask_BC, old_logps_BC, ref_logps_BC, args: GRPOConfig, normaliser):
+    """``aggregate(k3(logps, ref) * r)`` with TRL's ratio ``r`` (per token, or per sequence for GSPO): the KL term of
+    ``use_bias_correction_kl=True``, differentiable through ``logps_BC`` in both factors; returns it and the weighted
+    per-token KL ``[B, C]``."""
+    mask = mask_BC.float()
+    log_ratio = logps_BC - (logps_BC.detach() if old_logps_BC is None else old_logps_BC)
+    if args.importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]
+    per_token_kl = kl_penalty(logps_BC, ref_logps_BC, "k3") * log_ratio.exp()
+    term = aggregate(per_token_kl, mask, args.loss_type, max_completion_length=args.max_completion_length,
+                     num_items_in_batch=normaliser)
+    return term, per_token_kl
+
+
+def _grpo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_logps_BC, advantages_B, ref_logps_BC,
+                 normaliser, args: GRPOConfig):
+    """The loss region (compiled whole with ``compile=True``): completion hidden states -> fused head -> TRL's
+    GRPO loss (``linear_policy_loss``), plus TRL's ratio-weighted KL when ``use_bias_correction_kl`` (then the fused
+    loss gets beta 0: the KL still feeds the metric, and the weighted term is added here from its log-probs)."""
+    corrected_kl = args.beta != 0.0 and args.use_bias_correction_kl
+    out = linear_policy_loss(
+        hidden_BCH, weight_VH, completion_ids_BC, mask_BC, old_logps_BC, advantages_B, bias=bias_V,
+        temperature=args.temperature, ref_logps_BT=ref_logps_BC, beta=0.0 if corrected_kl else args.beta,
+        epsilon_low=args.epsilon, epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
+        delta=args.delta, importance_sampling_level=args.importance_sampling_level, loss_type=args.loss_type,
+        max_completion_length=args.max_completion_length, num_items_in_batch=normaliser,
+        top_entropy_quantile=args.top_entropy_quantile,
+    )
+    if corrected_kl:
+        kl_term, per_token_kl = _ratio_weighted_kl(out.logps, mask_BC, old_logps_BC, ref_logps_BC, args, normaliser)
+        # TRL logs the ratio-weighted KL as `kl` too.
+        out = out._replace(loss=out.loss + args.beta * kl_term,
+                           kl=(per_token_kl.detach() * mask_BC).sum() / mask_BC.sum().clamp(min=1))
+    return out
+
+
+class GRPOTrainer(FusedTrainer):
+    """Group Relative Policy Optimization (https://huggingface.co/papers/2402.03300), as ``trl.GRPOTrainer`` 1.16.
+
+    ``model``: a path or a causal LM (or a PeftModel). ``reward_funcs``: one or a list of registered names
+    (``"accuracy"``), callables ``(prompts, completions, completion_ids, **columns) -> list[float | None]``,
+    sequence-classification models or their paths; None uses ``args.reward_funcs``. ``train_dataset``: a
+    ``Dataset`` with a ``prompt`` column; its other columns reach the reward functions.
+    ``reward_processing_classes``: tokenizers of reward models (one per reward, None entries allowed).
+    """
+
+    loss_is_scaled_for_ga = True  # grpo/bnpo/dr_grpo divide by the accumulation steps, dapo by its token count
+    _config_class = GRPOConfig
+    _method = "GRPO"
+
+    def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
+                 optimizers=(None, None), quantization_config=None, peft_config=None):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = self._config_class(f"{name.rstrip('/').split('/')[-1] or 'model'}-{self._method}")
+        if train_dataset is None:
+            raise ValueError("train_dataset is required: a Dataset with a 'prompt' column")
+        check_prompt_dataset(train_dataset, "train_dataset")
+        check_prompt_dataset(eval_dataset, "eval_dataset")
+
+        set_seed(args.seed)  # PEFT initialises adapters randomly
+        model, processing_class = self._setup_model(model, args, processing_class, peft_config=peft_config,
+                                                    ref_model=None, quantization_config=quantization_config,
+                                                    reference=args.beta != 0.0)
+        if args.sync_ref_model and (args.beta == 0.0 or is_peft_model(model)):
+            raise ValueError("sync_ref_model=True needs a separate reference model: set beta != 0 and train without "
+                             "PEFT (a PEFT reference is the adapter-disabled policy), or set sync_ref_model=False")
+        self._tokenizer = tokenizer_of(processing_class)
+        self.rewards = resolve_rewards(reward_funcs if reward_funcs is not None else args.reward_funcs,
+                                       reward_processing_classes, model_init_kwargs=args.model_init_kwargs,
+                                       trust_remote_code=args.trust_remote_code)
+        self.reward_func_names = [reward.name for reward in self.rewards]
+        self.reward_weights = reward_weights_tensor(args.reward_weights, len(self.rewards))
+        self.num_generations = args.num_generations
+        self.num_generations_eval = args.num_generations_eval or args.num_generations
+        self.eos_token_ids = eos_token_ids_of(model, self._tokenizer)
+        self.generation_config = sampling_config(
+            max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+            pad_token_id=self._tokenizer.pad_token_id, bos_token_id=self._tokenizer.bos_token_id,
+            eos_token_ids=self.eos_token_ids, cache_implementation=args.cache_implementation,
+            generation_kwargs=args.generation_kwargs,
+        )
+
+        super().__init__(model=model, args=args, data_collator=identity_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                         optimizers=optimizers)
+
+        self._setup_router_aux_loss(args)
+        self._finish_setup(None, precompute=args.beta == 0.0)  # beta = 0: no reference model at all
+        if args.sync_ref_model:
+            self.add_callback(SyncRefModelCallback(self.ref_model, self.accelerator))
+        self.rewards = [reward._replace(func=self.accelerator.prepare_model(reward.func, evaluation_mode=True,
+                                                                            device_placement=True))
+                        if reward.is_model else reward for reward in self.rewards]
+        self._step = 0  # micro-steps, counting accumulation
+        self._buffered_inputs = None
+        self._step_time = 0.0
+        self._completion_log = deque(maxlen=args.generation_batch_size)
+        # Each process its own sampling stream, as TRL (duplicate prompts across processes then differ).
+        set_seed(args.seed, device_specific=True)
+
+    # --- data ---------------------------------------------------------------------------------------------------
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt", "image", "images"]
+
+    def get_train_dataloader(self):
+        # One batch is a whole generation round: steps_per_generation micro-batches of completions.
+        return self._get_dataloader(dataset=self.train_dataset, description="Training",
+                                    batch_size=self._train_batch_size * self.args.steps_per_generation,
+                                    sampler_fn=self._get_train_sampler, is_training=True)
+
+    def _get_train_sampler(self, dataset=None):
+        return RepeatSampler(
+            self.train_dataset if dataset is None else dataset, self.num_generations,
+            batch_size=self.args.generation_batch_size // self.num_generations,
+            repeat_count=self.args.num_iterations * self.args.steps_per_generation,
+            shuffle=self.args.shuffle_dataset, seed=self.args.seed,
+        )
+
+    def _get_eval_sampler(self, eval_dataset):
+        return RepeatSampler(eval_dataset, self.num_generations_eval, seed=self.args.seed)
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        start = time.perf_counter()
+        output = super().training_step(model, inputs, num_items_in_batch)
+        self._step += 1
+        self._step_time += time.perf_counter() - start
+        if self._step % self.current_gradient_accumulation_steps == 0:
+            self.record("train", "step_time", self._step_time)
+            self._step_time = 0.0
+        return output
+
+    def _prepare_inputs(self, generation_batch):
+        """Training: generate and score a round once, serve its micro-batches; evaluation: one batch, no buffer."""
+        if self._mode() == "eval":
+            return self._generate_and_score(generation_batch)
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            scored = shuffle_rows(self._generate_and_score(generation_batch))
+            self._buffered_inputs = split_rows(scored, self.args.steps_per_generation)
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    # --- generation and scoring ---------------------------------------------------------------------------------
+
+    def _needs_old_logps(self) -> bool:
+        # Samples scored within one optimizer step come from the current weights: ratio 1, old = logps.detach().
+        return self.args.gradient_accumulation_steps % (self.args.steps_per_generation * self.args.num_iterations) != 0
+
+    def _completion_hidden(self, model, batch, router_logits: bool = False):
+        """``([B, C, H] hidden states predicting each completion token, MoE aux loss or None)``."""
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        extra = {"output_router_logits": True} if router_logits else {}
+        # The final (normed) states are caught on the trunk (runtime/hidden.py): compiled blocks stay traceable.
+        outputs, hidden_NTH = final_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask, **extra)
+        num_completion = batch["completion_ids"].shape[1]
+        hidden_BCH = hidden_NTH[:, -(num_completion + 1):-1]
+        return hidden_BCH, getattr(outputs, "aux_loss", None) if router_logits else None
+
+    @torch.no_grad()
+    def _sampled_logps(self, model, batch: dict, batch_size: int) -> torch.Tensor:
+        """``[B, C]`` fp32 log-probs of the completion tokens at the sampling temperature (0 on masked positions),
+        computed ``batch_size`` rows at a time."""
+        rows = batch["completion_ids"].shape[0]
+        chunks = []
+        with self.compute_loss_context_manager():
+            for start in range(0, rows, batch_size):
+                part = {key: batch[key][start:start + batch_size] for key in
+                        ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
+                hidden_BCH, _ = self._completion_hidden(model, part)
+                weight_VH, bias_V = self._lm_head(model)
+                labels_BC = part["completion_ids"].masked_fill(part["completion_mask"] == 0, IGNORE_INDEX)
+                with self.head_region(hidden_BCH.device):
+                    chunks.append(linear_token_logprobs(hidden_BCH.to(weight_VH.dtype), weight_VH, labels_BC,
+                                                        bias=bias_V, temperature=self.args.temperature))
+        return torch.cat(chunks)
+
+    def _log_metric(self, name: str, value: float) -> None:
+        self.record(self._mode(), name, float(value))
+
+    def _generate_and_score(self, inputs: list[dict]) -> dict:
+        args, mode, device = self.args, self._mode(), self.accelerator.device
+        prompts = [row["prompt"] for row in inputs]
+        rollout = generate_completions(
+            self.model_wrapped, self._tokenizer, prompts, max_prompt_length=args.max_prompt_length,
+            prompt_truncation=args.prompt_truncation, eos_token_ids=self.eos_token_ids,
+            chat_template_kwargs=args.chat_template_kwargs, pad_to_multiple_of=args.pad_to_multiple_of,
+            accelerator=self.accelerator, generation_config=self.generation_config,
+        )
+        completion_mask = rollout.completion_mask
+        if args.mask_truncated_completions:
+            completion_mask = completion_mask * (~rollout.is_truncated).long()[:, None]
+        batch = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
+                 "completion_ids": rollout.completion_ids, "completion_mask": completion_mask}
+        batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
+        if self._needs_old_logps():
+            batch["old_per_token_logps"] = self._sampled_logps(self.model, batch, batch_size)
+        if args.beta != 0.0:
+            with self.reference_context() as reference:
+                batch["ref_per_token_logps"] = self._sampled_logps(reference, batch, batch_size)
+        batch["num_items_in_batch"] = self.accelerator.gather(completion_mask.sum()).sum()
+
+        columns = {key: [row[key] for row in inputs] for key in inputs[0]
+                   if key not in ("prompt", "completion", "completion_ids")}
+        scores = score_completions(
+            self.rewards, prompts=prompts, completions=rollout.completions,
+            completion_ids=rollout.completion_ids_list, columns=columns, on_error=args.reward_failure,
+            extra_kwargs={"trainer_state": self.state, "log_metric": self._log_metric,
+                          "log_extra": lambda column, values: None},
+            device=device,
+        )
+        for name in scores.failures:
+            self.record(mode, f"rewards/{name}/failures", 1.0)
+        rewards_per_func = gather(scores.rewards_per_func)  # groups may span processes: normalise globally
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        advantages = self._advantages(rewards_per_func, batch, num_generations, mode)
+        local = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) *
+                      len(prompts))
+        batch["advantages"] = advantages[local]
+        self._record_rollout(mode, rollout, rewards_per_func, advantages, num_generations)
+        return batch
+
+    def _weighted_rewards(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """``[N]`` weighted sum of the rewards; NaN where every function returned None (unscorable)."""
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(1)
+        return rewards.masked_fill(rewards_per_func.isnan().all(1), math.nan)
+
+    def _advantages(self, rewards_per_func: torch.Tensor, batch: dict, num_generations: int, mode: str):
+        """``[N]`` advantages of the gathered batch (TRL's two multi-objective aggregations)."""
+        args = self.args
+        if args.multi_objective_aggregation == "sum_then_normalize":
+            rewards = self._weighted_rewards(rewards_per_func)
+            advantages = group_advantages(rewards, num_generations, scale=args.scale_rewards)
+            zero_std = (zero_std_groups(rewards, num_generations) if args.scale_rewards != "batch"
+                        else torch.isclose(nanstd(rewards), rewards.new_zeros(())).expand_as(rewards))
+        else:
+            # Each reward normalised within its group first, so no single reward's scale dominates the sum.
+            normalised = torch.stack([group_advantages(rewards_per_func[:, k], num_generations, scale="group")
+                                      for k in range(rewards_per_func.shape[1])], dim=1)
+            normalised = normalised.masked_fill(rewards_per_func.isnan(), math.nan)
+            rewards = self._weighted_rewards(normalised)
+            advantages = group_advantages(rewards, rewards.numel(), scale="group")  # whole batch as one group
+            zero_std = torch.isclose(nanstd(rewards), rewards.new_zeros(())).expand_as(rewards)
+        self.record(mode, "frac_reward_zero_std", zero_std.float().mean().item())
+        return advantages
+
+    def _record_rollout(self, mode: str, rollout, rewards_per_func, advantages, num_generations) -> None:
+        lengths = torch.tensor([len(ids) for ids in rollout.completion_ids_list], device=self.accelerator.device)
+        prompt_tokens = self.accelerator.gather(rollout.prompt_mask.sum()).sum()
+        lengths = self.accelerator.gather(lengths).float()
+        truncated = self.accelerator.gather(rollout.is_truncated.to(self.accelerator.device))
+        if mode == "train":
+            self.state.num_input_tokens_seen += int(prompt_tokens.item() + lengths.sum().item())
+        self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
+        self.record(mode, "completions/mean_length", lengths.mean().item())
+        self.record(mode, "completions/min_length", lengths.min().item())
+        self.record(mode, "completions/max_length", lengths.max().item())
+        self.record(mode, "completions/clipped_ratio", truncated.float().mean().item())
+        terminated = lengths[~truncated] if (~truncated).any() else lengths.new_zeros(1)
+        self.record(mode, "completions/mean_terminated_length", terminated.mean().item())
+        self.record(mode, "completions/min_terminated_length", terminated.min().item())
+        self.record(mode, "completions/max_terminated_length", terminated.max().item())
+        for i, name in enumerate(self.reward_func_names):
+            self.record(mode, f"rewards/{name}/mean", rewards_per_func[:, i].nanmean().item())
+            self.record(mode, f"rewards/{name}/std", nanstd(rewards_per_func[:, i]).item())
+        rewards = self._weighted_rewards(rewards_per_func)
+        self.record(mode, "reward", rewards.nanmean().item())
+        self.record(mode, "reward_std", nanstd(rewards).item())
+        if self.args.log_completions:
+            rows = zip(gather_object(rollout.prompts_text), gather_object(rollout.completions_text),
+                       rewards.tolist(), advantages.tolist(), strict=True)
+            self._completion_log.extend(rows)
+
+    # --- loss ---------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError(f"return_outputs=True needs logits, which fusedrl's {type(self).__name__} never builds")
+        args, mode = self.args, self._mode()
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        normaliser = None
+        if args.loss_type == "dapo":
+            # The round's completion tokens, per process and per accumulation window (TRL's normaliser).
+            normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normaliser = normaliser * accumulation / args.steps_per_generation
+        hidden_BCH, aux_loss = self._completion_hidden(model, inputs, router_logits=self.aux_loss_enabled)
+        weight_VH, bias_V = self._lm_head(model)
+        with self.head_region(hidden_BCH.device):
+            out = self.loss_region(_grpo_region)(
+                hidden_BCH.to(weight_VH.dtype), weight_VH, bias_V, inputs["completion_ids"], inputs["completion_mask"],
+                inputs.get("old_per_token_logps"), inputs["advantages"], inputs.get("ref_per_token_logps"),
+                normaliser, args)
+        loss = out.loss if args.loss_type == "dapo" else out.loss / accumulation
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self.record(mode, "aux_loss", self.gathered_mean(aux_loss))
+        self._record_loss_metrics(mode, inputs, out)
+        return loss
+
+    @torch.no_grad()
+    def _record_loss_metrics(self, mode: str, inputs: dict, out) -> None:
+        mask = inputs["completion_mask"].float()
+        if self.args.beta != 0.0:
+            self.record(mode, "kl", self.gathered_mean(out.kl))
+        self.record(mode, "entropy", self.masked_mean(out.entropy, inputs["completion_mask"]))
+        for key, value in (("low_mean", out.clip_ratio_low), ("high_mean", out.clip_ratio_high),
+                           ("region_mean", out.clip_ratio_region)):
+            self.record(mode, f"clip_ratio/{key}", self.gathered_mean(value))
+        # Per-sequence extremes (TRL's clip_ratio/low_min and high_max) from the ratio the loss used.
+        old = inputs.get("old_per_token_logps")
+        log_ratio = out.logps.detach() - (out.logps.detach() if old is None else old)
+        if self.args.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None].expand_as(mask)
+        ratio = log_ratio.exp() if self.args.delta is None else log_ratio.exp().clamp(max=self.args.delta)
+        advantages = inputs["advantages"].float()
+        advantages = advantages[:, None] if advantages.dim() == 1 else advantages
+        epsilon_high = self.args.epsilon if self.args.epsilon_high is None else self.args.epsilon_high
+        low = ((ratio < 1 - self.args.epsilon) & (advantages < 0)).float()
+        high = ((ratio > 1 + epsilon_high) & (advantages > 0)).float()
+        per_sequence = [(x * mask).sum(-1) / mask.sum(-1) for x in (low, high)]  # NaN for empty rows, skipped
+        low_seq, high_seq = (self.accelerator.gather(x) for x in per_sequence)
+        self.record(mode, "clip_ratio/low_min", low_seq.nan_to_num(math.inf).min().item() if
+                    (~low_seq.isnan()).any() else math.nan)
+        self.record(mode, "clip_ratio/high_max", high_seq.nan_to_num(-math.inf).max().item() if
+                    (~high_seq.isnan()).any() else math.nan)
+
+    # --- logging ------------------------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # NaN entries (a reward function that returned None for a whole batch) must not poison a window's mean; a
+        # metric with no valid value in the window is logged as None, as TRL does.
+        mode = self._mode()
+        for key, values in self._metrics[mode].items():
+            values[:] = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
+            if not values:
+                logs[f"eval_{key}" if mode == "eval" else key] = None
+        super().log(logs, start_time)
+        if self.args.log_completions and self.accelerator.is_main_process and self._completion_log:
+            print_completions(list(self._completion_log)[: self.args.num_completions_to_print],
+                              self.state.global_step)

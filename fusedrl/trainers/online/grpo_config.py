@@ -1,0 +1,210 @@
+"""``GRPOConfig``: TRL 1.16's GRPOConfig fields, names and defaults for what fusedrl implements, plus fusedrl's
+``kernels`` (from FusedConfig) and three additions; ``OnlineConfig`` holds what GRPO and RLOO share.
+
+Additions: ``max_prompt_length`` + ``prompt_truncation`` (TRL 1.16 has no prompt limit; None keeps that),
+``reward_funcs`` (reward names used when the trainer gets no ``reward_funcs`` argument, so YAML and the CLI can name
+them) and ``reward_failure`` (``"raise"`` or ``"skip"`` a reward function that fails; ``rewards/scoring.py``).
+Not implemented (fields absent, so a config naming them fails loudly): vLLM, continuous batching, tools and
+environments, the ``cispo``/``sapo``/``luspo``/``vespo`` loss types, the entropy bonus (``entropy_coef`` and the
+adaptive controller), ``cast_lm_head_to_fp32`` (the fused head computes in fp32 already), off-policy masking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fusedrl.trainers.base import FusedConfig, resolve_pad_to_multiple_of
+from fusedrl.trainers.online.rollout import PROMPT_TRUNCATION_MODES
+from fusedrl.trainers.rewards.scoring import ON_ERROR
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+@dataclass
+class OnlineConfig(FusedConfig):
+    """Fields shared by the sampling trainers (GRPO, RLOO): generation, batching, rewards, reference syncing.
+
+    Batching is TRL's: ``per_device_train_batch_size`` counts completions; one generation round covers
+    ``generation_batch_size = per_device_train_batch_size * num_processes * steps_per_generation`` completions
+    (``num_generations`` per prompt), sampled once and consumed over ``steps_per_generation`` micro-batches, each
+    round reused ``num_iterations`` times. Defaults that differ from TrainingArguments, as in TRL:
+    ``learning_rate=1e-6``, ``logging_steps=10``, ``gradient_checkpointing=True``, ``bf16=True`` unless ``fp16``;
+    ``disable_dropout=False`` and ``remove_unused_columns=False`` (reward functions read the other columns).
+    """
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "The initial learning rate for AdamW."})
+    disable_dropout: bool = field(default=False, metadata={"help": "Set every dropout probability to 0."})
+    remove_unused_columns: bool | None = field(
+        default=False, metadata={"help": "Keep only the prompt column (reward functions then see no other column)."}
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the MoE load-balancing loss; None uses the model config's, 0.0 disables it."},
+    )
+    # --- data and generation
+    num_generations: int | None = field(default=8, metadata={"help": "Completions sampled per prompt (G)."})
+    num_generations_eval: int | None = field(
+        default=None, metadata={"help": "Completions per prompt in evaluation; None = num_generations."}
+    )
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "fusedrl: longest prompt in tokens; None keeps prompts whole (TRL 1.16)."}
+    )
+    prompt_truncation: str = field(
+        default="keep_end",
+        metadata={"help": "fusedrl: a prompt over max_prompt_length keeps its last tokens (keep_end) or raises "
+                          "(error).", "choices": list(PROMPT_TRUNCATION_MODES)},
+    )
+    max_completion_length: int | None = field(default=512, metadata={"help": "Longest generated completion."})
+    shuffle_dataset: bool | None = field(default=True, metadata={"help": "Shuffle the training prompts."})
+    pad_to_multiple_of: int | str | None = field(
+        default="auto", metadata={"help": "Pad prompt and completion ids to a multiple of this; 'auto' = 128 on "
+                                          "Neuron, else None."}
+    )
+    generation_batch_size: int | None = field(
+        default=None, metadata={"help": "Completions per generation round; exclusive with steps_per_generation."}
+    )
+    steps_per_generation: int | None = field(
+        default=None, metadata={"help": "Micro-batches per generation round; None = gradient_accumulation_steps."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also scales the log-probs)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass, in (0, 1]."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 disables it."})
+    min_p: float | None = field(default=None, metadata={"help": "Minimum token probability relative to the top."})
+    generation_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Extra GenerationConfig fields; they override the ones above."}
+    )
+    chat_template_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Extra keyword arguments of apply_chat_template for conversational prompts."}
+    )
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty on repeated tokens (1.0 = none)."})
+    cache_implementation: str | None = field(default=None, metadata={"help": "KV cache implementation of generate."})
+    # --- training
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient; 0.0 loads no reference model."})
+    num_iterations: int = field(default=1, metadata={"help": "Optimisation passes per generation round (mu)."})
+    epsilon: float = field(default=0.2, metadata={"help": "Lower clipping epsilon (and upper when epsilon_high "
+                                                          "is None)."})
+    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clipping epsilon; DAPO uses 0.28."})
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward function; None = 1.0 each."}
+    )
+    reward_funcs: list[str] | None = field(
+        default=None, metadata={"help": "fusedrl: registered reward names or reward-model paths, used when the "
+                                        "trainer is given no reward_funcs."}
+    )
+    reward_failure: str = field(
+        default="raise", metadata={"help": "fusedrl: a reward function that raises or returns a bad value: raise, "
+                                           "or skip it for that batch (its rewards count as None).",
+                                   "choices": list(ON_ERROR)}
+    )
+    mask_truncated_completions: bool = field(
+        default=False, metadata={"help": "Exclude completions without EOS from the loss (DAPO)."}
+    )
+    sync_ref_model: bool = field(
+        default=False, metadata={"help": "TR-DPO: mix the policy into the reference every ref_model_sync_steps."}
+    )
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "ref <- alpha policy + (1 - alpha) ref."})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "Steps between reference syncs."})
+    log_completions: bool = field(
+        default=False, metadata={"help": "Print a sample of prompts, completions and rewards at each log."}
+    )
+    num_completions_to_print: int | None = field(default=None, metadata={"help": "Rows printed; None = all."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.pad_to_multiple_of = resolve_pad_to_multiple_of(self.pad_to_multiple_of, self.device)
+        name = type(self).__name__.removesuffix("Config")
+        if self.auto_find_batch_size:
+            raise ValueError(f"auto_find_batch_size is not supported by {name}: shrinking the batch on OOM would "
+                             "split the num_generations completions of a prompt; lower per_device_train_batch_size")
+        if self.num_generations is None or self.num_generations < 2:
+            raise ValueError(f"{name} needs num_generations >= 2 (the advantages compare completions of one "
+                             f"prompt), got {self.num_generations}")
+        if self.max_completion_length is None or self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+        if self.prompt_truncation not in PROMPT_TRUNCATION_MODES:
+            raise ValueError(f"prompt_truncation must be one of {PROMPT_TRUNCATION_MODES}, "
+                             f"got {self.prompt_truncation!r}")
+        if self.reward_failure not in ON_ERROR:
+            raise ValueError(f"reward_failure must be one of {ON_ERROR}, got {self.reward_failure!r}")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if isinstance(self.reward_funcs, str):
+            self.reward_funcs = [self.reward_funcs]
+        self._set_generation_batch()
+
+    def _set_generation_batch(self) -> None:
+        """TRL's rule: ``generation_batch_size`` and ``steps_per_generation`` determine each other (not both)."""
+        global_batch = self.per_device_train_batch_size * self.world_size
+        if self.generation_batch_size is None and self.steps_per_generation is None:
+            self.steps_per_generation = self.gradient_accumulation_steps
+            self.generation_batch_size = global_batch * self.steps_per_generation
+        elif self.generation_batch_size is not None and self.steps_per_generation is None:
+            if self.generation_batch_size % global_batch != 0:
+                raise ValueError(f"generation_batch_size ({self.generation_batch_size}) must be divisible by the "
+                                 f"global batch size ({global_batch})")
+            self.steps_per_generation = self.generation_batch_size // global_batch
+        elif self.generation_batch_size is None:
+            self.generation_batch_size = global_batch * self.steps_per_generation
+        else:
+            raise ValueError("generation_batch_size and steps_per_generation cannot both be set; set one")
+        if self.generation_batch_size % self.num_generations != 0:
+            raise ValueError(f"generation_batch_size ({self.generation_batch_size}) must be divisible by "
+                             f"num_generations ({self.num_generations}): every prompt's group must be complete")
+        if self.do_eval and self.eval_strategy != "no":
+            num_eval = self.num_generations_eval or self.num_generations
+            if (self.per_device_eval_batch_size * self.world_size) % num_eval != 0:
+                raise ValueError(f"the global eval batch size ({self.per_device_eval_batch_size} x "
+                                 f"{self.world_size}) must be divisible by num_generations_eval ({num_eval})")
+
+
+@dataclass
+class GRPOConfig(OnlineConfig):
+    """Configuration of :class:`fusedrl.GRPOTrainer`; every field means what it means in ``trl.GRPOConfig`` 1.16
+    (see :class:`OnlineConfig` for the shared ones and the module docstring for what is absent).
+
+    Loss: ``loss_type`` (``dapo``; or ``grpo``, ``bnpo``, ``dr_grpo``), ``epsilon``/``epsilon_high``, ``delta``
+    (two-sided clipping), ``importance_sampling_level`` (``token`` or ``sequence``: GSPO), ``beta`` with the k3 KL,
+    ``top_entropy_quantile``, ``use_bias_correction_kl``. Advantages: ``scale_rewards`` (``group``, ``batch``, ``none``; True/False map to
+    group/none), ``multi_objective_aggregation`` (``sum_then_normalize`` or ``normalize_then_sum``).
+    """
+
+    delta: float | None = field(default=None, metadata={"help": "Upper cap of the unclipped ratio (INTELLECT-2)."})
+    importance_sampling_level: str = field(
+        default="token", metadata={"help": "token, or sequence (GSPO)."}
+    )
+    multi_objective_aggregation: str = field(
+        default="sum_then_normalize",
+        metadata={"help": "sum_then_normalize (weighted sum, then group advantages) or normalize_then_sum "
+                          "(normalise each reward in its group, weighted sum, then batch-normalise)."},
+    )
+    scale_rewards: str = field(
+        default="group", metadata={"help": "Advantage scaling: group, batch or none (True/False = group/none)."}
+    )
+    loss_type: str = field(default="dapo", metadata={"help": "grpo, bnpo, dr_grpo or dapo."})
+    top_entropy_quantile: float = field(
+        default=1.0, metadata={"help": "Keep the policy term of the top-rho quantile of tokens by entropy."}
+    )
+    use_bias_correction_kl: bool = field(
+        default=True, metadata={"help": "Multiply the KL term by the importance ratio (DeepSeek-V3.2): unbiased "
+                                        "reverse-KL gradient; changes the gradient whenever beta != 0."}
+    )
+
+    def __post_init__(self):
+        self.scale_rewards = {True: "group", False: "none", "true": "group", "false": "none"}.get(
+            self.scale_rewards if not isinstance(self.scale_rewards, str) else self.scale_rewards.lower(),
+            self.scale_rewards)
+        super().__post_init__()
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES} in fusedrl's GRPO, got {self.loss_type!r}")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"importance_sampling_level must be token or sequence, "
+                             f"got {self.importance_sampling_level!r}")
+        if self.multi_objective_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
+            raise ValueError("multi_objective_aggregation must be sum_then_normalize or normalize_then_sum, got "
+                             f"{self.multi_objective_aggregation!r}")
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ValueError(f"top_entropy_quantile must lie in [0, 1], got {self.top_entropy_quantile}")

@@ -1,0 +1,291 @@
+"""Rollouts for the online trainers (GRPO, RLOO, PPO, online DPO): prompts in, sampled completions out.
+
+:func:`generate_completions` is the one entry point. It tokenizes the prompts (TRL's prompt-only formats: a string,
+or a list of chat messages rendered with the chat template and the generation prompt), truncates or rejects long
+prompts, left-pads them, samples with ``model.generate`` (KV cache on) and returns padded tensors, masks and the
+decoded texts as a :class:`Rollout`.
+
+Conventions (TRL 1.16's ``GRPOTrainer``):
+
+- rows: with ``num_generations=G`` each prompt gives G consecutive rows, so rows ``g*G .. g*G+G-1`` are the
+  completions of prompt ``g`` (the layout ``fusedrl.group_advantages`` expects). A trainer whose sampler already
+  repeats prompts (GRPO's) passes ``num_generations=1``.
+- prompt truncation: ``max_prompt_length=None`` (TRL 1.16's behaviour) keeps prompts whole. Otherwise a longer
+  prompt keeps its LAST ``max_prompt_length`` tokens (TRL's ``truncation_side="left"``: the question and the
+  generation prompt sit at the end), or with ``prompt_truncation="error"`` raises a ValueError naming the row.
+- completion mask: 1 up to and including the first EOS (any id of ``eos_token_ids``), 0 after it; a completion with
+  no EOS within ``max_completion_length`` is *truncated* (``is_truncated``) and fully masked in. The completion
+  tensors are cut to the longest masked completion, so padding past every EOS costs nothing downstream.
+- the model is generated from unwrapped (DDP/accelerate wrappers removed; a PEFT model generates through its
+  adapters), in eval mode with gradient checkpointing switched off, so ``use_cache=True`` takes effect; both are
+  restored afterwards. DeepSpeed ZeRO-3 is not supported (the fused trainers refuse it at construction).
+
+Legend: B rows (prompts x num_generations), P prompt positions (left-padded), C completion positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from transformers import GenerationConfig
+
+from fusedrl.runtime.compile import eager_generation
+
+PROMPT_TRUNCATION_MODES = ("keep_end", "error")
+
+
+class Rollout(NamedTuple):
+    """One batch of sampled completions; tensors live on the model's device.
+
+    prompt_ids / prompt_mask: ``[B, P]`` left-padded (pad id, mask 0 on padding).
+    completion_ids / completion_mask: ``[B, C]`` right-padded with the pad id; the mask is 1 up to and including the
+    first EOS. ``is_truncated`` ``[B]`` (bool): no EOS was sampled within ``max_completion_length``.
+    prompts: the input prompts, each repeated ``num_generations`` times (strings or message lists).
+    prompts_text: the rendered prompt strings (chat template applied), repeated likewise.
+    completions: decoded completions in the prompts' format: a string, or ``[{"role": "assistant", "content": ...}]``
+    for conversational prompts (what TRL passes to reward functions). completions_text: the plain strings.
+    completion_ids_list: the masked-in ids of each completion (EOS included), as TRL passes ``completion_ids``.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    is_truncated: torch.Tensor
+    prompts: list
+    prompts_text: list[str]
+    completions: list
+    completions_text: list[str]
+    completion_ids_list: list[list[int]]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """``[B, P + C]`` prompt and completion, the layout a scoring forward takes."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+
+def is_conversational_prompt(prompt: Any) -> bool:
+    """A prompt given as chat messages (a list of ``{"role", "content"}`` dicts) rather than a string."""
+    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
+def render_prompts(tokenizer, prompts: Sequence, chat_template_kwargs: dict | None = None) -> list[str]:
+    """Prompt strings: conversational prompts through the chat template with the generation prompt appended."""
+    return [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {}))
+        if is_conversational_prompt(p) else p
+        for p in prompts
+    ]
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence, *, max_prompt_length: int | None = None,
+                     prompt_truncation: str = "keep_end", chat_template_kwargs: dict | None = None) -> list[list[int]]:
+    """Token ids of each prompt, as TRL tokenizes them: standard prompts with the tokenizer's special tokens (e.g. BOS),
+    conversational ones via the chat template (which adds its own). Long prompts per the module docstring."""
+    if prompt_truncation not in PROMPT_TRUNCATION_MODES:
+        raise ValueError(f"prompt_truncation must be one of {PROMPT_TRUNCATION_MODES}, got {prompt_truncation!r}")
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be >= 1 or None, got {max_prompt_length}")
+    if not prompts:
+        raise ValueError("prompts is empty")
+    ids = []
+    for i, prompt in enumerate(prompts):
+        if is_conversational_prompt(prompt):
+            tokens = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
+                                                   return_dict=True, **(chat_template_kwargs or {}))["input_ids"]
+        elif isinstance(prompt, str):
+            tokens = tokenizer(prompt)["input_ids"]
+        else:
+            raise ValueError(f"prompt {i} is a {type(prompt).__name__}; expected a string or a list of chat "
+                             "messages ({'role': ..., 'content': ...})")
+        tokens = list(tokens)
+        if max_prompt_length is not None and len(tokens) > max_prompt_length:
+            if prompt_truncation == "error":
+                raise ValueError(f"prompt {i} has {len(tokens)} tokens, more than max_prompt_length="
+                                 f"{max_prompt_length}; raise max_prompt_length, shorten the prompt, or set "
+                                 "prompt_truncation='keep_end' to keep its last tokens")
+            tokens = tokens[-max_prompt_length:]
+        ids.append(tokens)
+    return ids
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int, *, side: str,
+                  pad_to_multiple_of: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [B, L], mask [B, L])`` with every row padded on ``side`` ("left" or "right") to the longest row."""
+    length = max(len(s) for s in sequences)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    ids = torch.full((len(sequences), length), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if not seq:
+            continue
+        span = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
+        ids[row, span] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def completion_mask_after_eos(completion_ids_BC: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """``[B, C]`` long mask: 1 up to and including the first EOS of each row, 0 after it (all 1 without an EOS)."""
+    is_eos_BC = torch.isin(completion_ids_BC, torch.as_tensor(list(eos_token_ids), device=completion_ids_BC.device))
+    length = completion_ids_BC.shape[1]
+    # Index of the first EOS, or C where there is none: argmax of a bool row returns the first True.
+    first_eos_B = torch.where(is_eos_BC.any(1), is_eos_BC.int().argmax(1), torch.full_like(is_eos_BC[:, 0], length,
+                                                                                             dtype=torch.long))
+    positions_C = torch.arange(length, device=completion_ids_BC.device)
+    return (positions_C[None, :] <= first_eos_B[:, None]).long()
+
+
+def eos_token_ids_of(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and those of the model's generation config (TRL's rule)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids = [tokenizer.eos_token_id, *ids]
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation_config defines an EOS token; set "
+                         "tokenizer.eos_token")
+    return ids
+
+
+@contextlib.contextmanager
+def unwrapped_for_generation(model: torch.nn.Module, accelerator=None) -> Iterator[torch.nn.Module]:
+    """The generation-ready model: unwrapped from DDP/accelerate, eval mode, gradient checkpointing off (so the KV
+    cache is used); training mode and checkpointing flags are restored on exit."""
+    unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
+    # Flip the per-layer flags rather than calling gradient_checkpointing_disable/enable: re-enabling would
+    # rebuild the checkpoint function and drop the trainer's gradient_checkpointing_kwargs.
+    checkpointed = [m for m in unwrapped.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    was_training = unwrapped.training
+    for module in checkpointed:
+        module.gradient_checkpointing = False
+    unwrapped.eval()
+    try:
+        yield unwrapped
+    finally:
+        for module in checkpointed:
+            module.gradient_checkpointing = True
+        unwrapped.train(was_training)
+
+
+def sampling_config(*, max_completion_length: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                    min_p: float | None = None, repetition_penalty: float = 1.0, do_sample: bool = True,
+                    pad_token_id: int, bos_token_id: int | None, eos_token_ids: Sequence[int],
+                    cache_implementation: str | None = None, generation_kwargs: dict | None = None
+                    ) -> GenerationConfig:
+    """TRL's generation settings as a ``GenerationConfig`` (``generation_kwargs`` override the named ones)."""
+    if max_completion_length is None or max_completion_length < 1:
+        raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature} (for greedy decoding pass do_sample=False)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    kwargs = {
+        "max_new_tokens": max_completion_length, "do_sample": do_sample, "pad_token_id": pad_token_id,
+        "bos_token_id": bos_token_id, "eos_token_id": list(eos_token_ids), "temperature": temperature,
+        "top_p": top_p, "top_k": top_k, "min_p": min_p, "repetition_penalty": repetition_penalty,
+        "cache_implementation": cache_implementation, "use_cache": True,
+    }
+    if not do_sample:  # greedy: sampling fields would only draw "not valid" warnings from generate
+        kwargs.update(temperature=None, top_p=None, top_k=None, min_p=None)
+    kwargs.update(generation_kwargs or {})
+    return GenerationConfig(**kwargs, disable_compile=True)
+
+
+@torch.no_grad()
+def generate_completions(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence,
+    *,
+    num_generations: int = 1,
+    max_prompt_length: int | None = None,
+    prompt_truncation: str = "keep_end",
+    max_completion_length: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    do_sample: bool = True,
+    eos_token_ids: Sequence[int] | None = None,
+    generation_kwargs: dict | None = None,
+    chat_template_kwargs: dict | None = None,
+    pad_to_multiple_of: int | None = None,
+    accelerator=None,
+    generation_config: GenerationConfig | None = None,
+) -> Rollout:
+    """Sample ``num_generations`` completions of each prompt with ``model.generate`` (KV cache on).
+
+    model: a causal LM (or its accelerate/DDP wrapper when ``accelerator`` is given; PEFT models work as they are).
+    tokenizer: the policy's tokenizer (a processor's ``.tokenizer``); its pad token must be set.
+    prompts: strings or chat-message lists (not mixed). Sampling: ``temperature``, ``top_p``, ``top_k`` (0 = off),
+    ``min_p``, ``repetition_penalty``; ``generation_kwargs`` override them (``GenerationConfig`` fields);
+    ``generation_config`` replaces them all. ``eos_token_ids`` default to :func:`eos_token_ids_of`.
+    Prompt truncation (``max_prompt_length``, ``prompt_truncation``) and masks: see the module docstring.
+    Uses the global torch RNG: ``torch.manual_seed`` before the call reproduces the samples.
+    """
+    if num_generations < 1:
+        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the EOS token)")
+    if len({is_conversational_prompt(p) for p in prompts}) > 1:
+        raise ValueError("prompts mix strings and chat-message lists; use one format per batch")
+    prompts = [p for p in prompts for _ in range(num_generations)]
+    prompt_ids_list = tokenize_prompts(tokenizer, prompts, max_prompt_length=max_prompt_length,
+                                       prompt_truncation=prompt_truncation, chat_template_kwargs=chat_template_kwargs)
+    if eos_token_ids is None:
+        eos_token_ids = eos_token_ids_of(accelerator.unwrap_model(model) if accelerator is not None else model,
+                                         tokenizer)
+    if generation_config is None:
+        generation_config = sampling_config(
+            max_completion_length=max_completion_length, temperature=temperature, top_p=top_p, top_k=top_k,
+            min_p=min_p, repetition_penalty=repetition_penalty, do_sample=do_sample,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_ids=eos_token_ids,
+            generation_kwargs=generation_kwargs,
+        )
+    prompt_ids, prompt_mask = pad_sequences(prompt_ids_list, tokenizer.pad_token_id, side="left",
+                                            pad_to_multiple_of=pad_to_multiple_of)
+    with unwrapped_for_generation(model, accelerator) as generator:
+        device = next(generator.parameters()).device
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        with eager_generation():  # compiled blocks (compile_blocks=True) would recompile every decoding step
+            output = generator.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                        generation_config=generation_config)
+    completion_ids = output[:, prompt_ids.shape[1]:]
+    completion_mask = completion_mask_after_eos(completion_ids, eos_token_ids)
+    lengths = completion_mask.sum(1)
+    is_truncated = ~torch.isin(completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1),
+                               torch.as_tensor(list(eos_token_ids), device=device)) | (lengths == 0)
+    # Cut to the longest kept completion and pad what follows an EOS with the pad id (generate pads finished rows
+    # already; this also covers an eos id that is not generation_config's first).
+    width = int(lengths.max().item()) if lengths.numel() else 0
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    completion_ids = completion_ids[:, :width]
+    completion_mask = completion_mask[:, :width]
+    if completion_ids.shape[1] < width:  # pad_to_multiple_of beyond what was generated
+        extra = width - completion_ids.shape[1]
+        completion_ids = torch.nn.functional.pad(completion_ids, (0, extra), value=tokenizer.pad_token_id)
+        completion_mask = torch.nn.functional.pad(completion_mask, (0, extra), value=0)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+    completion_ids_list = [row[mask.bool()].tolist() for row, mask in zip(completion_ids.cpu(), completion_mask.cpu(),
+                                                                           strict=True)]
+    completions_text = tokenizer.batch_decode(completion_ids_list, skip_special_tokens=True)
+    conversational = is_conversational_prompt(prompts[0])
+    completions = ([[{"role": "assistant", "content": text}] for text in completions_text] if conversational
+                   else list(completions_text))
+    return Rollout(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+        completion_mask=completion_mask, is_truncated=is_truncated, prompts=prompts,
+        prompts_text=render_prompts(tokenizer, prompts, chat_template_kwargs), completions=completions,
+        completions_text=completions_text, completion_ids_list=completion_ids_list,
+    )

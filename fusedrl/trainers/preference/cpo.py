@@ -1,0 +1,67 @@
+"""CPOTrainer: TRL 1.16's CPO recipe (``trl.experimental.cpo``), step for step, on fusedrl's fused LM head.
+
+CPO (https://arxiv.org/abs/2401.08417) is DPO without the reference model: the preference term compares the policy's
+own chosen and rejected log-probs, and a behaviour-cloning NLL on the chosen completions (weight ``cpo_alpha``)
+keeps the policy near the preferred data. ``loss_type`` picks the preference term (``fusedrl.ops.preference.reference.
+cpo_losses``): ``sigmoid`` and ``hinge`` on summed completion log-probs, ``ipo`` and ``simpo`` (SimPO,
+https://arxiv.org/abs/2405.14734, margin ``simpo_gamma``) on length-averaged ones; ``alpha != 0`` swaps log p for
+the AlphaPO reward ``(1 - p^-alpha) / alpha`` in any of them, and ``loss_type="alphapo"`` is SimPO with that reward
+and no NLL.
+
+The data path, batch layout and step skeleton are ORPO's (``fusedrl.trainers.preference.orpo.ReferenceFreeTrainer``: TRL's
+ORPO and CPO sources are copies apart from the loss), including the deliberate differences listed there. One step:
+per-token log-probs of the completions of the 2B rows ``[chosen; rejected]``; sums or means per row; the loss; TRL's
+metrics: rewards/{chosen,rejected,accuracies,margins}, logps/*, logits/* (over every position of the padded rows,
+as TRL), nll_loss (0 when ``cpo_alpha == 0``, which TRL does not compute either).
+
+AlphaPO rewards use ``-expm1(-alpha * logp) / alpha``; TRL's ``(1 - exp(logp) ** -alpha) / alpha`` is the same
+value, but overflows to inf once ``p`` underflows (``logp < -104`` in fp32), where this stays finite.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fusedrl.ops.preference.reference import CPO_LOSS_TYPES, cpo_losses, sequence_logps, token_mean_nll
+from fusedrl.trainers.preference.cpo_config import CPOConfig
+from fusedrl.trainers.preference.orpo import ReferenceFreeTrainer
+
+logger = logging.getLogger("fusedrl")
+
+# TRL's concatenated_forward averages the completion log-probs for these losses and sums them for the others.
+_AVERAGED_LOSS_TYPES = ("ipo", "simpo")
+
+
+class CPOTrainer(ReferenceFreeTrainer):
+    """Contrastive Preference Optimization and its variants (``loss_type``, ``alpha``). Arguments as
+    ``trl.experimental.cpo.CPOTrainer`` 1.16: ``model`` is a path or a causal LM (or a PeftModel); ``train_dataset``
+    has ``prompt``/``chosen``/``rejected`` (standard or conversational; the prompt may be implicit)."""
+
+    config_class = CPOConfig
+    method = "CPO"
+
+    def check_config(self, args: CPOConfig) -> None:
+        if args.loss_type == "kto_pair":
+            raise ValueError("loss_type='kto_pair' was removed from CPO (as in TRL); use KTOTrainer")
+        if args.loss_type not in CPO_LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {args.loss_type!r}; choose from {[*CPO_LOSS_TYPES, 'alphapo']}")
+        if args.loss_type in ("hinge", "ipo") and args.label_smoothing > 0:
+            logger.warning("label_smoothing=%s is ignored by the %s loss", args.label_smoothing, args.loss_type)
+
+    def scored_rows(self, inputs):
+        return inputs["completion_mask"]
+
+    def pair_loss(self, logps_NT, inputs):
+        args = self.args
+        mask_NT = inputs["completion_mask"][:, 1:]
+        num_pairs = logps_NT.shape[0] // 2
+        average = args.loss_type in _AVERAGED_LOSS_TYPES
+        chosen, rejected = sequence_logps(logps_NT, mask_NT, average=average).chunk(2)
+        nll = None if args.cpo_alpha == 0 else token_mean_nll(logps_NT[:num_pairs], mask_NT[:num_pairs])
+        out = cpo_losses(chosen, rejected, loss_type=args.loss_type, beta=args.beta,
+                         label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma, alpha=args.alpha,
+                         cpo_alpha=args.cpo_alpha, chosen_nll=nll)
+        metrics = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
+                   "chosen_logps": chosen.detach(), "rejected_logps": rejected.detach(),
+                   "nll_loss": out.nll.detach()}
+        return out.loss, metrics

@@ -1,0 +1,203 @@
+"""ORPOTrainer: TRL 1.16's ORPO recipe (``trl.experimental.orpo``), step for step, on fusedrl's fused LM head.
+
+ORPO (https://arxiv.org/abs/2403.07691) has no reference model: it adds to the chosen NLL an odds-ratio term that
+pushes the odds of the chosen completion above the rejected one's (``fusedrl.ops.preference.reference.orpo_loss``). So
+unlike DPO there is one forward per step, and the data path is TRL's older experimental one, which CPO shares
+(:class:`ReferenceFreeTrainer`, also used by ``fusedrl.trainers.preference.cpo``):
+
+- tokenization (``preference_data.tokenize_answer_pair_row``): text without special tokens, BOS/EOS added by hand,
+  answers (never prompts) cut to ``max_length``;
+- a batch of B pairs is 2B rows ``[chosen; rejected]`` (``preference_data.PreferenceCollator``);
+- ``logits/*`` average the logits over every position of the padded rows, padding included, as TRL's do (from the
+  final hidden states: ``mean_v(logits) = h . mean_v(w)``, so no ``[N, T, V]`` tensor is built here either).
+
+One ORPO step: per-token log-probs of the chosen rows' whole sequences (the NLL is over prompt and completion, as in
+TRL) and of the rejected rows' completions; mean completion log-probs per row; ``loss = nll + mean(-beta *
+logsig(log_odds))``; TRL's metrics: rewards/{chosen,rejected,accuracies,margins}, logps/*, logits/*, nll_loss,
+log_odds_ratio, log_odds_chosen.
+
+Deliberate differences from TRL: a row whose prompt alone fills ``max_length`` is dropped (TRL keeps it with an empty
+answer and a NaN loss); a model given as a path loads in fp32 unless ``model_init_kwargs`` says otherwise (TRL leaves
+it to transformers' default), and ``model_init_kwargs`` next to a model instance is ignored with a warning (TRL
+raises); ``padding_value`` pads the whole row (TRL pads each half with the tokenizer's pad id first, which only moves
+the padding part of logits/*); encoder-decoder models and ``model_init`` are not supported; ``compute_metrics`` and
+``preprocess_logits_for_metrics`` (they need logits) and ``generate_during_eval`` (W&B/Comet) are refused.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+
+import torch
+from datasets import IterableDataset
+from transformers import set_seed
+
+from fusedrl.ops.preference.reference import orpo_loss, sequence_logps, token_mean_nll
+from fusedrl.trainers.base import IGNORE_INDEX, FusedConfig, FusedTrainer, TokenOutputs, tokenizer_of
+from fusedrl.trainers.preference.data import ANSWER_PAIR_COLUMNS, PreferenceCollator, prepare_answer_pair_dataset
+from fusedrl.trainers.preference.orpo_config import ORPOConfig
+
+logger = logging.getLogger("fusedrl")
+
+# TRL's ORPO/CPO fall back to this max_length when it is None.
+_DEFAULT_MAX_LENGTH = 512
+
+
+class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
+    """What TRL 1.16's experimental ORPO and CPO trainers share (their sources are copies apart from the loss):
+    construction, data, the one policy forward per step, metrics. Subclasses set ``config_class``/``method`` and
+    implement :meth:`scored_rows` and :meth:`pair_loss`.
+    """
+
+    config_class: type[FusedConfig] = FusedConfig
+    method = ""
+
+    def __init__(self, model, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, model_init=None, callbacks=None, optimizers=(None, None),
+                 preprocess_logits_for_metrics=None, peft_config=None, compute_metrics=None):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = self.config_class(f"{name.rstrip('/').split('/')[-1] or 'model'}-{self.method}")
+        if train_dataset is None:
+            raise ValueError("train_dataset is required")
+        if model_init is not None:
+            raise ValueError(f"model_init is not supported by fusedrl's {type(self).__name__}; pass model")
+        for what, value in (("compute_metrics", compute_metrics),
+                            ("preprocess_logits_for_metrics", preprocess_logits_for_metrics)):
+            if value is not None:
+                raise ValueError(f"{what} needs logits, which fusedrl's {type(self).__name__} never builds")
+        if args.generate_during_eval:
+            raise ValueError("generate_during_eval=True is not supported (TRL logs the generations to "
+                                      "W&B/Comet); use a completions callback from fusedrl.trainers.callbacks")
+        if args.is_encoder_decoder:
+            raise ValueError(f"fusedrl's {type(self).__name__} supports decoder-only models only")
+        if isinstance(train_dataset, IterableDataset):
+            args.accelerator_config.dispatch_batches = False
+        columns = train_dataset.column_names or list(next(iter(train_dataset)).keys())
+        if "image" in columns or "images" in columns:
+            raise ValueError(f"vision preference data is not supported by fusedrl's {type(self).__name__}")
+        self.check_config(args)
+
+        set_seed(args.seed)  # PEFT initialises adapters randomly
+        model, processing_class = self._setup_model(model, args, processing_class, peft_config=peft_config,
+                                                    ref_model=None, quantization_config=None, reference=False)
+        if model.config.is_encoder_decoder:
+            raise ValueError(f"fusedrl's {type(self).__name__} supports decoder-only models only")
+        tokenizer = tokenizer_of(processing_class)
+        if args.max_length is None:
+            logger.warning("max_length is None: using %d, as TRL does", _DEFAULT_MAX_LENGTH)
+        self.max_length = _DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
+        if data_collator is None:
+            padding_value = getattr(args, "padding_value", None)
+            data_collator = PreferenceCollator(tokenizer.pad_token_id if padding_value is None else padding_value)
+        train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {key: self._prepare(ds, tokenizer, args, key) for key, ds in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = self._prepare(eval_dataset, tokenizer, args, "eval")
+
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                         optimizers=optimizers)
+        # TRL's experimental trainers read the MoE router settings from the model config alone.
+        self.aux_loss_enabled = getattr(self.model.config, "output_router_logits", False)
+        self.aux_loss_coef = getattr(self.model.config, "router_aux_loss_coef", 0.0)
+        if self.aux_loss_enabled and self.aux_loss_coef == 0.0:
+            logger.warning("output_router_logits=True but router_aux_loss_coef=0.0: the router loss is not used")
+        self._finish_setup(None, precompute=True)  # reference-free: no reference model is made
+
+    def check_config(self, args) -> None:
+        """Configuration errors of the method, raised at construction."""
+
+    # --- data ---------------------------------------------------------------------------------------------------
+
+    def _prepare(self, dataset, tokenizer, args, name: str):
+        return prepare_answer_pair_dataset(dataset, tokenizer, max_length=self.max_length,
+                                           num_proc=args.dataset_num_proc, name=name)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = list(ANSWER_PAIR_COLUMNS)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        # A dataset passed here gets the preparation __init__ gives eval_dataset (prepared data is left as is).
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            tokenizer = tokenizer_of(self.processing_class)
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {key: self._prepare(ds, tokenizer, self.args, key) for key, ds in eval_dataset.items()}
+            else:
+                eval_dataset = self._prepare(eval_dataset, tokenizer, self.args, "eval")
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    # --- loss ---------------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def scored_rows(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[2B, T]`` 0/1 mask of the tokens whose log-probs the loss needs."""
+
+    @abc.abstractmethod
+    def pair_loss(self, logps_NT: torch.Tensor, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """The loss from per-token log-probs ``[2B, T - 1]``, and its TRL metrics as detached tensors (means are
+        taken after gathering): rewards and log-probs ``[B]`` (keys ``chosen_rewards``, ``rejected_rewards``,
+        ``chosen_logps``, ``rejected_logps``), then method-specific scalars under their TRL names."""
+
+    def logits_positions(self, mean_logits_NT: torch.Tensor) -> torch.Tensor:
+        """The positions TRL's ``logits/*`` average over (all of them for CPO; ORPO drops the last)."""
+        return mean_logits_NT
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError(f"return_outputs=True needs logits, which {type(self).__name__} never builds")
+        labels = inputs["input_ids"].masked_fill(self.scored_rows(inputs) == 0, IGNORE_INDEX)
+        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        policy: TokenOutputs = self.token_logprobs(model, model_inputs, labels, all_position_mean_logits=True,
+                                                   router_logits=self.aux_loss_enabled)
+        loss, metrics = self.pair_loss(policy.logps, inputs)
+        if self.aux_loss_enabled:
+            loss = loss + self.aux_loss_coef * policy.aux_loss
+        self._record_metrics(self._mode(), metrics, self.logits_positions(policy.mean_logits))
+        return loss
+
+    def _record_metrics(self, mode: str, metrics: dict[str, torch.Tensor], mean_logits_NT: torch.Tensor) -> None:
+        chosen_rewards, rejected_rewards = metrics.pop("chosen_rewards"), metrics.pop("rejected_rewards")
+        chosen_logits, rejected_logits = mean_logits_NT.chunk(2)
+        self.record(mode, "rewards/chosen", self.gathered_mean(chosen_rewards))
+        self.record(mode, "rewards/rejected", self.gathered_mean(rejected_rewards))
+        self.record(mode, "rewards/accuracies", self.gathered_mean((chosen_rewards > rejected_rewards).float()))
+        self.record(mode, "rewards/margins", self.gathered_mean(chosen_rewards - rejected_rewards))
+        self.record(mode, "logps/rejected", self.gathered_mean(metrics.pop("rejected_logps")))
+        self.record(mode, "logps/chosen", self.gathered_mean(metrics.pop("chosen_logps")))
+        # TRL averages per process, then over processes.
+        self.record(mode, "logits/rejected", self.gathered_mean(rejected_logits.mean().reshape(1)))
+        self.record(mode, "logits/chosen", self.gathered_mean(chosen_logits.mean().reshape(1)))
+        for name, value in metrics.items():
+            self.record(mode, name, self.gathered_mean(value.reshape(-1)))
+
+
+class ORPOTrainer(ReferenceFreeTrainer):
+    """Odds Ratio Preference Optimization. Arguments as ``trl.experimental.orpo.ORPOTrainer`` 1.16: ``model`` is a
+    path or a causal LM (or a PeftModel); ``train_dataset`` has ``prompt``/``chosen``/``rejected`` (standard or
+    conversational; the prompt may be implicit)."""
+
+    config_class = ORPOConfig
+    method = "ORPO"
+
+    def scored_rows(self, inputs):
+        # The chosen NLL covers prompt and completion; the odds ratio only the completions.
+        num_pairs = inputs["input_ids"].shape[0] // 2
+        return torch.cat([inputs["attention_mask"][:num_pairs], inputs["completion_mask"][num_pairs:]])
+
+    def logits_positions(self, mean_logits_NT):
+        return mean_logits_NT[:, :-1]
+
+    def pair_loss(self, logps_NT, inputs):
+        num_pairs = logps_NT.shape[0] // 2
+        chosen, rejected = sequence_logps(logps_NT, inputs["completion_mask"][:, 1:], average=True).chunk(2)
+        nll = token_mean_nll(logps_NT[:num_pairs], inputs["attention_mask"][:num_pairs, 1:])
+        out = orpo_loss(chosen, rejected, chosen_nll=nll, beta=self.args.beta)
+        metrics = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
+                   "chosen_logps": chosen.detach(), "rejected_logps": rejected.detach(), "nll_loss": nll.detach(),
+                   "log_odds_ratio": out.log_odds_ratio.detach().mean(),
+                   "log_odds_chosen": out.log_odds_chosen.detach().mean()}
+        return out.loss, metrics

@@ -1,0 +1,288 @@
+"""Every backend of `preference` and `linear_preference_loss` against the references: values and every gradient.
+
+The references are ``kernels.preference.dpo_losses`` / ``cpo_losses`` (verified against TRL 1.16 in
+``test_preference_formulas.py``) and, for the linear op, full fp32 logits + ``sequence_logps`` + those losses.
+Triton runs under TRITON_INTERPRET=1 (conftest); the shapes here are small for both backends.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import fusedrl
+from fusedrl.ops import preference as ops
+from fusedrl.ops.logprobs.reference import linear_token_logprobs_reference
+from fusedrl.ops.preference.reference import sequence_logps, token_mean_nll
+from tests.utils import assert_close
+
+FAST_BACKENDS = ("compiled", "triton")
+DPO_PAIR_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "robust", "discopop", "nca_pair", "bco_pair", "sppo_hard",
+                  "apo_zero", "apo_down", "sigmoid_norm")
+CPO_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+COUPLED = (["aot"], ["aot_unpaired"], ["sft"], ["sigmoid", "bco_pair", "sft"])
+
+
+def _options(family: str, loss_type, **extra) -> dict:
+    """Options every loss type accepts; label smoothing where the type reads it (exo_pair needs 0 < eps < 1)."""
+    types = [loss_type] if isinstance(loss_type, str) else loss_type
+    opts = {"family": family, "loss_type": loss_type, "beta": 0.1}
+    if family == "cpo" or {"exo_pair", "robust", "aot", "aot_unpaired"} & set(types):
+        opts["label_smoothing"] = 0.1
+    if family == "cpo":
+        opts.update(cpo_alpha=0.0, alpha=0.05 if loss_type == "simpo" else 0.0)
+    return {**opts, **extra}
+
+
+def _inputs(num_pairs: int, *, scale: float = 20.0, dtype=torch.float32):
+    """Policy and reference sequence log-probs around -50 (a few dozen completion tokens) and completion lengths."""
+    logps = [(torch.randn(num_pairs) * scale - 50).to(dtype) for _ in range(4)]
+    lengths = [torch.randint(1, 40, (num_pairs,)) for _ in range(2)]
+    return logps, lengths
+
+
+def _run(backend, logps, lengths, opts, *, nll=None, upstream=None):
+    """Loss, per-pair outputs and the gradients of the four log-probs (and of chosen_nll) under ``backend``."""
+    leaves = [t.clone().requires_grad_() for t in logps]
+    nll = None if nll is None else nll.clone().requires_grad_()
+    refs = leaves[2:] if opts["family"] == "dpo" else [None, None]
+    with fusedrl.use_kernels(preference=backend):
+        out = fusedrl.preference_loss(leaves[0], leaves[1], *refs, chosen_lengths=lengths[0],
+                                      rejected_lengths=lengths[1], chosen_nll=nll, **opts)
+    weights = torch.linspace(-1.0, 2.0, out.losses.shape[0]) if upstream is None else upstream
+    (out.loss + (out.losses * weights).sum()).backward()
+    grads = [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]
+    return out, grads, None if nll is None else nll.grad
+
+
+def _compare(backend, logps, lengths, opts, *, nll=None, dtype=torch.float32):
+    out, grads, nll_grad = _run(backend, logps, lengths, opts, nll=nll)
+    ref, ref_grads, ref_nll_grad = _run("reference", logps, lengths, opts, nll=nll)
+    assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
+    for name in ("loss", "losses", "chosen_rewards", "rejected_rewards"):
+        assert getattr(out, name).dtype == torch.float32
+        assert_close(getattr(out, name), getattr(ref, name), name=name)
+    for name, grad, ref_grad in zip(("chosen", "rejected", "ref_chosen", "ref_rejected"), grads, ref_grads):
+        assert grad.dtype == dtype
+        assert_close(grad, ref_grad, dtype=dtype, name=f"grad {name}")
+    assert (nll_grad is None) == (ref_nll_grad is None)
+    if nll_grad is not None:
+        assert_close(nll_grad, ref_nll_grad, name="grad chosen_nll")
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("family,loss_type", [("dpo", t) for t in DPO_PAIR_TYPES] + [("cpo", t) for t in CPO_TYPES],
+                         ids=lambda v: v)
+def test_pair_losses_match_reference(backend, family, loss_type):
+    logps, lengths = _inputs(5)  # awkward B
+    _compare(backend, logps, lengths, _options(family, loss_type))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("loss_type,f_divergence_type,coef", [
+    ("sigmoid", "forward_kl", 0.5), ("sigmoid", "js_divergence", 0.5), ("robust", "alpha_divergence", 0.5),
+    ("sigmoid", "alpha_divergence", 1.0 + 1e-7), ("discopop", "js_divergence", 0.5), ("ipo", "js_divergence", 0.5),
+], ids=str)
+def test_f_divergences(backend, loss_type, f_divergence_type, coef):
+    # Log-ratios of order 1: forward_kl's exp(-x) overflows for log-ratios below -88, in every backend alike.
+    logps, lengths = _inputs(6, scale=1.0)
+    opts = _options("dpo", loss_type, f_divergence_type=f_divergence_type, f_alpha_divergence_coef=coef)
+    _compare(backend, logps, lengths, opts)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_weights_reference_free_and_bf16(backend):
+    """WPO pair weights with one weighted loss type; reference-free DPO; bf16 log-probs get bf16 gradients."""
+    logps, lengths = _inputs(7)
+    opts = _options("dpo", ["discopop"], loss_weights=[0.7], pair_weights=torch.rand(7))
+    _compare(backend, logps, lengths, opts)
+    _compare(backend, logps, lengths, _options("dpo", "bco_pair", reference_free=True))
+    bf16, _ = _inputs(7, dtype=torch.bfloat16)
+    _compare(backend, bf16, lengths, _options("dpo", "sigmoid"), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_cpo_nll_term(backend):
+    """CPO: loss = mean(losses) + cpo_alpha * chosen_nll, and chosen_nll gets gradient cpo_alpha."""
+    logps, lengths = _inputs(4)
+    _compare(backend, logps, lengths, _options("cpo", "simpo", cpo_alpha=0.5), nll=torch.tensor(1.7))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("loss_type", COUPLED, ids=",".join)
+def test_batch_coupled_types_run_compiled(backend, loss_type, caplog, monkeypatch):
+    """aot sorts over the batch and sft is one batch mean: no per-pair kernel; triton logs once and runs compiled."""
+    monkeypatch.setattr(ops, "_logged_routes", set())
+    logps, lengths = _inputs(6)
+    opts = _options("dpo", loss_type, loss_weights=[1.0, 0.5, 0.2] if len(loss_type) > 1 else None)
+    with caplog.at_level(logging.WARNING, logger="fusedrl"):
+        _compare(backend, logps, lengths, opts, nll=torch.tensor(2.0))
+        _compare(backend, logps, lengths, opts, nll=torch.tensor(2.5))
+    notes = [r for r in caplog.records if "couples the pairs" in r.getMessage()]
+    assert len(notes) == (1 if backend == "triton" else 0)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("family,loss_type", [("dpo", t) for t in DPO_PAIR_TYPES if t not in ("ipo", "sigmoid_norm")]
+                         + [("cpo", t) for t in CPO_TYPES], ids=lambda v: v)
+def test_extreme_margins_stay_finite(backend, family, loss_type):
+    """Log-ratios of +-1e4 (beta = 1): every value and gradient stays finite and equal to the reference."""
+    chosen = torch.tensor([-1e4, 0.0, -5.0, -1e4, 0.0])
+    rejected = torch.tensor([0.0, -1e4, -5.0, -1e4, 0.0])
+    logps = [chosen, rejected, torch.zeros(5), torch.zeros(5)]
+    lengths = [torch.ones(5, dtype=torch.long)] * 2
+    opts = _options(family, loss_type, beta=1.0)
+    if family == "cpo":
+        opts["alpha"] = 0.0  # AlphaPO's exp(alpha * 1e4) overflows in every backend
+    out, grads, _ = _run(backend, logps, lengths, opts)
+    assert torch.isfinite(out.losses).all() and all(torch.isfinite(g).all() for g in grads)
+    _compare(backend, logps, lengths, opts)
+
+
+@pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
+def test_dpo_sigmoid_hand_value(backend):
+    """policy (-10, -20), reference (-12, -15): c = 2, r = -5, beta = 0.1 -> -logsig(0.7) = 0.403186;
+    d loss / d chosen = -beta sig(-0.7) = -0.033181, d loss / d rejected = +0.033181; rewards 0.2 and -0.5."""
+    leaves = [torch.tensor([v], requires_grad=True) for v in (-10.0, -20.0, -12.0, -15.0)]
+    with fusedrl.use_kernels(preference=backend):
+        out = fusedrl.preference_loss(*leaves, loss_type="sigmoid", beta=0.1)
+    out.loss.backward()
+    assert_close(out.loss, torch.tensor(0.403186))
+    assert_close(out.chosen_rewards, torch.tensor([0.2]))
+    assert_close(out.rejected_rewards, torch.tensor([-0.5]))
+    assert_close(torch.cat([t.grad for t in leaves]), torch.tensor([-0.033181, 0.033181, 0.033181, -0.033181]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# linear_preference_loss
+
+
+def _linear_reference(hidden, weight, labels, bias, ref_hidden, opts, average):
+    """Full fp32 [2B, T, V] logits for the policy and the reference, then the reference loss."""
+    mask = labels != -100
+    logps = sequence_logps(linear_token_logprobs_reference(hidden, weight, labels, bias=bias)[0], mask,
+                           average=average)
+    with torch.no_grad():
+        ref_logps = sequence_logps(linear_token_logprobs_reference(ref_hidden, weight, labels, bias=bias)[0], mask,
+                                   average=average)
+    tokens, _ = linear_token_logprobs_reference(hidden, weight, labels, bias=bias)
+    num_pairs = labels.shape[0] // 2
+    nll = token_mean_nll(tokens[:num_pairs], mask[:num_pairs])
+    refs = (ref_logps[:num_pairs], ref_logps[num_pairs:]) if opts["family"] == "dpo" else (None, None)
+    with fusedrl.use_kernels(preference="reference"):
+        out = fusedrl.preference_loss(logps[:num_pairs], logps[num_pairs:], *refs, chosen_nll=nll,
+                                      chosen_lengths=mask[:num_pairs].sum(-1),
+                                      rejected_lengths=mask[num_pairs:].sum(-1), **opts)
+    return out, logps, nll
+
+
+@pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
+@pytest.mark.parametrize("case", ["realistic", "awkward", "ignored_rows", "cpo_simpo_mean"])
+def test_linear_preference_loss(backend, case):
+    num_pairs, T, H, V = {"realistic": (2, 16, 32, 256), "awkward": (3, 7, 24, 123)}.get(case, (2, 9, 16, 97))
+    hidden = torch.randn(2 * num_pairs, T, H)
+    weight = torch.randn(V, H) / H**0.5 * 3
+    bias = torch.randn(V) if case != "realistic" else None
+    labels = torch.randint(0, V, (2 * num_pairs, T))
+    labels[:, : T // 2] = -100  # the prompt
+    if case == "ignored_rows":
+        labels[1] = -100  # a fully ignored chosen row: logps 0, no gradient through it
+        labels[-1, -2:] = -100  # padding
+    ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
+    average = case == "cpo_simpo_mean"
+    opts = _options("cpo", "simpo", cpo_alpha=0.3) if average else _options("dpo", "sigmoid")
+    tensors = (hidden, weight) + ((bias,) if bias is not None else ())
+    leaves, ref_leaves = ([t.clone().requires_grad_() for t in tensors] for _ in range(2))
+    with fusedrl.use_kernels(all=backend):
+        out = fusedrl.linear_preference_loss(
+            leaves[0], leaves[1], labels, bias=leaves[2] if bias is not None else None,
+            ref_hidden=None if average else ref_hidden, average_log_prob=average, **opts,
+        )
+    expected, logps, nll = _linear_reference(ref_leaves[0], ref_leaves[1], labels,
+                                             ref_leaves[2] if bias is not None else None, ref_hidden, opts, average)
+    (out.loss + out.losses.sum()).backward()
+    (expected.loss + expected.losses.sum()).backward()
+    for name in ("loss", "losses", "chosen_rewards", "rejected_rewards"):
+        assert_close(getattr(out, name), getattr(expected, name), name=name)
+    assert_close(out.chosen_logps, logps[:num_pairs], name="chosen_logps")
+    assert_close(out.rejected_logps, logps[num_pairs:], name="rejected_logps")
+    assert_close(out.chosen_nll, nll, name="chosen_nll")
+    for name, leaf, ref_leaf in zip(("hidden", "weight", "bias"), leaves, ref_leaves):
+        assert_close(leaf.grad, ref_leaf.grad, name=f"grad {name}")
+    if case == "ignored_rows":
+        assert out.chosen_logps[1] == 0 and (leaves[0].grad[1] == 0).all()
+
+
+def test_linear_precomputed_reference_logps_match_ref_hidden():
+    """ref_hidden computed here == the same reference log-probs passed precomputed (bitwise: same kernels)."""
+    hidden, ref_hidden = torch.randn(4, 6, 8), torch.randn(4, 6, 8)
+    weight, labels = torch.randn(40, 8), torch.randint(0, 40, (4, 6))
+    ref_tokens = fusedrl.linear_token_logprobs(ref_hidden, weight, labels)
+    ref_logps = sequence_logps(ref_tokens, labels != -100)
+    a = fusedrl.linear_preference_loss(hidden, weight, labels, ref_hidden=ref_hidden)
+    b = fusedrl.linear_preference_loss(hidden, weight, labels, ref_chosen_logps=ref_logps[:2],
+                                       ref_rejected_logps=ref_logps[2:])
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.chosen_rewards, b.chosen_rewards)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.compile capture, opcheck, errors
+
+
+def _region(hidden, weight, labels, ref_hidden, loss_type):
+    out = fusedrl.linear_preference_loss(hidden, weight, labels, ref_hidden=ref_hidden, loss_type=loss_type,
+                                         label_smoothing=0.1)
+    return out.loss + 0.01 * out.chosen_nll
+
+
+@pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
+@pytest.mark.parametrize("loss_type", ["sigmoid", "aot"])
+def test_zero_graph_breaks(backend, loss_type):
+    hidden = torch.randn(4, 5, 8, requires_grad=True)
+    weight = torch.randn(37, 8, requires_grad=True)
+    labels = torch.randint(0, 37, (4, 5))
+    labels[:, :2] = -100
+    ref_hidden = torch.randn(4, 5, 8)
+    with fusedrl.use_kernels(all=backend):
+        explanation = torch._dynamo.explain(_region)(hidden, weight, labels, ref_hidden, loss_type)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+        torch._dynamo.reset()
+        loss = torch.compile(_region, fullgraph=True, backend="aot_eager")(hidden, weight, labels, ref_hidden,
+                                                                          loss_type)
+        loss.backward()
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    with fusedrl.use_kernels(all="reference"):
+        expected = _region(h, w, labels, ref_hidden, loss_type)
+    expected.backward()
+    assert_close(loss, expected, name="loss")
+    assert_close(hidden.grad, h.grad, name="grad hidden")
+    assert_close(weight.grad, w.grad, name="grad weight")
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_opcheck_pair_op(backend):
+    logps = [(torch.randn(5) * 10).requires_grad_() for _ in range(4)]
+    scale = [1.0 / torch.randint(1, 9, (5,)).float() for _ in range(2)]
+    params = (0.1, 0.1, 0.05, 0.0, 0.5, 1.0, backend)
+    torch.library.opcheck(ops._pair_losses_op, (*logps, None, None, None, "logistic", "reverse_kl", *params))
+    torch.library.opcheck(ops._pair_losses_op, (*logps, *scale, torch.rand(5), "square", "js_divergence", *params))
+    torch.library.opcheck(ops._pair_losses_op, (*logps[:2], None, None, None, None, None, "logistic", "alphapo",
+                                                *params))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"family": "cpo", "loss_type": "simpo"}, "no reference model"),
+    ({"loss_type": "ipo"}, "chosen/rejected_lengths"),
+    ({"loss_type": "sft"}, "chosen_nll"),
+    ({"loss_type": "exo_pair"}, "label_smoothing"),
+    ({"loss_type": "bco_pair", "f_divergence_type": "js_divergence"}, "only applies"),
+    ({"family": "kto"}, "family must be one of"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_errors_name_the_problem(kwargs, match):
+    logps = [torch.randn(3) for _ in range(4)]
+    with pytest.raises(ValueError, match=match):
+        fusedrl.preference_loss(*logps, **kwargs)
