@@ -1,1 +1,2 @@
-"""Benchmarks: a declarative list of cases (``cases.py``), the paths they compare (``peers.py``), one runner (``run.py``)."""
+"""Benchmarks: a declarative list of cases (``cases.py``, one module per op under ``ops/``), the paths they compare
+(``peers*.py``), one runner (``run.py``)."""

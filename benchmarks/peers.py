@@ -5,7 +5,7 @@ Legend: N tokens, H hidden, V vocabulary, B sequences of T tokens.
 Every path of a case gets the same inputs and the same fixed upstream gradients (``grad_logprobs_N``,
 ``grad_entropy_N``), i.e. the loss ``(logp * g1 + entropy * g2).sum()``, and leaves the input gradients in
 ``.grad`` (the runner clears them between iterations). A path's ``unavailable`` returns why it cannot run here (a
-GPU-only peer on CPU, a fusedrl function not written yet) or None. Peers are imported inside the paths, so a worker
+GPU-only peer on CPU, a peer not installed) or None. Peers are imported inside the paths, so a worker
 process only loads what its path needs; fusedrl never imports them itself.
 """
 
@@ -95,14 +95,6 @@ def _backward(logprobs: torch.Tensor, entropy: torch.Tensor | None, g_logp: torc
 
 
 # ------------------------------------------------------------------------------------------------------ linear paths
-
-
-def _fusedrl_missing(name: str) -> str | None:
-    import fusedrl
-
-    if not hasattr(fusedrl, name) or not hasattr(fusedrl, "use_kernels"):
-        return f"fusedrl.{name} does not exist yet"
-    return None
 
 
 def fusedrl_linear(x: LinearInputs, *, with_entropy: bool) -> None:
@@ -251,7 +243,7 @@ class PathSpec:
 
 PATHS: dict[str, dict[str, PathSpec]] = {
     "linear": {
-        "fusedrl": PathSpec(fusedrl_linear, "fusedrl compiled", lambda: _fusedrl_missing("linear_token_logprobs")),
+        "fusedrl": PathSpec(fusedrl_linear, "fusedrl compiled"),
         "trl_chunked": PathSpec(trl_chunked, "TRL ChunkedLogProbFunction"),
         "torch_native": PathSpec(torch_native, "torch F.linear_cross_entropy", _torch_native_missing),
         "liger": PathSpec(liger, "Liger fused linear CE", _liger_missing),
@@ -259,7 +251,7 @@ PATHS: dict[str, dict[str, PathSpec]] = {
         "floor": PathSpec(floor, "floor: matmuls only"),
     },
     "logits": {
-        "fusedrl": PathSpec(fusedrl_logits, "fusedrl compiled", lambda: _fusedrl_missing("token_logprobs_and_entropy")),
+        "fusedrl": PathSpec(fusedrl_logits, "fusedrl compiled"),
         "trl": PathSpec(trl_logits, "TRL selective_log_softmax + entropy_from_logits"),
         "reference": PathSpec(reference_logits, "fusedrl reference"),
     },
@@ -355,7 +347,7 @@ def naive_preference(x: PreferenceInputs) -> None:
 
 
 PATHS["preference"] = {
-    "fusedrl": PathSpec(fusedrl_preference, "fusedrl compiled", lambda: _fusedrl_missing("linear_preference_loss")),
+    "fusedrl": PathSpec(fusedrl_preference, "fusedrl compiled"),
     "liger": PathSpec(liger_preference, "Liger LigerFusedLinearDPOLoss"),
     "naive": PathSpec(naive_preference, "naive TRL-style full logits"),
 }

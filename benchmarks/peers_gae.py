@@ -4,7 +4,7 @@ Legend: B sequences, T positions.
 
 GAE has no backward (PPO computes it under no_grad), so each path runs one forward on the same inputs. The rows
 are right-padded completions, as in a PPO batch: lengths uniform in [T/4, T]. The peer is the reference loop over
-T (``kernels.gae.reference``, vectorised over B): the textbook way to write GAE. (TRL 1.16 ships no PPO trainer
+T (``fusedrl.ops.gae.reference``, vectorised over B): the textbook way to write GAE. (TRL 1.16 ships no PPO trainer
 and no GAE to compare with.)
 """
 
@@ -61,6 +61,6 @@ def loop_gae(x: GAEInputs) -> None:
 
 peers.INPUTS["gae"] = gae_inputs
 peers.PATHS["gae"] = {
-    "fusedrl": peers.PathSpec(fusedrl_gae, "fusedrl compiled", lambda: peers._fusedrl_missing("gae")),
+    "fusedrl": peers.PathSpec(fusedrl_gae, "fusedrl compiled"),
     "loop": peers.PathSpec(loop_gae, "Python loop over T (reference)"),
 }

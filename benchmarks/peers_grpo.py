@@ -108,7 +108,7 @@ def liger_grpo(x: GRPOInputs) -> None:
 
 peers.INPUTS["grpo"] = grpo_inputs
 peers.PATHS["grpo"] = {
-    "fusedrl": peers.PathSpec(fusedrl_grpo, "fusedrl compiled", lambda: peers._fusedrl_missing("linear_policy_loss")),
+    "fusedrl": peers.PathSpec(fusedrl_grpo, "fusedrl compiled"),
     "trl": peers.PathSpec(trl_grpo, "TRL-style: full logits + selective_log_softmax"),
     "liger": peers.PathSpec(liger_grpo, "Liger LigerFusedLinearGRPOLoss"),
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.cases import Target
+from benchmarks.spec import Target
 
 # Cores used by other processes during a path above which its times are flagged (the machine has 2).
 BUSY_CORES = 0.2

@@ -23,9 +23,10 @@ import torch
 from transformers import PrinterCallback
 
 from fusedrl.cli.presets import build_tokenizer, load_preset_dataset, load_preset_model
-from fusedrl.ops.preference.reference import sequence_logps, token_mean_nll
+from fusedrl.ops.preference import sequence_logps, token_mean_nll
 from fusedrl.trainers import FusedConfig, FusedTrainer
-from fusedrl.trainers.base import IGNORE_INDEX, tokenizer_of
+from fusedrl.trainers.head import IGNORE_INDEX
+from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.preference.data import TOKENIZED_COLUMNS, PreferenceCollator, prepare_preference_dataset
 
 

@@ -25,9 +25,14 @@ from fusedrl.ops.policy import (
     value_loss,
 )
 from fusedrl.ops.preference import (
+    KTOLoss,
     LinearPreferenceLoss,
+    ORPOLoss,
     PreferenceLoss,
+    kto_kl,
+    kto_loss,
     linear_preference_loss,
+    orpo_loss,
     preference_loss,
 )
 from fusedrl.ops.preference.registry import (
@@ -41,8 +46,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GAEResult",
+    "KTOLoss",
     "LinearPolicyLoss",
     "LinearPreferenceLoss",
+    "ORPOLoss",
     "PolicyLoss",
     "PreferenceLoss",
     "TokenLogprobs",
@@ -52,12 +59,15 @@ __all__ = [
     "group_advantages",
     "kernel_backends",
     "kl_penalty",
+    "kto_kl",
+    "kto_loss",
     "linear_policy_loss",
     "linear_preference_loss",
     "linear_token_logprobs",
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "orpo_loss",
     "policy_loss",
     "preference_loss",
     "register_preference_loss",

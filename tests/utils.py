@@ -1,6 +1,10 @@
-"""The one comparison helper of the suite, with tolerances keyed by dtype."""
+"""The one comparison helper of the suite, with tolerances keyed by dtype, and the spies that say which backend of
+an op ran. Only torch is imported here, so the op tests stay free of transformers and TRL; the trainer-side helpers
+(tiny model, preference data, TRL parity, shared runs) are in tests/helpers/."""
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 
@@ -44,3 +48,46 @@ def assert_close(
             actual, expected, rtol=default_rtol if rtol is None else rtol, atol=default_atol if atol is None else atol,
             equal_nan=True, msg=lambda m: f"{name}: {m}",
         )
+
+
+def spy_policy_backends(monkeypatch) -> dict:
+    """The implementation of each backend of the ``policy_loss`` op (``reference.policy_loss_reference``,
+    ``compiled.policy_rows``, ``triton.policy_rows``) replaced in its module by a ``Mock`` that calls it:
+    ``{backend: mock}``, whose ``call_count`` says what ran, whatever the logs say."""
+    from unittest import mock
+
+    from fusedrl.ops.policy import compiled, reference, triton
+
+    targets = {"reference": (reference, "policy_loss_reference"), "compiled": (compiled, "policy_rows"),
+               "triton": (triton, "policy_rows")}
+    spies = {}
+    for backend, (module, name) in targets.items():
+        spies[backend] = mock.Mock(wraps=getattr(module, name))
+        monkeypatch.setattr(module, name, spies[backend])
+    return spies
+
+
+def count_calls(monkeypatch, targets: dict[str, str]) -> dict[str, int]:
+    """Replace each ``"module:function"`` of ``targets`` (name -> target) by a wrapper that counts its eager calls
+    and runs the original; returns the live counts by name. Calls traced by ``torch.compile`` (the compiled backend
+    tracing a reference formula) are not counted: they run as part of the compiled graph."""
+    counts = dict.fromkeys(targets, 0)
+    for name, target in targets.items():
+        module_name, _, attribute = target.partition(":")
+        module = importlib.import_module(module_name)
+        original = getattr(module, attribute)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            if not torch.compiler.is_compiling():
+                counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, attribute, spy)
+    return counts
+
+
+# What each backend of the `preference` op runs for a per-pair loss type: the reference formula, the compiled stages,
+# the Triton entry point (each looked up in its module at every call, so a spy there sees every call).
+PAIR_ENTRY_POINTS = {"reference": "fusedrl.ops.preference.reference.dpo:dpo_losses",
+                     "compiled": "fusedrl.ops.preference.compiled:pair_losses",
+                     "triton": "fusedrl.ops.preference.triton:pair_preference_losses"}

@@ -6,10 +6,15 @@ pressure, spills and shared memory checkable in CI on CPU, so a kernel change th
 fails a test instead of a GPU run.
 
 Each kernel is a :class:`KernelSpec`: the kernel, its argument dtypes, the constexprs and ``num_warps`` its host
-launcher picks for a representative case (V = 32000, the Llama-2 vocabulary), and a traffic MODEL: the bytes per
-token the kernel's loads and stores move, next to the minimum for the op. The model is arithmetic on the kernel
-source, not a measurement. Later kernels join the report by appending their specs to :data:`SPEC_FACTORIES`.
+launcher picks for a representative case (V = 32000, the Llama-2 vocabulary), and what its traffic is counted
+per. The traffic MODEL (bytes moved per unit: a token, a pair, a position) is read from the compiled kernel: every
+``tt.load`` / ``tt.store`` of its Triton IR, priced by element size and by where it sits (a vector access in the
+sweep over the unit dimension moves its elements once per unit, a scalar access outside it once per program), plus
+the declared torch passes the launcher runs around the kernel. A second load of the same data shows up as a second
+access, so re-reads count. Next to it stands the op's MINIMUM (each input read once, each output written once),
+written by hand from the op's inputs and outputs. Both are arithmetic, not measurements.
 
+A new kernel joins the report (and tests/cli/test_aot.py) by appending its spec factory to :data:`SPEC_FACTORIES`.
 Run with ``fusedrl aot [--arch 80 90]``, in a process WITHOUT ``TRITON_INTERPRET=1`` (with it ``triton.jit``
 returns interpreted functions that cannot be compiled).
 """
@@ -30,21 +35,14 @@ from typing import Any
 import triton
 from triton.backends.compiler import GPUTarget
 
+from fusedrl.cli.traffic import ExtraPass, Geometry, kernel_accesses, modelled_bytes_per_unit
+
 DEFAULT_ARCHS = (80, 90)
 REPRESENTATIVE_VOCAB = 32000
 # Registers a thread can address on sm_50..sm_120; ptxas fails beyond it, so a report above it is a bug.
 MAX_REGISTERS_PER_THREAD = 255
 # Registers per SM (and per block) on sm_80/sm_90: a block of ``32 * num_warps`` threads must fit in them.
 REGISTERS_PER_SM = 65536
-
-
-@dataclass(frozen=True)
-class TrafficModel:
-    """Modelled bytes moved per token (reads + writes), not measured: ``modelled`` counts every load and store of
-    the kernel; ``minimum`` is what the op cannot avoid (read each logit once, write each output once)."""
-
-    modelled: int
-    minimum: int
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,9 @@ class KernelSpec:
     # Arguments the JIT would specialise as 16-divisible in the representative case (16-byte aligned pointers,
     # V = 32000 and its row stride), so the AOT build vectorises the same way as the launched one.
     divisible_by_16: tuple[str, ...]
-    traffic: TrafficModel
+    geometry: Geometry
+    minimum_bytes_per_unit: float  # the op's inputs read once and outputs written once
+    extra_passes: tuple[ExtraPass, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,23 +70,25 @@ class AotRow:
     stack_bytes: int  # per-thread stack frame
     shared_static_bytes: int  # cubin static shared memory (cuobjdump SHARED)
     shared_dynamic_bytes: int  # shared memory Triton requests at launch (metadata.shared)
-    modelled_bytes_per_token: int
-    minimum_bytes_per_token: int
+    unit: str  # what the byte counts are per
+    modelled_bytes_per_unit: float  # the kernel's loads and stores (from its Triton IR) plus its extra passes
+    extra_bytes_per_unit: float  # the part of it outside the kernel
+    extra_passes: str  # what that part is ("" when none)
+    minimum_bytes_per_unit: float
 
 
 def logprobs_specs(num_vocab: int = REPRESENTATIVE_VOCAB) -> list[KernelSpec]:
     """The logprobs row kernels, bf16 and fp32 logits, in their heaviest variant (entropy on, both upstream
-    gradients present): the one with the most live registers."""
+    gradients present): the one with the most live registers. Unit: a token (one row of V logits)."""
     from fusedrl.ops.logprobs import triton as triton_rows
 
     config = triton_rows.launch_config(num_vocab)
-    num_blocks = triton.cdiv(num_vocab, config.block_v)
+    num_blocks = triton.cdiv(num_vocab, config.block_v)  # backward programs per row
     label, row_scalar = 8, 4  # int64 label; fp32 logprob / entropy / lse / upstream gradient
     specs = []
     # fp16 is left out: the same code as bf16 apart from the convert instruction.
     for dtype, size in (("bf16", 2), ("fp32", 4)):
         logits = num_vocab * size
-        fwd_min = logits + label + 3 * row_scalar
         specs.append(KernelSpec(
             name=f"logprobs_fwd[{dtype}]",
             kernel=triton_rows._logprobs_fwd_kernel,
@@ -99,11 +101,10 @@ def logprobs_specs(num_vocab: int = REPRESENTATIVE_VOCAB) -> list[KernelSpec]:
             num_warps=config.num_warps,
             divisible_by_16=("logits_ptr", "labels_ptr", "logprobs_ptr", "entropy_ptr", "lse_ptr", "stride_row",
                              "num_vocab"),
-            # The target logit is loaded a second time (one element, `size` bytes) on top of the single pass.
-            traffic=TrafficModel(modelled=fwd_min + size, minimum=fwd_min),
+            geometry=Geometry("token", elements_per_unit=num_vocab, units_per_program=1, sweep_loops=1),
+            # The logits and the label in; logprob, entropy and lse (saved for the backward) out.
+            minimum_bytes_per_unit=logits + label + 3 * row_scalar,
         ))
-        # Each of the num_blocks programs of a row re-reads the row's label, lse, entropy and two gradients.
-        per_program = label + 4 * row_scalar
         specs.append(KernelSpec(
             name=f"logprobs_bwd[{dtype}]",
             kernel=triton_rows._logprobs_bwd_kernel,
@@ -117,7 +118,10 @@ def logprobs_specs(num_vocab: int = REPRESENTATIVE_VOCAB) -> list[KernelSpec]:
             num_warps=config.num_warps,
             divisible_by_16=("logits_ptr", "labels_ptr", "lse_ptr", "entropy_ptr", "grad_logprobs_ptr",
                              "grad_entropy_ptr", "grad_logits_ptr", "stride_row", "num_vocab"),
-            traffic=TrafficModel(modelled=2 * logits + num_blocks * per_program, minimum=2 * logits + per_program),
+            geometry=Geometry("token", elements_per_unit=num_vocab, units_per_program=1 / num_blocks,
+                              sweep_loops=0),
+            # Logits in and their gradient out; label, lse, entropy and the two upstream gradients in once per row.
+            minimum_bytes_per_unit=2 * logits + label + 4 * row_scalar,
         ))
     return specs
 
@@ -127,12 +131,12 @@ REPRESENTATIVE_PAIRS = 8  # preference batches: 1-64 pairs per device; 8 is the 
 
 def preference_specs(num_pairs: int = REPRESENTATIVE_PAIRS) -> list[KernelSpec]:
     """The per-pair preference-loss kernel: the common case (DPO sigmoid), the heaviest math (discopop through the
-    alpha-divergence with WPO weights) and SimPO through AlphaPO (no reference inputs). Traffic is per PAIR, not
-    per token: each present fp32 input is read once and the five fp32 outputs written once, which is also the
-    minimum (absent inputs are constexpr-gated and cost no load)."""
+    alpha-divergence with WPO weights) and SimPO through AlphaPO (no reference inputs); and KTO's unpaired kernel.
+    Unit: a pair (an example for KTO). Minimum: each present fp32 input read once, the outputs written once."""
     from fusedrl.ops.preference import triton as triton_loss
 
     block, num_warps = triton_loss.launch_config(num_pairs)
+    per_lane = Geometry("pair", elements_per_unit=1, units_per_program=block, sweep_loops=0)
     pointers = ("chosen_ptr", "rejected_ptr", "ref_chosen_ptr", "ref_rejected_ptr", "chosen_scale_ptr",
                 "rejected_scale_ptr", "pair_weight_ptr", "losses_ptr", "chosen_rewards_ptr", "rejected_rewards_ptr",
                 "grad_chosen_ptr", "grad_rejected_ptr")
@@ -146,7 +150,6 @@ def preference_specs(num_pairs: int = REPRESENTATIVE_PAIRS) -> list[KernelSpec]:
         ("discopop,alpha_divergence,wpo", "discopop", "alpha_divergence", True, True),
         ("simpo,alphapo", "logistic", "alphapo", False, False),
     ):
-        pair_bytes = 4 * (2 + 2 * has_ref + has_weight + 5)
         specs.append(KernelSpec(
             name=f"preference_fwd[{label}]",
             kernel=triton_loss._preference_fwd_kernel,
@@ -155,14 +158,35 @@ def preference_specs(num_pairs: int = REPRESENTATIVE_PAIRS) -> list[KernelSpec]:
                         "HAS_REF": has_ref, "HAS_SCALE": False, "HAS_PAIR_WEIGHT": has_weight, "BLOCK_B": block},
             num_warps=num_warps,
             divisible_by_16=pointers,
-            traffic=TrafficModel(modelled=pair_bytes, minimum=pair_bytes),
+            geometry=per_lane,
+            # Policy log-probs (+ reference, + weight) in; loss, two rewards, two gradients out.
+            minimum_bytes_per_unit=4 * (2 + 2 * has_ref + has_weight + 5),
         ))
+    num_examples = 2 * num_pairs  # a KTO batch of as many rows as a paired one
+    block, num_warps = triton_loss.launch_config(num_examples)
+    unpaired = ("logps_ptr", "ref_logps_ptr", "labels_ptr", "kl_ptr", "losses_ptr", "rewards_ptr", "grad_ptr")
+    specs.append(KernelSpec(
+        name="unpaired_fwd[kto]",
+        kernel=triton_loss._unpaired_fwd_kernel,
+        signature={**{name: "*fp32" for name in unpaired}, "labels_ptr": "*i1", "num_examples": "i32",
+                   "beta": "fp32", "desirable_weight": "fp32", "undesirable_weight": "fp32", "BLOCK_B": "constexpr"},
+        constexprs={"BLOCK_B": block},
+        num_warps=num_warps,
+        divisible_by_16=unpaired,
+        geometry=Geometry("example", elements_per_unit=1, units_per_program=block, sweep_loops=0),
+        # Log-probs, reference log-probs (4 + 4) and the bool label (1) in; loss, reward, gradient out; the batch KL
+        # in once for the batch.
+        minimum_bytes_per_unit=4 + 4 + 1 + 3 * 4 + 4 / num_examples,
+    ))
     return specs
 
 
-def gae_specs() -> list[KernelSpec]:
-    """The GAE kernel (fp32 rewards/values, bool mask). Traffic per POSITION: rewards, values and mask read once
-    (4 + 4 + 1 bytes), advantages and returns written once (4 + 4): also the minimum."""
+REPRESENTATIVE_STEPS = 4096  # the GAE benchmark's rows
+
+
+def gae_specs(num_steps: int = REPRESENTATIVE_STEPS) -> list[KernelSpec]:
+    """The GAE kernel (fp32 rewards/values, bool mask). Unit: a position. Minimum: rewards, values and mask read
+    once (4 + 4 + 1 bytes), advantages and returns written once (4 + 4)."""
     from fusedrl.ops.gae import triton as triton_gae
 
     pointers = ("rewards_ptr", "values_ptr", "mask_ptr", "advantages_ptr", "returns_ptr")
@@ -174,20 +198,28 @@ def gae_specs() -> list[KernelSpec]:
                    "gamma": "fp32", "discount": "fp32", "BLOCK_B": "constexpr"},
         constexprs={"BLOCK_B": triton_gae.BLOCK_ROWS},
         num_warps=triton_gae.NUM_WARPS,
-        # T = 4096 (the benchmark's rows): the row stride and step count are 16-divisible.
+        # T = 4096: the row stride and step count are 16-divisible.
         divisible_by_16=(*pointers, "num_steps", "stride_row"),
-        traffic=TrafficModel(modelled=17, minimum=17),
+        # Lanes are rows; the loop walks the positions of each.
+        geometry=Geometry("position", elements_per_unit=1, units_per_program=triton_gae.BLOCK_ROWS * num_steps,
+                          sweep_loops=1),
+        minimum_bytes_per_unit=4 + 4 + 1 + 4 + 4,
     )]
 
 
 REPRESENTATIVE_COMPLETION = 1024  # the GRPO benchmark's completion length
 
+# sequence_log_ratio (ops/policy/compiled.py), eager torch before the launch, per token: mask > 0 (read 4, write a
+# bool 1), its row count (1), logps - old (4 + 4 + 4), the masked where (1 + 4 + 4) and the row sum (4); its
+# per-row results are left out.
+_SEQUENCE_PRE_PASS = ExtraPass(31, "sequence level's torch pre-pass (masked mean log-ratio)")
+
 
 def policy_specs(num_cols: int = REPRESENTATIVE_COMPLETION) -> list[KernelSpec]:
     """The policy-loss kernel: TRL's default (token level, [B] advantages, no KL, no entropy mask) and the heaviest
-    variants of each level (k3 KL, top-entropy mask, [B, T] advantages). Traffic per TOKEN: each present fp32
-    [B, T] input read once and the gradient written once, which is also the minimum; the per-row scalars (a few
-    bytes per row of T = 1024) and the sequence level's torch pre-pass (the mean log-ratio) are left out."""
+    variants of each level (k3 KL, top-entropy mask, [B, T] advantages). Unit: a completion token. Minimum: each
+    present fp32 [B, T] input read once and the gradient written once, plus per row (over T) the row scale, a [B]
+    advantage and the five per-row results."""
     from fusedrl.ops.policy import triton as triton_loss
 
     block, num_warps = triton_loss.launch_config(num_cols)
@@ -200,8 +232,9 @@ def policy_specs(num_cols: int = REPRESENTATIVE_COMPLETION) -> list[KernelSpec]:
     specs = []
     for label, sequence, full in (("token", False, False), ("token,k3,keep,adv_BT", False, True),
                                   ("sequence,k3,keep,adv_BT", True, True)):
-        # mask + logps (+ old at token level) (+ adv, keep, ref) read, gradient written.
-        token_bytes = 4 * (2 + (not sequence) + 3 * full + 1)
+        # logps, old, mask (+ adv, keep, ref) in, the gradient out; per row: row scale (+ [B] adv), five results.
+        token_bytes = 4 * (3 + 3 * full + 1)
+        row_bytes = 4 * (1 + (not full) + 5)
         specs.append(KernelSpec(
             name=f"policy_fwd[{label}]",
             kernel=triton_loss._policy_fwd_kernel,
@@ -210,12 +243,14 @@ def policy_specs(num_cols: int = REPRESENTATIVE_COMPLETION) -> list[KernelSpec]:
                         "HAS_KEEP": full, "HAS_REF": full, "BLOCK_T": block},
             num_warps=num_warps,
             divisible_by_16=(*pointers, "num_cols"),
-            traffic=TrafficModel(modelled=token_bytes, minimum=token_bytes),
+            geometry=Geometry("token", elements_per_unit=1, units_per_program=num_cols, sweep_loops=1),
+            minimum_bytes_per_unit=token_bytes + row_bytes / num_cols,
+            extra_passes=(_SEQUENCE_PRE_PASS,) if sequence else (),
         ))
     return specs
 
 
-# One factory per kernel file; a new Triton kernel joins the report (and tests/cli/test_aot.py) by appending here.
+# One factory per kernel file.
 SPEC_FACTORIES: list[Callable[[], list[KernelSpec]]] = [logprobs_specs, preference_specs, gae_specs, policy_specs]
 
 
@@ -253,6 +288,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": spec.num_warps, "enable_fp_fusion": True})
     usage = _resource_usage(compiled.asm["cubin"], compiled.metadata.name)
+    extra = sum(extra_pass.bytes_per_unit for extra_pass in spec.extra_passes)
     return AotRow(
         kernel=spec.name,
         arch=arch,
@@ -262,8 +298,11 @@ def compile_spec(spec: KernelSpec, arch: int) -> AotRow:
         stack_bytes=usage["STACK"],
         shared_static_bytes=usage["SHARED"],
         shared_dynamic_bytes=compiled.metadata.shared,
-        modelled_bytes_per_token=spec.traffic.modelled,
-        minimum_bytes_per_token=spec.traffic.minimum,
+        unit=spec.geometry.unit,
+        modelled_bytes_per_unit=modelled_bytes_per_unit(kernel_accesses(compiled.asm["ttir"]), spec.geometry) + extra,
+        extra_bytes_per_unit=extra,
+        extra_passes="; ".join(extra_pass.what for extra_pass in spec.extra_passes),
+        minimum_bytes_per_unit=spec.minimum_bytes_per_unit,
     )
 
 
@@ -273,21 +312,25 @@ def compile_report(archs: Sequence[int] = DEFAULT_ARCHS, specs: Sequence[KernelS
 
 
 def format_table(rows: Sequence[AotRow]) -> str:
-    header = ("kernel", "arch", "warps", "regs", "local B", "stack B", "smem static B", "smem dyn B",
-              "bytes/token (model)", "minimum", "ratio")
+    header = ("kernel", "arch", "warps", "regs", "local B", "stack B", "smem static B", "smem dyn B", "unit",
+              "B/unit (model)", "outside kernel", "minimum", "ratio")
     body = [
         (r.kernel, f"sm_{r.arch}", str(r.num_warps), str(r.registers), str(r.local_bytes), str(r.stack_bytes),
-         str(r.shared_static_bytes), str(r.shared_dynamic_bytes), str(r.modelled_bytes_per_token),
-         str(r.minimum_bytes_per_token), f"{r.modelled_bytes_per_token / r.minimum_bytes_per_token:.4f}")
+         str(r.shared_static_bytes), str(r.shared_dynamic_bytes), r.unit, f"{r.modelled_bytes_per_unit:.2f}",
+         f"{r.extra_bytes_per_unit:.2f}", f"{r.minimum_bytes_per_unit:.2f}",
+         f"{r.modelled_bytes_per_unit / r.minimum_bytes_per_unit:.4f}")
         for r in rows
     ]
     widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
              for line in (header, *body)]
     lines.insert(1, "-" * len(lines[0]))
-    lines.append(f"bytes/token is a MODEL at V={REPRESENTATIVE_VOCAB} (loads + stores of the kernel source), "
-                 "not a measurement; regs/local/stack/smem static from cuobjdump on the cubin, "
-                 f"smem dyn from Triton metadata (triton {triton.__version__}).")
+    notes = {r.kernel: (r.extra_bytes_per_unit, r.extra_passes) for r in rows if r.extra_passes}
+    lines += [f"{kernel}: {extra:.2f} B/unit outside the kernel: {what}" for kernel, (extra, what) in notes.items()]
+    lines.append(f"B/unit is a MODEL at V={REPRESENTATIVE_VOCAB} (the loads and stores of the kernel's Triton IR, plus "
+                 "the torch passes outside it), not a measurement; minimum: the op's inputs read and outputs "
+                 "written once; regs/local/stack/smem static from cuobjdump on the cubin, smem dyn from Triton "
+                 f"metadata (triton {triton.__version__}).")
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ import torch
 
 from fusedrl.cli import presets
 from fusedrl.cli.presets.recipes import GRPO_DEMO_RECIPE
-from fusedrl.ops.dispatch import kernel_backends, parse_kernel_spec, use_kernels
+from fusedrl.ops.dispatch import config_kernels, kernel_backends, parse_kernel_spec
 from fusedrl.trainers.callbacks import use_rich_progress
 from fusedrl.trainers.online.grpo import GRPOTrainer
 from fusedrl.trainers.online.grpo_config import GRPOConfig
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     train_seconds = time.perf_counter() - start
     after = _eval(trainer)
     train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    with use_kernels(**parse_kernel_spec(args.kernels or "")):
+    with config_kernels(parse_kernel_spec(args.kernels or "")):
         backends = kernel_backends()
     metrics = {
         "before": before,

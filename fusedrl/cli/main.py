@@ -4,27 +4,35 @@
 from __future__ import annotations
 
 import argparse
-import importlib
+import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The installed package's directory; in a source checkout its parent holds benchmarks/ and pyproject.toml.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+BENCH_NEEDS_CHECKOUT = (
+    "fusedrl bench runs the benchmark suite (benchmarks/run.py), which lives in the source repository and is not "
+    "part of the installed package (found no benchmarks/run.py beside {package}). From a clone of the repository: "
+    "pip install -e '.[bench]', then run `fusedrl bench --help` or `python -m benchmarks.run --help` in its root."
+)
 
 
-def _benchmarks_main():
-    """``benchmarks/`` lives beside the package in the repository (it is not installed with the wheel)."""
-    if not (REPO_ROOT / "benchmarks" / "run.py").exists():
-        raise SystemExit(
-            f"fusedrl bench needs the repository checkout (benchmarks/run.py not found under {REPO_ROOT}); "
-            "clone the repo and install it with `pip install -e .`"
-        )
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    return importlib.import_module("benchmarks.run").main
+def checkout_root() -> Path | None:
+    """The source checkout the package runs from (an editable install), or None for an installed wheel."""
+    root = PACKAGE_DIR.parent
+    if (root / "benchmarks" / "run.py").is_file() and (root / "pyproject.toml").is_file():
+        return root
+    return None
 
 
 def _bench(rest: list[str]) -> int:
-    return _benchmarks_main()(rest)
+    """``python -m benchmarks.run REST`` in the checkout, as its own process: the ``benchmarks`` package is imported
+    from the checkout's root there, never added to this process's import path."""
+    root = checkout_root()
+    if root is None:
+        raise SystemExit(BENCH_NEEDS_CHECKOUT.format(package=PACKAGE_DIR))
+    return subprocess.run([sys.executable, "-m", "benchmarks.run", *rest], cwd=root, check=False).returncode
 
 
 def _aot(rest: list[str]) -> int:

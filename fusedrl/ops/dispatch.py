@@ -1,4 +1,4 @@
-"""Kernel selection: which backend runs each fused op.
+"""Kernel selection and the one helper that defines a fused op.
 
 Every op has the same three backends:
 - ``reference``: readable pure torch with fp32 accumulation; the ground truth the others are tested against.
@@ -7,21 +7,33 @@ Every op has the same three backends:
 
 Selection, highest priority first:
 1. ``with fusedrl.use_kernels(logprobs="triton"):`` (``all=`` sets every op); innermost block wins.
-2. :func:`configure_kernels` (trainer configs and the ``--kernels`` CLI flag call it).
+2. The config level: a trainer's ``kernels=`` field / the ``--kernels`` flag (applied with :func:`config_kernels`
+   around that trainer's steps), then the process-wide :func:`configure_kernels` (for scripts without a trainer).
 3. ``FUSEDRL_KERNELS="logprobs=triton,linear_logprobs=compiled"``, read each time a call resolves, never at import.
 4. The default: ``triton`` on CUDA, ``compiled`` elsewhere.
 
 An explicit request that cannot be met raises ``ValueError`` naming the valid choices; only the default falls back
 (logged once with the reason).
 
+Traced code (:func:`traced_backend`): inside a fusedrl compiled region (``runtime.compile.compile_region``) the
+backends are resolved eagerly on entry (:func:`pinned_selection`, which raises for an unmet request) and read by the
+traced ops from a module global that Dynamo guards on, so a region called again under another selection recompiles
+instead of reusing a graph traced for other backends. Inside a user's own ``torch.compile`` the backend resolved at
+trace time is a constant of that graph. A call that the op's Triton kernel cannot serve (say, a loss type coupling
+the batch when the kernel is per row) passes its reason as ``triton_unsupported`` and runs ``compiled``, logged once.
+
 Run-time fallback (:func:`run_with_fallback`): a Triton kernel can still fail when it is first compiled for a shape
 or dtype (a compiler error, a launch needing more shared memory or registers than the GPU has, a failed C build of
-the launcher stub). Every Triton launch site calls ``run_with_fallback(op, triton_fn, fallback_fn, *args)``
-inside its custom op (forward and backward): on such a failure a default selection runs ``fallback_fn`` (the
-compiled backend), logs the reason once per op and routes later calls of that op to ``compiled`` for the rest of
-the process; an explicit ``triton`` request re-raises instead. The explicit request is looked up where the launch
-fails, so a backward running outside the ``use_kernels`` block that chose Triton falls back rather than raising.
-New ops (GAE, policy losses) wrap their launches the same way.
+the launcher stub). Every Triton launch runs through :func:`define_op`'s implementation, which calls
+``run_with_fallback``: on such a failure a default selection runs the compiled backend, logs the reason once per op
+and routes later calls of that op to ``compiled`` for the rest of the process; an explicit ``triton`` request
+re-raises instead. The explicit request is looked up where the launch fails, so a backward running outside the
+``use_kernels`` block that chose Triton falls back rather than raising.
+
+Defining an op (:func:`define_op`): one ``torch.library.custom_op`` per fused computation, whose schema is its
+compiled implementation's signature plus a trailing ``backend: str``; a fake (meta) implementation; optional
+autograd. The public function of an op checks its inputs, resolves the backend with :func:`traced_backend`, runs the
+reference itself (plain torch, traced directly by Dynamo) and calls the custom op for ``compiled`` / ``triton``.
 """
 
 from __future__ import annotations
@@ -29,11 +41,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 import importlib.util
+import inspect
 import logging
 import os
 import subprocess
 import types
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar
 
@@ -45,14 +60,21 @@ BACKENDS = ("reference", "compiled", "triton")
 ENV_VAR = "FUSEDRL_KERNELS"
 ALL = "all"
 
-# Op name -> one line of what it computes; later issues register more ops (preference, gae, ...).
+# Op name -> one line of what it computes; each op folder registers its own on import.
 _OPS: dict[str, str] = {}
 
 # An immutable empty default: use_kernels always sets a fresh merged dict, never mutates the current one.
 _context_selection: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
     "fusedrl_kernels", default=types.MappingProxyType({})
 )
+# The config level: a trainer's `kernels=` field, scoped to its steps (config_kernels), over the process-wide one.
+_scoped_config_selection: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "fusedrl_config_kernels", default=types.MappingProxyType({})
+)
 _configured_selection: dict[str, str] = {}
+# Every op's backend as resolved on entry to a compiled region: read by traced code, guarded by Dynamo (a tuple of
+# (op, backend) string pairs is guarded by value, so an equal selection reuses the graph and another recompiles).
+_pinned_selection: tuple[tuple[str, str], ...] = ()
 _logged_fallbacks: set[tuple[str, str]] = set()
 # Op -> why its Triton kernel failed at run time; the default selection then runs it on `compiled`.
 _failed_triton: dict[str, str] = {}
@@ -110,8 +132,20 @@ def use_kernels(**selection: str) -> Iterator[None]:
         _context_selection.reset(token)
 
 
+@contextlib.contextmanager
+def config_kernels(selection: Mapping[str, str]) -> Iterator[None]:
+    """The config-level selection of one trainer (its ``kernels=`` field) inside a block: below any caller's
+    ``use_kernels``, above :func:`configure_kernels` and ``FUSEDRL_KERNELS``."""
+    token = _scoped_config_selection.set(types.MappingProxyType(_checked(selection, "kernels")))
+    try:
+        yield
+    finally:
+        _scoped_config_selection.reset(token)
+
+
 def configure_kernels(selection: str | Mapping[str, str] | None) -> dict[str, str]:
-    """Set the config/CLI-level selection (replacing the previous one); returns what was set."""
+    """Set the process-wide config-level selection (replacing the previous one); returns what was set. Trainers
+    scope their own ``kernels=`` field above it (:func:`config_kernels`); ``None`` clears it."""
     parsed = (
         parse_kernel_spec(selection)
         if isinstance(selection, str)
@@ -144,6 +178,9 @@ def _requested(op: str) -> tuple[str, str] | None:
     context = _context_selection.get()
     if op in context:
         return context[op], "use_kernels"
+    scoped = _scoped_config_selection.get()
+    if op in scoped:
+        return scoped[op], "kernels config"
     if op in _configured_selection:
         return _configured_selection[op], "kernels config"
     env = os.environ.get(ENV_VAR, "")
@@ -222,3 +259,133 @@ def kernel_backends(device: torch.device | str | None = None) -> dict[str, str]:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return {op: resolve(op, device) for op in _OPS}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backends inside traced code
+
+
+@contextlib.contextmanager
+def pinned_selection(device: torch.device | str) -> Iterator[None]:
+    """Resolve every op's backend for ``device`` now (an unmet explicit request raises here, before any tracing)
+    and let traced ops read it (:func:`traced_backend`) for the duration of the block."""
+    global _pinned_selection
+    previous = _pinned_selection
+    _pinned_selection = tuple(kernel_backends(device).items())
+    try:
+        yield
+    finally:
+        _pinned_selection = previous
+
+
+@torch.compiler.assume_constant_result
+def _constant_backend(op: str, device: torch.device) -> str:
+    # Outside a pinned region Dynamo cannot trace the selection (context variables, the environment): the backend
+    # resolved at trace time becomes a constant of the graph.
+    return resolve(op, device)
+
+
+def traced_backend(op: str, device: torch.device, *, triton_unsupported: str | None = None) -> str:
+    """The backend of ``op``; safe to call inside ``torch.compile``. In a pinned region (see
+    :func:`pinned_selection`) the traced graph guards on the pinned value and recompiles when it changes.
+
+    triton_unsupported: why this call has no Triton kernel although the op has one (e.g. a loss that couples the
+    batch, where the op's kernel is per row), or None. A ``triton`` selection, explicit or default, then runs
+    ``compiled`` and logs the reason once per op and reason: the selection names an op, not each of its calls.
+    """
+    backend = None
+    if torch.compiler.is_compiling():
+        for name, pinned in _pinned_selection:
+            if name == op:
+                backend = pinned
+        if backend is None:
+            backend = _constant_backend(op, device)
+    else:
+        backend = resolve(op, device)
+    if backend == "triton" and triton_unsupported:
+        return _routed_to_compiled(op, triton_unsupported)
+    return backend
+
+
+@torch.compiler.assume_constant_result
+def _routed_to_compiled(op: str, reason: str) -> str:
+    # Under torch.compile this runs once at trace time and its result is a graph constant: the log call stays out of
+    # the graph (a logging call in traced code would break a fullgraph region).
+    _log_fallback(op, reason)
+    return "compiled"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Defining an op
+
+
+def _import(target: str) -> Callable:
+    # Triton modules are imported on first use: triton.jit reads TRITON_INTERPRET when the module is imported.
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def define_op(
+    name: str,
+    *,
+    op: str,
+    compiled: Callable | str,
+    triton: str,
+    fake: Callable,
+    backward: Callable | None = None,
+    setup_context: Callable | None = None,
+) -> Callable:
+    """Register ``fusedrl::<name>`` and return the custom op: call it with the arguments of ``compiled`` and the
+    backend (``"compiled"`` or ``"triton"``) last.
+
+    compiled: the compiled-backend implementation, or its ``"module:function"``, then looked up on every call as
+        ``triton`` is (the module attribute decides what runs: a patched or reloaded function takes effect, e.g. a
+        test's spy). Its annotated signature is the op's schema (``backend: str`` is appended), so its parameters
+        must be custom-op types (tensors, optional tensors, int, float, bool, str, lists of those) and it must
+        return a tensor or a tuple of tensors.
+    triton: ``"module:function"`` of the Triton implementation, same signature, imported on first use and run
+        through :func:`run_with_fallback` (``compiled`` is the fallback).
+    op: the registry op whose selection and fallback state this custom op follows (several custom ops may share one,
+        e.g. a forward and its backward).
+    fake: the meta implementation, same parameters as ``compiled`` (no ``backend``).
+    backward, setup_context: autograd as in ``register_autograd``, without the ``backend`` input: ``backward``
+        returns one gradient (or None) per parameter of ``compiled``, and ``ctx.backend`` holds the backend.
+    """
+    def compiled_fn() -> Callable:
+        return _import(compiled) if isinstance(compiled, str) else compiled
+
+    signature = inspect.signature(compiled_fn())
+    hints = typing.get_type_hints(compiled_fn())
+    parameters = [param.replace(annotation=hints[param.name]) for param in signature.parameters.values()]
+    parameters.append(inspect.Parameter("backend", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str))
+    schema_signature = inspect.Signature(parameters, return_annotation=hints["return"])
+
+    def implementation(*args):
+        *inputs, backend = args
+        if backend == "compiled":
+            return compiled_fn()(*inputs)
+        if backend == "triton":
+            return run_with_fallback(op, _import(triton), compiled_fn(), *inputs)
+        raise ValueError(f"fusedrl::{name}: backend {backend!r} has no kernel here; choose compiled or triton "
+                         "(the reference runs outside the custom op)")
+
+    implementation.__signature__ = schema_signature
+    implementation.__name__ = implementation.__qualname__ = name
+    implementation.__annotations__ = {**{p.name: p.annotation for p in parameters}, "return": hints["return"]}
+    custom_op = torch.library.custom_op(f"fusedrl::{name}", mutates_args=())(implementation)
+
+    def fake_implementation(*args):
+        return fake(*args[:-1])
+
+    custom_op.register_fake(fake_implementation)
+    if backward is not None:
+        def setup(ctx, inputs, output):
+            ctx.backend = inputs[-1]
+            if setup_context is not None:
+                setup_context(ctx, inputs[:-1], output)
+
+        def backward_with_backend(ctx, *grads):
+            return (*backward(ctx, *grads), None)
+
+        custom_op.register_autograd(backward_with_backend, setup_context=setup)
+    return custom_op

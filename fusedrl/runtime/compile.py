@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import torch
 
+from fusedrl.ops import dispatch
 from fusedrl.ops.compiler import compile_options
 
 F = TypeVar("F", bound=Callable)
@@ -35,10 +36,28 @@ MAX_COMPILES_PER_BOUNDARY = 4
 
 
 @functools.cache
+def _compiled_region(fn: F) -> F:
+    return torch.compile(fn, **compile_options())
+
+
 def compile_region(fn: F) -> F:
     """Compile a trainer's loss region (hidden states -> loss); one artifact per function, shared by every trainer
-    instance of the class."""
-    return torch.compile(fn, **compile_options())
+    instance of the class.
+
+    Each call resolves every op's backend first (``dispatch.pinned_selection``, on the device of the first tensor
+    argument): an explicit request that cannot be met raises before anything runs, and the traced ops read the
+    resolved backends from a global that Dynamo guards on, so a call under another selection (a caller's
+    ``use_kernels`` after a first ``train()``) recompiles instead of reusing a graph traced for other backends.
+    """
+    compiled = _compiled_region(fn)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
+        with dispatch.pinned_selection(device):
+            return compiled(*args, **kwargs)
+
+    return run
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -2,7 +2,7 @@
 
 ``model(..., output_hidden_states=...)`` makes transformers 5 install output-capturing forward hooks on every decoder
 layer and attention module; those hooks read a ``ContextVar`` that Dynamo cannot trace, so a decoder layer compiled
-on its own (``engine.compile.compile_blocks``) fails with ``fullgraph=True`` once they exist. The trunk
+on its own (``runtime.compile.compile_blocks``) fails with ``fullgraph=True`` once they exist. The trunk
 (``model.get_decoder()``, e.g. ``LlamaModel``) returns the same tensor, the final-normed hidden states, as its
 ``last_hidden_state``; one forward hook on the trunk catches it and leaves the layers hook-free. The hook is registered
 for one forward and removed after it, so the model is unchanged outside that call.

@@ -4,7 +4,8 @@
 ``preference/``: DPO, ORPO, CPO, KTO; ``online/``: GRPO, RLOO, PPO, Online DPO; ``base``: what they share.
 """
 
-from fusedrl.trainers.base import FusedConfig, FusedTrainer
+from fusedrl.trainers.base import FusedTrainer
+from fusedrl.trainers.config import FusedConfig
 from fusedrl.trainers.online.grpo import GRPOTrainer
 from fusedrl.trainers.online.grpo_config import GRPOConfig
 from fusedrl.trainers.online.online_dpo import OnlineDPOTrainer

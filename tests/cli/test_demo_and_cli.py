@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from fusedrl.cli import main as cli_main
 from fusedrl.cli.demo import build_demo_trainer
 from tests.utils import assert_close
 
-GOLDEN = Path(__file__).parent / "golden" / "demo_dpo_first_steps.json"
+GOLDEN = Path(__file__).parents[1] / "golden" / "demo_dpo_first_steps.json"
 STEPS = 6
 
 
@@ -87,3 +90,39 @@ def test_cli_bad_kernels_flag_names_the_choices(tmp_path):
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         launch.build_job("dpo", ["--model", "tiny", "--dataset", "arithmetic", "--kernels", "all=fast",
                                  "--output_dir", str(tmp_path)])
+
+
+# `fusedrl bench`: the benchmark suite runs from a source checkout, in its own process.
+CLI_MODULE = importlib.import_module("fusedrl.cli.main")  # `fusedrl.cli.main` the attribute is the function
+
+
+def test_bench_runs_the_checkout_suite_in_a_subprocess(capfd):
+    """In this checkout `fusedrl bench --list` is `python -m benchmarks.run --list` in the repository root: it lists
+    every case (and runs none), and this process never imports the benchmarks package."""
+    assert CLI_MODULE.checkout_root() == Path(__file__).resolve().parents[2]
+    assert cli_main(["bench", "--list"]) == 0
+    listed = capfd.readouterr().out.split("\n")
+    assert [line.split()[0] for line in listed if line.strip()] == [
+        "linear_logprobs_entropy", "linear_logprobs_entropy.half_labelled", "linear_logprobs",
+        "linear_logprobs.half_labelled", "logprobs_entropy", "linear_preference.dpo_sigmoid", "gae",
+        "linear_policy_loss.grpo", "dpo_trainer", "dpo_compile", "grpo_trainer",
+    ]
+    assert "benchmarks" not in sys.modules
+
+
+def test_bench_outside_a_checkout_says_how_to_run_it(tmp_path, monkeypatch):
+    """An installed wheel (site-packages/fusedrl, no benchmarks/ beside it): a message, no process started."""
+    installed = tmp_path / "site-packages" / "fusedrl"
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(CLI_MODULE, "PACKAGE_DIR", installed)
+
+    def no_benchmark(*args, **kwargs):
+        raise AssertionError(f"a benchmark process was started: {args}")
+
+    monkeypatch.setattr(CLI_MODULE, "subprocess", types.SimpleNamespace(run=no_benchmark))
+    assert CLI_MODULE.checkout_root() is None
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["bench", "--quick"])
+    message = str(exit_info.value.code)
+    assert f"found no benchmarks/run.py beside {installed}" in message
+    assert "pip install -e '.[bench]'" in message and "python -m benchmarks.run --help" in message

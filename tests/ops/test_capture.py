@@ -56,6 +56,27 @@ def test_opcheck_custom_ops(backend):
     torch.library.opcheck(ops._linear_token_logprobs_op, (hidden, weight, None, labels, 1.0, -100, False, backend))
 
 
+@pytest.mark.parametrize("backend", ["compiled", "triton"])
+def test_opcheck_backward_ops(backend):
+    """The backward custom ops on their own: a missing entropy gradient, a frozen weight (its gradient is an empty
+    tensor) and no bias, which the fakes must match in shape and dtype."""
+    logits = torch.randn(5, 33)
+    labels = torch.randint(0, 33, (5,))
+    labels[1] = -100
+    _, entropy, lse = ops._token_logprobs_op(logits, labels, 1.0, -100, True, backend)
+    grad = torch.randn(5)
+    torch.library.opcheck(ops._token_logprobs_backward_op,
+                          (grad, None, logits, labels, lse, entropy, 1.0, -100, backend))
+    torch.library.opcheck(ops._token_logprobs_backward_op,
+                          (grad, grad.flip(0), logits, labels, lse, entropy, 1.0, -100, backend))
+    hidden, weight = torch.randn(5, 8), torch.randn(33, 8)
+    _, entropy, lse = ops._linear_token_logprobs_op(hidden, weight, None, labels, 0.5, -100, True, backend)
+    args = (grad, grad.flip(0), hidden, weight, None, labels, lse, entropy, 0.5, -100)
+    torch.library.opcheck(ops._linear_token_logprobs_backward_op, (*args, [True, False, True], backend))
+    grad_hidden, grad_weight, grad_bias = ops._linear_token_logprobs_backward_op(*args, [True, False, True], backend)
+    assert grad_hidden.shape == hidden.shape and grad_weight.numel() == 0 and grad_bias.numel() == 0
+
+
 def test_compiled_graph_matches_reference_on_varying_lengths():
     """Five sequence lengths through one compiled region: values stay right as shapes change."""
     weight = torch.randn(64, 8)

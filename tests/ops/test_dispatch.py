@@ -20,7 +20,7 @@ def _clean_selection(monkeypatch):
 
 
 def _backends(device="cpu", ops=("logprobs", "linear_logprobs")):
-    """The selection for the ops these tests set (other issues register more ops)."""
+    """The selection for the ops these tests set (every registered op has its own folder and tests)."""
     return {op: backend for op, backend in fusedrl.kernel_backends(device).items() if op in ops}
 
 

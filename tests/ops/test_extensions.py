@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 import fusedrl
-from fusedrl.ops import preference as ops
+from fusedrl.ops import dispatch
 from fusedrl.ops.preference import registry as preference_registry
 from fusedrl.ops.preference.reference import dpo_losses
 from tests.utils import assert_close
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 BACKENDS = ("reference", "compiled", "triton")
 
 
@@ -134,7 +134,7 @@ def test_hand_value_and_gradients_mixed_with_builtin(backend, caplog, monkeypatc
     (0.201413, 1.313262). loss_type [squared_hinge, sigmoid], weights [0.5, 1]: losses (0.201413, 3.313262),
     loss 1.757337. d loss / d policy_chosen = (-beta sig(-x) + 0.5 * 2 relu(1 - x) (-beta)) / B =
     (-0.045606, -0.682765); rejected and the references get the negatives. Rewards beta * log-ratios."""
-    monkeypatch.setattr(ops, "_logged_routes", set())
+    monkeypatch.setattr(dispatch, "_logged_fallbacks", set())
     fusedrl.register_preference_loss("squared_hinge", squared_hinge)
     leaves = [torch.tensor(v, requires_grad=True) for v in ([-10.0, -12.0], [-14.0, -11.0], [-11.0, -11.0],
                                                              [-12.0, -12.0])]

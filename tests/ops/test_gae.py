@@ -198,7 +198,9 @@ def test_triton_build_failure_falls_back_to_compiled(monkeypatch, caplog):
     def broken(*args):
         raise subprocess.CalledProcessError(1, ["cc", "launcher.c"])
 
-    monkeypatch.setattr(ops, "_triton_gae", broken)
+    from fusedrl.ops.gae import triton as gae_triton
+
+    monkeypatch.setattr(gae_triton, "gae_fwd", broken)
     monkeypatch.setattr(registry, "_failed_triton", {})
     monkeypatch.setattr(registry, "_logged_fallbacks", set())
     with caplog.at_level(logging.WARNING, logger="fusedrl"):

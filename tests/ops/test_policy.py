@@ -17,9 +17,9 @@ import torch
 import fusedrl
 from fusedrl.ops import policy as ops
 from fusedrl.ops.logprobs.reference import linear_token_logprobs_reference
-from fusedrl.ops.policy import compiled as tokenwise
+from fusedrl.ops.policy import compiled
 from fusedrl.ops.policy.reference import high_entropy_mask, policy_loss_reference, value_loss_reference
-from tests.utils import assert_close
+from tests.utils import assert_close, spy_policy_backends
 
 FAST_BACKENDS = ("compiled", "triton")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -98,7 +98,7 @@ def test_variants(backend, level, case):
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_changing_scalars_in_one_process(backend):
     """The compiled function must not reuse a graph built for other clip bounds, dual clip or beta (the scalars
-    travel as a tensor because torch 2.13 reused one; see tokenwise.scalar_params)."""
+    travel as a tensor because torch 2.13 reused one; see compiled.scalar_params)."""
     logps, old, ref, adv, mask, _ = _inputs(spread=0.8)
     for eps_high, delta, beta in ((0.2, None, 0.1), (0.28, None, 0.1), (0.28, 1.1, 0.1), (0.2, 1.1, 0.5)):
         _compare(backend, logps, old, adv, mask, ref_logps_BT=ref, beta=beta, epsilon_high=eps_high, delta=delta)
@@ -234,9 +234,9 @@ def test_entropy_keep_matches_reference_quantile_bitwise():
             entropy = torch.round(entropy * 2) / 2  # many ties at the threshold
         mask = torch.rand(3, 47) > 0.3
         quantile = float(torch.rand(()))
-        keep = tokenwise.high_entropy_keep(entropy, mask.float(), quantile)
+        keep = compiled.high_entropy_keep(entropy, mask.float(), quantile)
         assert torch.equal(keep.bool(), high_entropy_mask(entropy, mask, quantile)), trial
-    assert not tokenwise.high_entropy_keep(torch.rand(2, 3), torch.zeros(2, 3), 0.2).any()
+    assert not compiled.high_entropy_keep(torch.rand(2, 3), torch.zeros(2, 3), 0.2).any()
 
 
 @pytest.mark.parametrize("backend", ("reference", *FAST_BACKENDS))
@@ -322,6 +322,87 @@ def test_value_loss_and_kl_penalty():
     assert_close(fusedrl.kl_penalty(d, torch.zeros(2), "k1"), d)
     assert_close(fusedrl.kl_penalty(d, torch.zeros(2), "k2"), torch.tensor([0.125, 0.5]))
     assert_close(fusedrl.kl_penalty(d, torch.zeros(2)), torch.tensor([math.exp(-0.5) - 0.5, math.e - 2.0]))
+
+
+def test_ratio_weighted_kl_hand_derived():
+    """One row, mask [1, 1], old = ref = 0, logps = [ln 2, 0], dapo over the 2 tokens. k3 = exp(-d) + d - 1 with
+    d = logp - ref: [ln 2 - 0.5, 0]; ratios exp(logp - old) = [2, 1] -> loss = 2 (ln 2 - 0.5) / 2 = ln 2 - 0.5
+    = 0.19315, and the kl metric (token mean) the same. d/dlogp of k3 * r = (k3' + k3) r with k3' = 1 - exp(-d):
+    token 1 (0.5 + ln 2 - 0.5) * 2 / 2 = ln 2; token 2: 0."""
+    for backend in ("reference", *FAST_BACKENDS):
+        leaf = torch.tensor([[math.log(2.0), 0.0]], requires_grad=True)
+        with fusedrl.use_kernels(policy_loss=backend):
+            out = ops.ratio_weighted_kl(leaf, torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2))
+        out.loss.backward()
+        assert_close(out.loss, torch.tensor(math.log(2.0) - 0.5), name=backend)
+        assert_close(out.kl, torch.tensor(math.log(2.0) - 0.5), name=backend)
+        assert_close(leaf.grad, torch.tensor([[math.log(2.0), 0.0]]), name=backend)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("level", ("token", "sequence"))
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_ratio_weighted_kl_backends_match_reference(backend, level, loss_type):
+    """The fast backends aggregate with the custom op's per-row weights, the reference with TRL's formula: same
+    values and gradients on the awkward (3, 47) shape with a fully masked row; on-policy too (ratio 1)."""
+    logps, old, ref, _, mask, _ = _inputs(spread=0.8)
+    options = {"importance_sampling_level": level, "loss_type": loss_type, "max_completion_length": 64,
+               "num_items_in_batch": torch.tensor(57.0) if loss_type == "dapo" else None}
+    for old_logps in (old, None):
+        results = {}
+        for name in ("reference", backend):
+            leaf = logps.clone().requires_grad_()
+            with fusedrl.use_kernels(policy_loss=name):
+                out = ops.ratio_weighted_kl(leaf, old_logps, ref, mask, **options)
+            out.loss.backward()
+            results[name] = (out, leaf.grad)
+        (expected, grad_expected), (actual, grad_actual) = results["reference"], results[backend]
+        assert_close(actual.loss, expected.loss, name="loss")
+        assert_close(actual.kl, expected.kl, name="kl")
+        assert_close(grad_actual, grad_expected, name="grad logps")
+
+
+@pytest.mark.parametrize("backend", ("reference", *FAST_BACKENDS))
+def test_ratio_weighted_kl_fullgraph_compile(backend):
+    """GRPO's loss region compiles it with fullgraph=True (a tensor dapo normaliser, as the trainer passes): same
+    value and gradient as eager."""
+    logps, old, ref, _, mask, _ = _inputs(spread=0.8)
+
+    def step(leaf):
+        return ops.ratio_weighted_kl(leaf, old, ref, mask, importance_sampling_level="sequence",
+                                     num_items_in_batch=torch.tensor(40.0)).loss
+
+    torch._dynamo.reset()
+    with fusedrl.use_kernels(policy_loss=backend):
+        traced, eager = logps.clone().requires_grad_(), logps.clone().requires_grad_()
+        loss_traced = torch.compile(step, fullgraph=True)(traced)
+        loss_eager = step(eager)
+    loss_traced.backward()
+    loss_eager.backward()
+    assert_close(loss_traced, loss_eager, name="loss")
+    assert_close(traced.grad, eager.grad, name="grad")
+
+
+def test_ratio_weighted_kl_bad_input_names_the_argument():
+    logps, mask = torch.zeros(3, 6), torch.ones(3, 6)
+    with pytest.raises(ValueError, match="ref_logps_BT"):
+        ops.ratio_weighted_kl(logps, None, torch.zeros(3, 5), mask)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        ops.ratio_weighted_kl(logps, None, logps, mask, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        ops.ratio_weighted_kl(logps, None, logps, mask, importance_sampling_level="seq")
+
+
+@pytest.mark.parametrize("backend", ("reference", *FAST_BACKENDS))
+def test_selection_runs_that_backend_only(backend, monkeypatch):
+    """One forward and backward per level: the selected implementation runs once per call, the others never (the
+    backward is the custom op's saved-gradient multiply, not a second launch)."""
+    spies = spy_policy_backends(monkeypatch)
+    logps, old, ref, adv, mask, _ = _inputs()
+    for level in ("token", "sequence"):
+        _run(backend, logps, old, adv, mask, ref_logps_BT=ref, beta=0.1, importance_sampling_level=level)
+    counts = {name: spy.call_count for name, spy in spies.items()}
+    assert counts == {name: 2 if name == backend else 0 for name in counts}
 
 
 @pytest.mark.parametrize(("options", "fragment"), [

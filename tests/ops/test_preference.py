@@ -1,20 +1,24 @@
-"""Every backend of `preference` and `linear_preference_loss` against the references: values and every gradient.
+"""Every backend of the `preference` op (`preference_loss`, `orpo_loss`, `kto_loss`, `kto_kl`) and of
+`linear_preference_loss` against the references: values and every gradient.
 
-The references are ``kernels.preference.dpo_losses`` / ``cpo_losses`` (verified against TRL 1.16 in
-``test_preference_formulas.py``) and, for the linear op, full fp32 logits + ``sequence_logps`` + those losses.
-Triton runs under TRITON_INTERPRET=1 (conftest); the shapes here are small for both backends.
+The references are ``reference.dpo_losses`` / ``cpo_losses`` / ``orpo_loss`` / ``kto_losses`` (verified against TRL
+1.16 in ``test_preference_formulas.py``) and, for the linear op, full fp32 logits + ``sequence_logps`` + those
+losses. Triton runs under TRITON_INTERPRET=1 (conftest); the shapes here are small for both backends.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
 
 import fusedrl
+from fusedrl.ops import dispatch
 from fusedrl.ops import preference as ops
 from fusedrl.ops.logprobs.reference import linear_token_logprobs_reference
+from fusedrl.ops.preference import fused
 from fusedrl.ops.preference.reference import sequence_logps, token_mean_nll
 from tests.utils import assert_close
 
@@ -114,7 +118,7 @@ def test_cpo_nll_term(backend):
 @pytest.mark.parametrize("loss_type", COUPLED, ids=",".join)
 def test_batch_coupled_types_run_compiled(backend, loss_type, caplog, monkeypatch):
     """aot sorts over the batch and sft is one batch mean: no per-pair kernel; triton logs once and runs compiled."""
-    monkeypatch.setattr(ops, "_logged_routes", set())
+    monkeypatch.setattr(dispatch, "_logged_fallbacks", set())
     logps, lengths = _inputs(6)
     opts = _options("dpo", loss_type, loss_weights=[1.0, 0.5, 0.2] if len(loss_type) > 1 else None)
     with caplog.at_level(logging.WARNING, logger="fusedrl"):
@@ -153,6 +157,133 @@ def test_dpo_sigmoid_hand_value(backend):
     assert_close(out.chosen_rewards, torch.tensor([0.2]))
     assert_close(out.rejected_rewards, torch.tensor([-0.5]))
     assert_close(torch.cat([t.grad for t in leaves]), torch.tensor([-0.033181, 0.033181, 0.033181, -0.033181]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# orpo_loss, kto_loss, kto_kl
+
+
+def _orpo_run(backend, chosen, rejected, nll):
+    leaves = [t.clone().requires_grad_() for t in (chosen, rejected, nll)]
+    with fusedrl.use_kernels(preference=backend):
+        out = ops.orpo_loss(leaves[0], leaves[1], chosen_nll=leaves[2], beta=0.2)
+    (out.loss + (out.losses * torch.linspace(-1.0, 2.0, out.losses.shape[0])).sum()).backward()
+    return out, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("case", ["awkward", "extreme"])
+def test_orpo_matches_reference(backend, case):
+    """Mean log-probs of an awkward B = 5; extreme: -1e4 and -1e-6 (probabilities 0 and ~1: log-odds -1e4, +13.8)."""
+    if case == "awkward":
+        chosen, rejected = -torch.rand(5) * 3 - 0.01, -torch.rand(5) * 3 - 0.01
+    else:
+        chosen, rejected = torch.tensor([-1e4, -1e-6, -0.5, -1e4]), torch.tensor([-1e-6, -1e4, -0.5, -1e4])
+    out, grads = _orpo_run(backend, chosen, rejected, torch.tensor(1.7))
+    ref, ref_grads = _orpo_run("reference", chosen, rejected, torch.tensor(1.7))
+    assert all(torch.isfinite(t).all() for t in (*out, *grads))
+    assert not any(t.requires_grad for t in out[2:])  # rewards and the log-odds metrics are detached
+    for name in out._fields:
+        assert_close(getattr(out, name), getattr(ref, name), name=name)
+    for name, grad, ref_grad in zip(("chosen", "rejected", "chosen_nll"), grads, ref_grads):
+        assert_close(grad, ref_grad, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
+def test_orpo_hand_value(backend):
+    """chosen mean logp ln 0.5, rejected ln 0.2: odds 1 and 1/4, log_odds = ln 4 = 1.386294, logsig = -ln 1.25 =
+    -0.223144; beta 0.1, nll 2: loss = 2 + 0.0223144. d loss / d chosen = -beta sig(-ln 4) / (1 - 0.5) = -0.04,
+    d loss / d rejected = beta sig(-ln 4) / (1 - 0.2) = 0.025, d loss / d nll = 1; rewards 0.1 ln 0.5, 0.1 ln 0.2."""
+    leaves = [torch.tensor(v, requires_grad=True) for v in ([math.log(0.5)], [math.log(0.2)], 2.0)]
+    with fusedrl.use_kernels(preference=backend):
+        out = fusedrl.orpo_loss(leaves[0], leaves[1], chosen_nll=leaves[2], beta=0.1)
+    out.loss.backward()
+    assert_close(out.loss, torch.tensor(2.0223144))
+    assert_close(out.log_odds_chosen, torch.tensor([1.386294]))
+    assert_close(out.log_odds_ratio, torch.tensor([-0.223144]))
+    assert_close(out.chosen_rewards, torch.tensor([0.1 * math.log(0.5)]))
+    assert_close(torch.cat([t.grad.reshape(1) for t in leaves]), torch.tensor([-0.04, 0.025, 1.0]))
+
+
+def _kto_run(backend, logps, ref_logps, labels, **options):
+    leaves = [t.clone().requires_grad_() for t in (logps, ref_logps)]
+    with fusedrl.use_kernels(preference=backend):
+        out = ops.kto_loss(leaves[0], leaves[1], labels, beta=0.3, **options)
+    (out.loss + (out.losses * torch.linspace(-1.0, 2.0, out.losses.shape[0])).sum()).backward()
+    return out, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_kto_matches_reference(backend, loss_type):
+    """Awkward N = 7 with one log-ratio of +-1e4, both labels, weights, the KL from mismatched pairs; and one label
+    only with a precomputed KL (clamped at 0 when negative)."""
+    logps, ref_logps = torch.randn(7) * 5 - 30, torch.randn(7) * 5 - 30
+    logps[0], logps[1] = 1e4, -1e4
+    labels = torch.tensor([True, False, True, True, False, False, True])
+    kl_logps, ref_kl_logps = torch.randn(7) - 30, torch.randn(7) - 31  # KL estimate ~ +1
+    cases = [({"kl_logps": kl_logps, "ref_kl_logps": ref_kl_logps, "desirable_weight": 1.5,
+               "undesirable_weight": 0.7}, labels),
+             ({"kl": torch.tensor(-0.4)}, torch.ones(7, dtype=torch.bool))]
+    for options, case_labels in cases:
+        out, grads = _kto_run(backend, logps, ref_logps, case_labels, loss_type=loss_type, **options)
+        ref, ref_grads = _kto_run("reference", logps, ref_logps, case_labels, loss_type=loss_type, **options)
+        assert not out.rewards.requires_grad and not out.kl.requires_grad
+        for name in ("loss", "losses", "rewards", "kl"):
+            assert_close(getattr(out, name), getattr(ref, name), name=name)
+        for name, grad, ref_grad in zip(("logps", "ref_logps"), grads, ref_grads):
+            assert torch.isfinite(grad).all()
+            assert_close(grad, ref_grad, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
+def test_kto_hand_value(backend):
+    """beta 1, kl 0.5. Desirable: lr = -10 - (-12) = 2, z = 1.5, loss sig(-1.5) = 0.182426. Undesirable
+    (weight 2): lr = -1, z = -1.5, loss 2 sig(-1.5) = 0.364851. loss = mean = 0.273638; d loss / d logps =
+    (-sig(1.5) sig(-1.5), 2 sig(1.5) sig(-1.5)) / 2 = (-0.074573, 0.149146); rewards (2, -1)."""
+    logps = torch.tensor([-10.0, -13.0], requires_grad=True)
+    with fusedrl.use_kernels(preference=backend):
+        out = fusedrl.kto_loss(logps, torch.tensor([-12.0, -12.0]), torch.tensor([True, False]), beta=1.0,
+                               undesirable_weight=2.0, kl=torch.tensor(0.5))
+    out.loss.backward()
+    assert_close(out.losses, torch.tensor([0.182426, 0.364851]))
+    assert_close(out.loss, torch.tensor(0.273638))
+    assert_close(out.rewards, torch.tensor([2.0, -1.0]))
+    assert_close(out.kl, torch.tensor(0.5))
+    assert_close(logps.grad, torch.tensor([-0.074573, 0.149146]))
+
+
+@pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
+def test_kto_kl_is_a_detached_mean(backend, caplog, monkeypatch):
+    """(-1 - -3 + -2 - -1) / 2 = 0.5; triton has no kernel for this batch mean: it runs compiled, logged once."""
+    monkeypatch.setattr(dispatch, "_logged_fallbacks", set())
+    kl_logps = torch.tensor([-1.0, -2.0], requires_grad=True)
+    with caplog.at_level(logging.WARNING, logger="fusedrl"), fusedrl.use_kernels(preference=backend):
+        for _ in range(2):
+            kl = fusedrl.kto_kl(kl_logps, torch.tensor([-3.0, -1.0]))
+            assert_close(kl, torch.tensor(0.5))
+            assert not kl.requires_grad
+    notes = [r for r in caplog.records if "KL estimate is a batch mean" in r.getMessage()]
+    assert len(notes) == (1 if backend == "triton" else 0)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_opcheck_unpaired_op(backend):
+    logps, ref_logps = (torch.randn(6) * 10).requires_grad_(), (torch.randn(6) * 10).requires_grad_()
+    labels = torch.tensor([True, False, False, True, True, False])
+    torch.library.opcheck(fused.unpaired_losses_op, (logps, ref_logps, labels, torch.tensor(0.3), 0.2, 1.5, 0.5,
+                                                     backend))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda t: fusedrl.kto_loss(t, t, t > 0), r"'kto' needs kl, or kl_logps"),
+    (lambda t: fusedrl.kto_loss(t, t, t > 0, loss_type="sigmoid"), r"Unknown KTO loss_type 'sigmoid'"),
+    (lambda t: fusedrl.kto_loss(t, t[:2], t > 0, kl=t[0]), r"ref_logps must match logps"),
+    (lambda t: fusedrl.orpo_loss(t, t, chosen_nll=t), r"chosen_nll must be a scalar"),
+], ids=["kto-without-kl", "kto-loss-type", "kto-shapes", "orpo-nll"])
+def test_orpo_kto_errors_name_the_problem(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(torch.randn(3))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,10 +399,10 @@ def test_opcheck_pair_op(backend):
     logps = [(torch.randn(5) * 10).requires_grad_() for _ in range(4)]
     scale = [1.0 / torch.randint(1, 9, (5,)).float() for _ in range(2)]
     params = (0.1, 0.1, 0.05, 0.0, 0.5, 1.0, backend)
-    torch.library.opcheck(ops._pair_losses_op, (*logps, None, None, None, "logistic", "reverse_kl", *params))
-    torch.library.opcheck(ops._pair_losses_op, (*logps, *scale, torch.rand(5), "square", "js_divergence", *params))
-    torch.library.opcheck(ops._pair_losses_op, (*logps[:2], None, None, None, None, None, "logistic", "alphapo",
-                                                *params))
+    torch.library.opcheck(fused.pair_losses_op, (*logps, None, None, None, "logistic", "reverse_kl", *params))
+    torch.library.opcheck(fused.pair_losses_op, (*logps, *scale, torch.rand(5), "square", "js_divergence", *params))
+    torch.library.opcheck(fused.pair_losses_op, (*logps[:2], None, None, None, None, None, "logistic", "alphapo",
+                                                 *params))
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -22,8 +22,9 @@ from fusedrl.cli import presets
 from fusedrl.runtime import memory
 from fusedrl.runtime.compile import MAX_COMPILES_PER_BOUNDARY, decoder_blocks
 from fusedrl.trainers import DPOConfig, DPOTrainer
-from fusedrl.trainers.base import IGNORE_INDEX
+from fusedrl.trainers.head import IGNORE_INDEX
 from fusedrl.trainers.preference.dpo import _dpo_region
+from tests.helpers.online import char_reward, make_ppo_trainer, train_quietly
 from tests.utils import assert_close
 
 # Prompts of 4 to 8 characters and completions of 1 to 5: each batch of one pair has its own padded length.
@@ -93,7 +94,7 @@ def test_compile_on_matches_off_and_bounds_recompiles(tmp_path):
     assert_close(torch.tensor(losses(compiled)), torch.tensor(losses(eager)))
     compiles = Counter(metric.co_name for metric in get_compilation_metrics())
     assert compiles["_dpo_region"] == 1  # the policy's loss region: one graph for all five lengths
-    assert compiles["_head_logprobs"] == 1  # the reference's head region (no grad)
+    assert compiles["head_logprobs"] == 1  # the reference's head region (no grad)
     block_compiles = compiles["forward_with_checkpointing"] + compiles["_call_impl"]
     assert 0 < block_compiles <= MAX_COMPILES_PER_BOUNDARY, compiles
     assert max(compiles.values()) <= MAX_COMPILES_PER_BOUNDARY, compiles
@@ -180,21 +181,17 @@ def test_ppo_compile_on_matches_off(tmp_path):
     """The same base switch on an RL trainer: PPO's loss region (fused head -> clipped policy loss + value loss) and
     the blocks of policy and value model compiled give the eager losses (same rollouts: same seed, and sampling
     runs outside the compiled regions)."""
-    from tests.trainers.test_ppo_trainer import make_trainer as make_ppo
-    from tests.trainers.test_ppo_trainer import train as train_ppo
-
-    eager = [entry["loss"] for entry in train_ppo(make_ppo(tmp_path / "eager", kernels="all=compiled"))]
-    compiled = [entry["loss"] for entry in train_ppo(make_ppo(tmp_path / "compiled", kernels="all=compiled",
-                                                              compile=True, compile_blocks=True))]
+    eager = [entry["loss"] for entry in train_quietly(make_ppo_trainer(tmp_path / "eager", kernels="all=compiled"))]
+    compiled_trainer = make_ppo_trainer(tmp_path / "compiled", kernels="all=compiled", compile=True, compile_blocks=True)
+    compiled = [entry["loss"] for entry in train_quietly(compiled_trainer)]
     assert len(eager) == 2
     assert_close(torch.tensor(compiled), torch.tensor(eager))
 
 
 def test_grpo_compile_on_matches_off(tmp_path):
     """GRPO's loss region (fused head -> clipped loss with a k3 KL to the reference) and compiled blocks of policy
-    and reference give the eager losses; generation runs eagerly inside (engine.compile.eager_generation)."""
+    and reference give the eager losses; generation runs eagerly inside (runtime.compile.eager_generation)."""
     from fusedrl.trainers import GRPOConfig, GRPOTrainer
-    from tests.trainers.test_grpo_trainer import char_reward  # dense, so every group has spread and a gradient
 
     tokenizer = presets.build_tokenizer()
     config = {"per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 5, "max_steps": 2,
@@ -204,7 +201,7 @@ def test_grpo_compile_on_matches_off(tmp_path):
     runs = {}
     for name, extra in (("eager", {}), ("compiled", {"compile": True, "compile_blocks": True})):
         trainer = GRPOTrainer(presets.load_preset_model("tiny", seed=0, tokenizer=tokenizer),
-                              reward_funcs=[presets.answer_reward, char_reward],
+                              reward_funcs=[presets.answer_reward, char_reward],  # dense: every group has spread
                               args=GRPOConfig(str(tmp_path / name), **config, **extra),
                               train_dataset=presets.load_preset_dataset("arithmetic", kind="prompt", n=16, seed=1),
                               processing_class=tokenizer)

@@ -2,7 +2,7 @@
 
 Every multi-process run goes through the real command line, ``python -m fusedrl dpo --accelerate_config <name>``,
 which starts torchrun (ddp) or ``accelerate launch`` with the bundled config and adds what a CPU run needs
-(fusedrl/engine/launcher.py). One process with 8 pairs per step and two with 4 each see the same pairs in the same
+(fusedrl/runtime/launcher.py). One process with 8 pairs per step and two with 4 each see the same pairs in the same
 order (accelerate hands batch ``2k + r`` of 4 to rank ``r``), and DDP, FSDP2 and ZeRO all average gradients over
 the ranks, so the logged losses (the mean over both ranks) agree to fp32 rounding. Step 1 is ln 2 everywhere (policy
 and reference start equal); steps 2-3 check the update, the sharded reference, and for the sync cases a reference
@@ -110,7 +110,7 @@ def test_two_processes_match_one(config, baseline, extra, dataset, baselines, tm
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env,
-                            cwd=Path(__file__).resolve().parents[1])
+                            cwd=Path(__file__).resolve().parents[2])
     if result.returncode != 0:  # the children's errors sit above torchrun's summary
         errors = [line for line in result.stderr.splitlines() if "Error" in line or "Fatal" in line or "abort" in line]
         pytest.fail(f"exit {result.returncode}:\n" + "\n".join(errors[-30:]) + "\n" + result.stderr[-2000:])

@@ -33,9 +33,9 @@ from fusedrl.ops.logprobs import linear_token_logprobs
 from fusedrl.ops.preference import preference_loss
 from fusedrl.runtime import checkpoint
 from fusedrl.runtime.faults import NonFiniteTrainingError
-from tests.runtime.test_resume import build_trainer
+from tests.helpers.resume import build_trainer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 KILL_IN_SAVE_AT = 4
 
 
@@ -220,11 +220,12 @@ def test_run_with_fallback_catches_compile_errors_only(default_triton, caplog):
 
 
 def test_linear_logprobs_falls_back_to_compiled(default_triton, caplog, monkeypatch):
-    from fusedrl.ops.logprobs import triton as triton_rows
+    from fusedrl.ops.logprobs import triton as logprobs_triton
 
+    # The row launches fail, inside the Triton entry points that dispatch.define_op runs with its fallback.
     failing_fwd, failing_bwd = _FailingKernel(), _FailingKernel()
-    monkeypatch.setattr(triton_rows, "rows_fwd", failing_fwd)
-    monkeypatch.setattr(triton_rows, "rows_bwd", failing_bwd)
+    monkeypatch.setattr(logprobs_triton, "rows_fwd", failing_fwd)
+    monkeypatch.setattr(logprobs_triton, "rows_bwd", failing_bwd)
     hidden = torch.randn(3, 7, 16)
     weight = torch.randn(37, 16)
     labels = torch.randint(0, 37, (3, 7))
@@ -256,7 +257,7 @@ def test_preference_falls_back_to_compiled(default_triton, caplog, monkeypatch):
     from fusedrl.ops.preference import triton as triton_loss
 
     failing = _FailingKernel()
-    monkeypatch.setattr(triton_loss, "pair_losses", failing)
+    monkeypatch.setattr(triton_loss, "pair_preference_losses", failing)
     chosen, rejected, ref_chosen, ref_rejected = torch.randn(4, 5).unbind(0)
     with caplog.at_level(logging.WARNING, logger="fusedrl"):
         fell_back = preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.3)
@@ -267,6 +268,35 @@ def test_preference_falls_back_to_compiled(default_triton, caplog, monkeypatch):
     with registry.use_kernels(preference="triton"), pytest.raises(CompilationError):
         preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.3)
 
+
+
+def test_policy_loss_falls_back_to_compiled(default_triton, caplog, monkeypatch):
+    from fusedrl.ops.policy import policy_loss
+    from fusedrl.ops.policy import triton as policy_triton
+
+    failing = _FailingKernel()
+    monkeypatch.setattr(policy_triton, "policy_rows", failing)
+    logps, old, ref = (torch.randn(3, 11) - 1.0 for _ in range(3))
+    advantages, mask = torch.randn(3), torch.rand(3, 11) > 0.3
+
+    def run():
+        leaf = logps.clone().requires_grad_()
+        out = policy_loss(leaf, old, advantages, mask, ref_logps_BT=ref, beta=0.1, loss_type="grpo")
+        out.loss.backward()
+        return out.loss.detach(), out.kl, out.clip_ratio_region, leaf.grad
+
+    assert registry.resolve("policy_loss", "cpu") == "triton"
+    with caplog.at_level(logging.WARNING, logger="fusedrl"):
+        fell_back = run()
+        again = run()
+    with registry.use_kernels(policy_loss="compiled"):
+        compiled = run()
+    for got in (fell_back, again):
+        assert all(torch.equal(a, b) for a, b in zip(got, compiled))
+    assert failing.calls == 1 and len(_fallback_warnings(caplog)) == 1
+    with registry.use_kernels(policy_loss="triton"), pytest.raises(CompilationError):
+        run()
+    assert failing.calls == 2
 
 if __name__ == "__main__":
     if sys.argv[1] == "kill-during-save":

@@ -65,7 +65,7 @@ def llama_step(model, offloader: ActivationOffloader | None, seed: int = 0):
     return loss.detach(), grads
 
 
-def tiny_llama(*, checkpointing: str = "none", lora: bool = False):
+def preset_llama(*, checkpointing: str = "none", lora: bool = False):
     model = load_preset_model("tiny").train()
     if lora:
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
@@ -91,7 +91,7 @@ def assert_bitwise(loss, grads, ref_loss, ref_grads):
                                                 ("none", True), ("non-reentrant", True)],
                          ids=["plain", "checkpoint", "checkpoint-reentrant", "lora", "lora-checkpoint"])
 def test_bitwise_identical_loss_and_gradients(checkpointing, lora):
-    model = tiny_llama(checkpointing=checkpointing, lora=lora)
+    model = preset_llama(checkpointing=checkpointing, lora=lora)
     ref_loss, ref_grads = llama_step(model, None)
     offloader = ActivationOffloader(model, min_bytes=0, max_in_flight=3, prefetch=2)
     loss, grads = llama_step(model, offloader)
@@ -113,8 +113,8 @@ def test_checkpointing_offloads_only_block_inputs():
     """Non-reentrant checkpointing saves each block's inputs and recomputes the rest under its own (inner) hooks,
     so far fewer tensors reach the offloader than without checkpointing."""
     plain, ckpt = ActivationOffloader(min_bytes=0), ActivationOffloader(min_bytes=0)
-    llama_step(tiny_llama(), plain)
-    llama_step(tiny_llama(checkpointing="non-reentrant"), ckpt)
+    llama_step(preset_llama(), plain)
+    llama_step(preset_llama(checkpointing="non-reentrant"), ckpt)
     assert 0 < ckpt.stats().num_offloaded < plain.stats().num_offloaded / 3
 
 
@@ -181,7 +181,7 @@ def test_dead_branch_tickets_live_until_their_graph_is_freed():
 def test_no_leak_over_20_steps(monkeypatch):
     """20 optimizer steps of the tiny Llama: after each, no ticket and no host buffer is alive (weakrefs to every
     one created), and the stash and tracker are empty."""
-    model = tiny_llama()
+    model = preset_llama()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     offloader = ActivationOffloader(model, min_bytes=0)
     created = []

@@ -33,40 +33,12 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers.resume import MAX_STEPS, SAVE_STEPS, build_trainer
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 CASES = ("plain", "lora_ga2", "sync_ref")
-MAX_STEPS, SAVE_STEPS, KILL_AT = 8, 3, 5
+KILL_AT = 5
 SYNC_REF_CONTROL = "sync_ref_without_ref_file"
-
-
-def build_trainer(case: str, output_dir: str, *, callbacks=None, **overrides):
-    """The DPO trainer of ``case`` (see the module docstring); ``overrides`` go to DPOConfig."""
-    from fusedrl.cli import presets
-    from fusedrl.trainers.preference.dpo import DPOTrainer
-    from fusedrl.trainers.preference.dpo_config import DPOConfig
-
-    fields = {
-        "output_dir": output_dir, "kernels": "all=reference", "max_steps": MAX_STEPS, "save_strategy": "steps",
-        "save_steps": SAVE_STEPS, "logging_steps": 1, "per_device_train_batch_size": 2, "learning_rate": 3e-3,
-        "beta": 0.2, "report_to": "none", "bf16": False, "use_cpu": True, "disable_tqdm": True,
-        "dataloader_pin_memory": False, "gradient_checkpointing": False, "seed": 0, "max_length": 32,
-    }
-    peft_config = None
-    if case == "lora_ga2":
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-        fields.update(gradient_accumulation_steps=2, learning_rate=2e-2, logging_steps=2)
-    elif case == "sync_ref":
-        fields.update(sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.5)
-    fields.update(overrides)
-    tokenizer = presets.build_tokenizer()
-    num_rows = 12 if case == "lora_ga2" else 10
-    return DPOTrainer(
-        model=presets.load_preset_model("tiny", seed=0, tokenizer=tokenizer), args=DPOConfig(**fields),
-        train_dataset=presets.load_preset_dataset("arithmetic", "train", n=num_rows, seed=0),
-        processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
-    )
 
 
 class KillAtStep(TrainerCallback):

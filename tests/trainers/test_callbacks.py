@@ -18,8 +18,6 @@ from rich.console import Console
 from transformers import (
     DataCollatorForLanguageModeling,
     GenerationConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
     LlamaForSequenceClassification,
     Trainer,
     TrainerControl,
@@ -45,6 +43,7 @@ from fusedrl.trainers.online.judges import (
     arithmetic_judge,
     check_verdicts,
 )
+from tests.helpers.models import tiny_llama
 
 GREEDY_3 = GenerationConfig(max_new_tokens=3, do_sample=False)
 
@@ -54,25 +53,10 @@ def tokenizer():
     return build_tokenizer()
 
 
-def tiny_config(tokenizer, **overrides) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=128,  # the tokenizer's 103 tokens, padded
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **overrides,
-    )
-
-
-def tiny_model(tokenizer, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_config(tokenizer))
+# The model of these tests: tests/helpers/models.TINY_LLAMA at hidden 32, 2 attention heads / 1 KV head, drawn from
+# the global generator as this file always has (see tiny_llama's isolate_rng).
+SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
+         "isolate_rng": False}
 
 
 def state_at(step: int, *, main: bool = True, max_steps: int = 3) -> TrainerState:
@@ -83,10 +67,10 @@ def state_at(step: int, *, main: bool = True, max_steps: int = 3) -> TrainerStat
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0], ids=["alpha0.5", "alpha1.0-hard-copy"])
-def test_sync_mixes_on_sync_steps_only(tokenizer, alpha):
+def test_sync_mixes_on_sync_steps_only(alpha):
     """alpha 0.5: ref' = (ref + policy) / 2, bitwise (halving is exact in fp32, so 0.5*r + 0.5*p rounds once like
     (r + p) / 2). alpha 1.0: ref' = policy, bitwise."""
-    policy, ref = tiny_model(tokenizer, 0), tiny_model(tokenizer, 1)
+    policy, ref = tiny_llama(0, **SMALL), tiny_llama(1, **SMALL)
     ref_before = {n: p.detach().clone() for n, p in ref.named_parameters()}
     policy_before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     args = types.SimpleNamespace(ref_model_sync_steps=2, ref_model_mixup_alpha=alpha)
@@ -113,12 +97,12 @@ def test_sync_bf16_reference_mixes_in_fp32():
     assert (ref > 1.0).all(), "the 0.01 step rounded away"
 
 
-def test_sync_peft_reference_adapter(tokenizer):
+def test_sync_peft_reference_adapter():
     """The reference is adapter 'ref' of the policy: only its tensors move, to (ref + default) / 2."""
     peft = pytest.importorskip("peft")
     lora = {"r": 2, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}  # random B: adapters differ
     torch.manual_seed(0)
-    model = peft.get_peft_model(tiny_model(tokenizer, 0), peft.LoraConfig(**lora))
+    model = peft.get_peft_model(tiny_llama(0, **SMALL), peft.LoraConfig(**lora))
     model.add_adapter("ref", peft.LoraConfig(**lora))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     callback = SyncRefModelCallback("ref", sync_steps=1, alpha=0.5)
@@ -135,15 +119,15 @@ def test_sync_peft_reference_adapter(tokenizer):
     assert num_ref == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
 
 
-def test_sync_rejects_mismatched_models(tokenizer):
+def test_sync_rejects_mismatched_models():
     peft = pytest.importorskip("peft")
-    policy = peft.get_peft_model(tiny_model(tokenizer, 0), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    policy = peft.get_peft_model(tiny_llama(0, **SMALL), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="pass the adapter's name"):
-        SyncRefModelCallback(tiny_model(tokenizer, 1), sync_steps=1, alpha=0.5).sync(policy, 0.5)
+        SyncRefModelCallback(tiny_llama(1, **SMALL), sync_steps=1, alpha=0.5).sync(policy, 0.5)
     with pytest.raises(ValueError, match="needs sync_steps and alpha"):
-        SyncRefModelCallback(tiny_model(tokenizer, 1)).on_train_begin(types.SimpleNamespace(), state_at(0), None)
+        SyncRefModelCallback(tiny_llama(1, **SMALL)).on_train_begin(types.SimpleNamespace(), state_at(0), None)
     with pytest.raises(ValueError, match="alpha must be in"):
-        SyncRefModelCallback(tiny_model(tokenizer, 1), sync_steps=1, alpha=0.0).on_train_begin(None, state_at(0), None)
+        SyncRefModelCallback(tiny_llama(1, **SMALL), sync_steps=1, alpha=0.0).on_train_begin(None, state_at(0), None)
 
 
 def _fake_deepspeed(rank: int, calls: list):
@@ -268,8 +252,7 @@ def test_reward_model_judge_hand_model(tokenizer):
 
 def test_reward_model_judge_llama_batched_matches_single(tokenizer):
     """Batched, padded scoring of a tiny LlamaForSequenceClassification gives the verdicts of one-by-one scoring."""
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(tiny_config(tokenizer, num_labels=1))
+    model = tiny_llama(0, model_cls=LlamaForSequenceClassification, num_labels=1, **SMALL)
     judge = RewardModelJudge(model, tokenizer, batch_size=3)
     prompts = ["What is 1+1?\n", "What is 12+30?\n", "What is 99-9?\n"]
     pairs = [("2", "11"), ("42 is it", "4"), ("90", "ninety")]
@@ -316,7 +299,7 @@ def make_trainer(tokenizer, tmp_path, *, callbacks=(), **args) -> Trainer:
         **args,
     }
     return Trainer(
-        model=tiny_model(tokenizer, 0),
+        model=tiny_llama(0, **SMALL),
         args=TrainingArguments(**args),
         train_dataset=_lm_dataset(tokenizer, 6),
         eval_dataset=_lm_dataset(tokenizer, 5, offset=50),
@@ -365,9 +348,9 @@ def test_win_rate_callback_stored_references(trainer, judge, win_rate, tie_rate)
     assert set(callback.last.policy_first) == {True, False}
 
 
-def test_win_rate_callback_generates_reference_from_ref_model(trainer, tokenizer):
+def test_win_rate_callback_generates_reference_from_ref_model(trainer):
     """With trainer.ref_model a copy of the policy, greedy reference completions equal the policy's: all ties."""
-    trainer.ref_model = tiny_model(tokenizer, 0)
+    trainer.ref_model = tiny_llama(0, **SMALL)
     try:
         judge = RuleJudge(lambda prompt, completion: 0.0)
         callback = WinRateCallback(judge, trainer, GREEDY_3, num_prompts=3, shuffle_order=False)
@@ -424,6 +407,29 @@ def test_log_completions_every_freq_steps_to_wandb(trainer, monkeypatch):
     assert table.columns == ["step", "prompt", "completion"]
     assert [row[0] for row in table.data] == [2, 2, 4, 4]  # all rows so far
     assert callback.console.file.getvalue() == ""
+
+
+def test_callback_completions_are_the_rollouts(trainer, tokenizer):
+    """The callbacks generate through the online trainers' rollout (rollout.generate_completions): 5 chat prompts in
+    eval batches of 4 give the completions of one greedy rollout of all 5, and the table shows the prompts as
+    rendered by the chat template."""
+    from fusedrl.trainers.online.rollout import generate_completions
+
+    saved = trainer.eval_dataset
+    chats = [[{"role": "user", "content": f"What is {i}+{i + 1}?"}] for i in range(5)]
+    trainer.eval_dataset = Dataset.from_dict({"prompt": chats})
+    try:
+        callback = LogCompletionsCallback(trainer, GREEDY_3, console=Console(file=io.StringIO()))
+        callback.log_completions(trainer.args, state_at(1))
+    finally:
+        trainer.eval_dataset = saved
+    rollout = generate_completions(trainer.model, tokenizer, chats, generation_config=callback.generation_config,
+                                   eos_token_ids=[tokenizer.eos_token_id])
+    assert trainer.args.per_device_eval_batch_size == 4
+    assert [completion for _, _, completion in callback.table] == rollout.completions_text
+    assert [prompt for _, prompt, _ in callback.table] == [
+        f"<bos><|user|>What is {i}+{i + 1}?<eos><|assistant|>" for i in range(5)
+    ]
 
 
 # RichProgressCallback --------------------------------------------------------------------------------------------
@@ -484,7 +490,7 @@ def test_trainer_run_with_all_callbacks(tokenizer, tmp_path):
     """3 steps, evaluations at step 2 and (transformers' end-of-training evaluation) 3: the win rate is logged and returned, the reference tracks the policy
     (alpha 1 every step: equal at the end), completions are tabled, progress is printed as plain lines."""
     trainer = make_trainer(tokenizer, tmp_path)
-    trainer.ref_model = tiny_model(tokenizer, 1)
+    trainer.ref_model = tiny_llama(1, **SMALL)
     out = io.StringIO()
     use_rich_progress(trainer, console=Console(file=out))
     sync = SyncRefModelCallback(trainer.ref_model, trainer.accelerator, sync_steps=1, alpha=1.0)

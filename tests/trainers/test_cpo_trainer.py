@@ -5,7 +5,8 @@
   seed and config; every metric TRL logs must match to fp32 precision (rtol = atol = 1e-5), the loss must be finite
   and every trainable tensor must have moved. The data path is ORPO's (tests/trainers/test_orpo_trainer.py covers
   conversational data, truncation, gradient accumulation, evaluation and PEFT for both);
-- kernels: the reference and compiled backends give the same first-step loss and gradients;
+- kernels: the reference and compiled backends give the same first-step loss and gradients, and
+  ``kernels="preference=..."`` runs that backend's loss and no other (counted calls);
 - bad rows and bad configs fail at construction; the config has TRL's fields and defaults.
 """
 
@@ -21,25 +22,22 @@ from datasets import Dataset
 import fusedrl.trainers as fused
 from fusedrl.cli.presets.tokenizer import build_tokenizer
 from fusedrl.trainers.data import DatasetFormatError
-from tests.trainers.test_dpo_trainer import CHOSEN, PROMPTS, standard_pairs, tiny_model, train_logs, trainable_snapshot
-from tests.trainers.test_orpo_trainer import (
+from tests.helpers.data import CHOSEN, PROMPTS, standard_pairs
+from tests.helpers.models import tiny_llama
+from tests.helpers.parity import (
     assert_backends_agree,
     assert_matches_trl,
+    assert_selected_backend_runs,
     assert_trl_fields,
     base_settings,
     first_step,
+    train_logs,
+    trainable_snapshot,
 )
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # TRLExperimentalWarning: the peer is only compared against
     from trl.experimental import cpo as trl_cpo
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model().save_pretrained(path)
-    return str(path)
 
 
 def make_trainer(module, model, output_dir, *, train=None, **overrides):
@@ -79,7 +77,7 @@ def test_alphapo_is_simpo_without_nll():
 
 def test_alphapo_reward_on_summed_logps_stays_finite(tmp_path):
     """The case TRL cannot run (see PARITY_CASES): sums of about -150 nats, where exp(logp) underflows to 0."""
-    loss, grads = first_step(make_trainer(fused, tiny_model(), tmp_path, loss_type="sigmoid", alpha=0.02))
+    loss, grads = first_step(make_trainer(fused, tiny_llama(), tmp_path, loss_type="sigmoid", alpha=0.02))
     assert torch.isfinite(loss) and all(torch.isfinite(grad).all() for grad in grads.values())
 
 
@@ -88,17 +86,26 @@ def test_kernel_backends_agree(model_dir, tmp_path):
                                                        kernels=f"linear_logprobs={backend}"))
 
 
+@pytest.mark.parametrize("loss_type,alpha", [("simpo", 0.25), ("hinge", 0.0)])
+def test_selected_preference_backend_runs(loss_type, alpha, model_dir, tmp_path, monkeypatch):
+    """CPO's losses (AlphaPO reward included) run on the per-pair op under compiled and triton."""
+    assert_selected_backend_runs(
+        lambda backend: make_trainer(fused, model_dir, tmp_path / backend, loss_type=loss_type, alpha=alpha,
+                                     kernels=f"all=reference,preference={backend}"),
+        "fusedrl.ops.preference.reference.cpo:cpo_losses", monkeypatch)
+
+
 def test_bad_rows_fail_at_construction(tmp_path):
     rows = Dataset.from_dict({"prompt": PROMPTS, "chosen": [*CHOSEN[:6], "", CHOSEN[7]],
                               "rejected": ["x"] * len(PROMPTS)})
     with pytest.raises(DatasetFormatError, match=re.escape("train dataset: row 6, field 'chosen': is empty")):
-        make_trainer(fused, tiny_model(), tmp_path, train=rows)
+        make_trainer(fused, tiny_llama(), tmp_path, train=rows)
 
 
 @pytest.mark.parametrize("loss_type, message", [("kto_pair", "removed from CPO"), ("dpo", "unknown loss_type")])
 def test_bad_configs_fail_at_construction(loss_type, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        make_trainer(fused, tiny_model(), tmp_path, loss_type=loss_type)
+        make_trainer(fused, tiny_llama(), tmp_path, loss_type=loss_type)
 
 
 def test_config_has_trl_fields_and_defaults():

@@ -544,3 +544,23 @@ def test_validation_accepts_bundled_datasets(tokenizer, conversational):
     assert data.validate_preference_dataset(unpaired, paired=False, **check) is None
     assert data.validate_preference_dataset(data.unpair_preference_dataset(pairs), paired=False, **check) is None
     assert data.validate_prompt_dataset(prompt_dataset(20, conversational=conversational), **check) is None
+
+
+def test_check_prompt_dataset_is_the_online_trainers_check():
+    """The online trainers' construction check: their layout errors in the trainer's terms first, then the rows
+    through validate_prompt_dataset, its errors prefixed with the dataset's name (a dict names the entry)."""
+    good = prompt_dataset(4)
+    assert data.check_prompt_dataset(good, "train_dataset") is None
+    assert data.check_prompt_dataset(None, "eval_dataset") is None
+    assert data.check_prompt_dataset({"easy": good}, "eval_dataset") is None
+    with pytest.raises(ValueError, match=r"^train_dataset needs a 'prompt' column \(TRL's prompt-only format\); it "
+                                         r"has \['text'\]$"):
+        data.check_prompt_dataset(Dataset.from_dict({"text": ["a"]}), "train_dataset")
+    streamed = IterableDataset.from_generator(lambda: iter([{"prompt": "a"}]))
+    with pytest.raises(ValueError, match=r"^train_dataset must be a datasets\.Dataset .*, got IterableDataset$"):
+        data.check_prompt_dataset(streamed, "train_dataset")
+    with pytest.raises(ValueError, match=r"^train_dataset has images: vision prompts are not supported"):
+        data.check_prompt_dataset(Dataset.from_dict({"prompt": ["a"], "image": [None]}), "train_dataset")
+    hard = Dataset.from_dict({"prompt": ["Hi", ""]})
+    with pytest.raises(DatasetFormatError, match=r"^eval_dataset\['hard'\]: row 1, field 'prompt': is empty$"):
+        data.check_prompt_dataset(DatasetDict(easy=good, hard=hard), "eval_dataset")

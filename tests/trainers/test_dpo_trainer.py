@@ -6,20 +6,20 @@
   precision (tests/utils.assert_close: rtol = atol = 1e-5), the loss must be finite and every trainable tensor must
   have moved;
 - kernels: the reference, compiled and Triton (interpreted on CPU) backends give the same first-step loss and
-  gradients through the trainer;
+  gradients through the trainer, and ``kernels="preference=..."`` runs that backend's loss and no other (counted
+  calls of the reference formula, the compiled stages and the Triton entry point; batch-coupled types too);
 - PEFT: the reference is the base model with adapters disabled, or a frozen copy of a pretrained adapter;
 - precomputed reference log-probs give the same trajectory as the live reference, with no reference model kept;
 - bad rows and bad configs fail at construction, naming the row and the field;
 - a golden loss trajectory (tests/golden/dpo_tiny_sigmoid.json; FUSEDRL_UPDATE_GOLDEN=1 rewrites it).
 
-The model (hidden 48, 2 layers, vocab 128, 64 positions) is saved once per session and loaded by path by both
-trainers, as a TRL user would; TRL reloads its reference from that path, fusedrl copies the loaded policy.
+The model (tests/helpers/models.tiny_llama: hidden 48, 2 layers, vocab 128, 64 positions) is saved once per session
+(the ``model_dir`` fixture, tests/trainers/conftest.py) and loaded by path by both trainers, as a TRL user would; TRL
+reloads its reference from that path, fusedrl copies the loaded policy.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -30,87 +30,36 @@ from pathlib import Path
 import pytest
 import torch
 import trl
-from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import fusedrl.trainers as fused
 from fusedrl.cli.presets.tokenizer import build_tokenizer
 from fusedrl.ops import dispatch as registry
 from fusedrl.ops.preference.reference import DPO_LOSS_TYPES
-from fusedrl.trainers.base import IGNORE_INDEX
 from fusedrl.trainers.data import DatasetFormatError
-from tests.utils import assert_close
+from fusedrl.trainers.head import IGNORE_INDEX
+from tests.helpers.data import CHOSEN, LORA, PROMPTS, conversational_pairs, pair_rows, standard_pairs
+from tests.helpers.models import tiny_llama
+from tests.helpers.parity import (
+    assert_trl_fields,
+    base_settings,
+    first_step,
+    materialise_pair_case,
+    train_logs,
+    trainable_snapshot,
+)
+from tests.utils import PAIR_ENTRY_POINTS, assert_close, count_calls
 
-GOLDEN = Path(__file__).parent / "golden" / "dpo_tiny_sigmoid.json"
-LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
-
-# Lengths vary (prompts of 5-25 tokens, completions of 2-25): with max_length=20, keep_start drops rows 1 and 6 and
-# cuts three completions; keep_end cuts prompts instead.
-PROMPTS = ["2+2=", "What is 13+29? Answer:", "Add 7 and 8.\n", "17-9=", "Q: 120+35\nA:", "9+10=",
-           "The sum of 3, 4 and 5 is", "55-5="]
-CHOSEN = ["4", " 42", "15", "8", " 155, since 120+35 = 155", "19", " 12", "50"]
-REJECTED = ["5", " 24", "fifteen", "7", " 15", "21 (nine plus ten)", " 345", "5"]
-
-
-def standard_pairs(n: int = 8) -> Dataset:
-    return Dataset.from_dict({"prompt": PROMPTS[:n], "chosen": CHOSEN[:n], "rejected": REJECTED[:n]})
-
-
-def conversational_pairs(n: int = 8) -> Dataset:
-    return Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": p}] for p in PROMPTS[:n]],
-        "chosen": [[{"role": "assistant", "content": c}] for c in CHOSEN[:n]],
-        "rejected": [[{"role": "assistant", "content": r}] for r in REJECTED[:n]],
-    })
-
-
-def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model().save_pretrained(path)
-    return str(path)
-
-
-def make_config(module, output_dir, **overrides):
-    settings = {"output_dir": str(output_dir), "per_device_train_batch_size": 4, "max_steps": 2, "logging_steps": 1,
-                "learning_rate": 1e-3, "bf16": False, "report_to": [], "save_strategy": "no", "seed": 0,
-                "max_length": 48, "disable_tqdm": True}
-    settings.update(overrides)
-    return module.DPOConfig(**settings)
-
+GOLDEN = Path(__file__).parents[1] / "golden" / "dpo_tiny_sigmoid.json"
 
 def make_trainer(module, model, output_dir, *, train=None, eval_dataset=None, peft_config=None, **overrides):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return module.DPOTrainer(model=model, args=make_config(module, output_dir, **overrides),
+        return module.DPOTrainer(model=model, args=module.DPOConfig(**base_settings(output_dir, **overrides)),
                                  train_dataset=standard_pairs() if train is None else train,
                                  eval_dataset=eval_dataset, processing_class=build_tokenizer(),
                                  peft_config=peft_config)
-
-
-def train_logs(trainer, evaluate: bool = False) -> list[dict[str, float]]:
-    # Trainer prints every log line when tqdm is off; the logs themselves are in state.log_history.
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.train()
-        if evaluate:
-            trainer.evaluate()
-    return [{k: v for k, v in entry.items() if k not in ("epoch", "learning_rate", "step")}
-            for entry in trainer.state.log_history if "loss" in entry or "eval_loss" in entry]
-
-
-def trainable_snapshot(trainer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -143,25 +92,13 @@ PARITY_CASES.update({
 })
 
 
-def _materialise(case: dict) -> dict:
-    case = dict(case)
-    if case.get("train") == "conversational":
-        case["train"] = conversational_pairs()
-    if case.get("eval_dataset") == "standard":
-        case["eval_dataset"] = Dataset.from_dict({"prompt": ["3+4=", "8-6=", "Twelve plus one:"],
-                                                  "chosen": ["7", "2", " 13"], "rejected": ["8", "14", " 11"]})
-    if case.get("peft_config") == "lora":
-        case["peft_config"] = LoraConfig(**LORA)
-    return case
-
-
 @pytest.mark.parametrize("name", sorted(PARITY_CASES))
 def test_matches_trl(name, model_dir, tmp_path):
     """Both trainers from the same checkpoint path: every metric TRL logs, fusedrl logs with the same value."""
     case = PARITY_CASES[name]
     evaluate = "eval_dataset" in case
-    expected = train_logs(make_trainer(trl, model_dir, tmp_path / "trl", **_materialise(case)), evaluate)
-    trainer = make_trainer(fused, model_dir, tmp_path / "fused", **_materialise(case))
+    expected = train_logs(make_trainer(trl, model_dir, tmp_path / "trl", **materialise_pair_case(case)), evaluate)
+    trainer = make_trainer(fused, model_dir, tmp_path / "fused", **materialise_pair_case(case))
     before = trainable_snapshot(trainer)
     actual = train_logs(trainer, evaluate)
 
@@ -183,13 +120,23 @@ def test_matches_trl(name, model_dir, tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _first_step(trainer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    trainer.model.train()
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    with trainer.compute_loss_context_manager():
-        loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+# Batch-coupled types: the compiled backend is torch.compile of the reference (compiled.traced_reference).
+COUPLED_ENTRY_POINTS = {**PAIR_ENTRY_POINTS, "compiled": "fusedrl.ops.preference.compiled:traced_reference"}
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "aot"])
+@pytest.mark.parametrize("backend", ["reference", "compiled", "triton"])
+def test_selected_preference_backend_runs(backend, loss_type, model_dir, tmp_path, monkeypatch):
+    """One step under ``kernels="preference=<backend>"`` calls that backend's loss once and no other backend's.
+    ``aot`` sorts the batch, which the per-pair Triton kernel cannot fuse: under ``triton`` it runs compiled."""
+    entry_points = PAIR_ENTRY_POINTS if loss_type == "sigmoid" else COUPLED_ENTRY_POINTS
+    counts = count_calls(monkeypatch, entry_points)
+    trainer = make_trainer(fused, model_dir, tmp_path, loss_type=[loss_type], max_steps=1,
+                           kernels=f"all=reference,preference={backend}")
+    logs = train_logs(trainer)
+    ran = "compiled" if (backend, loss_type) == ("triton", "aot") else backend
+    assert counts == {name: int(name == ran) for name in entry_points}
+    assert math.isfinite(logs[0]["loss"])
 
 
 def test_kernel_backends_agree(model_dir, tmp_path):
@@ -200,7 +147,7 @@ def test_kernel_backends_agree(model_dir, tmp_path):
         trainer = make_trainer(fused, model_dir, tmp_path / backend, kernels=f"linear_logprobs={backend}")
         with trainer.compute_loss_context_manager():
             assert registry.resolve("linear_logprobs", "cpu") == backend
-        results[backend] = _first_step(trainer)
+        results[backend] = first_step(trainer)
     expected_loss, expected_grads = results["reference"]
     for backend in backends[1:]:
         loss, grads = results[backend]
@@ -276,12 +223,6 @@ def test_precompute_matches_live_reference(model_dir, tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _rows(**columns) -> Dataset:
-    rows = {"prompt": list(PROMPTS), "chosen": list(CHOSEN), "rejected": list(REJECTED)}
-    rows.update(columns)
-    return Dataset.from_dict({k: v for k, v in rows.items() if v is not None})
-
-
 def _with(values: list, index: int, value) -> list:
     values = list(values)
     values[index] = value
@@ -289,16 +230,16 @@ def _with(values: list, index: int, value) -> list:
 
 
 BAD_DATA = {
-    "missing-column": (lambda: _rows(rejected=None), {}, r"missing column\(s\) \['rejected'\]"),
-    "empty-chosen": (lambda: _rows(chosen=_with(CHOSEN, 3, "")), {}, r"row 3, field 'chosen': is empty"),
+    "missing-column": (lambda: pair_rows(rejected=None), {}, r"missing column\(s\) \['rejected'\]"),
+    "empty-chosen": (lambda: pair_rows(chosen=_with(CHOSEN, 3, "")), {}, r"row 3, field 'chosen': is empty"),
     "non-string-content": (
         lambda: conversational_pairs().map(
             lambda row, i: {"rejected": [{"role": "assistant", "content": None if i == 5 else "7"}]},
             with_indices=True),
         {}, r"row 5, field 'rejected', message 0: 'content' must be a string, got None"),
-    "mixed-formats": (lambda: _rows(chosen=[[{"role": "assistant", "content": c}] for c in CHOSEN]), {},
+    "mixed-formats": (lambda: pair_rows(chosen=[[{"role": "assistant", "content": c}] for c in CHOSEN]), {},
                       r"row 0: fields mix formats"),
-    "too-long-without-truncation": (lambda: _rows(prompt=_with(PROMPTS, 6, "1+" * 40 + "1=")), {"max_length": None},
+    "too-long-without-truncation": (lambda: pair_rows(prompt=_with(PROMPTS, 6, "1+" * 40 + "1=")), {"max_length": None},
                                     r"row 6, field 'chosen'.*longer than.*64 positions"),
 }
 
@@ -307,7 +248,7 @@ BAD_DATA = {
 def test_bad_rows_fail_at_construction(name, tmp_path):
     make_dataset, overrides, message = BAD_DATA[name]
     with pytest.raises(DatasetFormatError, match=message):
-        make_trainer(fused, tiny_model(), tmp_path, train=make_dataset(), **overrides)
+        make_trainer(fused, tiny_llama(), tmp_path, train=make_dataset(), **overrides)
 
 
 BAD_CONFIGS = {
@@ -323,13 +264,11 @@ BAD_CONFIGS = {
 def test_bad_configs_fail_at_construction(name, tmp_path):
     overrides, message = BAD_CONFIGS[name]
     with pytest.raises(ValueError, match=message):
-        make_trainer(fused, tiny_model(), tmp_path, **overrides)
+        make_trainer(fused, tiny_llama(), tmp_path, **overrides)
 
 
 def test_config_has_trl_fields_and_defaults():
     """Every trl.DPOConfig field exists with TRL's default; fusedrl adds only the shared engine fields."""
-    from tests.trainers.test_orpo_trainer import assert_trl_fields
-
     assert_trl_fields(trl.DPOConfig, fused.DPOConfig)
 
 
@@ -340,7 +279,7 @@ def test_config_has_trl_fields_and_defaults():
 
 def test_golden_loss_trajectory(tmp_path):
     """4 sigmoid steps of the tiny model (seed 0, batch 4, lr 1e-3) against the stored trajectory."""
-    trainer = make_trainer(fused, tiny_model(), tmp_path, max_steps=4)
+    trainer = make_trainer(fused, tiny_llama(), tmp_path, max_steps=4)
     losses = [entry["loss"] for entry in train_logs(trainer)[:4]]
     if os.environ.get("FUSEDRL_UPDATE_GOLDEN") == "1":
         GOLDEN.parent.mkdir(exist_ok=True)

@@ -18,6 +18,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -27,9 +28,10 @@ from transformers import AutoModelForCausalLM
 
 from fusedrl.cli import presets
 from fusedrl.trainers import GRPOConfig, GRPOTrainer
-from tests.utils import assert_close
+from tests.helpers.online import char_reward
+from tests.utils import assert_close, spy_policy_backends
 
-GOLDEN = Path(__file__).parent / "golden" / "grpo_tiny.json"
+GOLDEN = Path(__file__).parents[1] / "golden" / "grpo_tiny.json"
 TOKENIZER = presets.build_tokenizer()
 BASE = {"per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 5, "max_steps": 2,
         "logging_steps": 1, "learning_rate": 1e-2, "bf16": False, "activation_checkpointing": False,
@@ -37,29 +39,15 @@ BASE = {"per_device_train_batch_size": 8, "num_generations": 4, "max_completion_
 IGNORED = {"step_time", "memory/peak_rss_mb", "epoch", "step"}
 
 
-def char_reward(completions, **kwargs):
-    """Mean of ``ord(c) % 7 / 7`` over the characters: arbitrary, but dense, so every group of a random model's
-    completions has spread (a zero-spread group gives zero advantages and no gradient to compare)."""
-    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return [sum(ord(ch) % 7 for ch in t) / (7 * max(len(t), 1)) for t in texts]
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    presets.load_preset_model("tiny", seed=0, tokenizer=TOKENIZER).save_pretrained(path)
-    return str(path)
-
-
 def _data(conversational=False, n=48):
     return presets.load_preset_dataset("arithmetic", kind="prompt", n=n, seed=1, conversational=conversational)
 
 
 def _run(trainer_cls, config_cls, model_path, tmp_path, *, conversational=False, rewards=None, peft_config=None,
-         **fields):
+         kernels="all=reference", **fields):
     config = config_cls(str(tmp_path / trainer_cls.__module__.split(".")[0]), **{**BASE, **fields})
     if trainer_cls is GRPOTrainer:
-        config.kernels = "all=reference"
+        config.kernels = kernels
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = trainer_cls(AutoModelForCausalLM.from_pretrained(model_path),
@@ -87,10 +75,10 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_trl(model_path, tmp_path, case):
+def test_matches_trl(preset_model_dir, tmp_path, case):
     fields = dict(CASES[case])
-    ours, moved, trainable = _run(GRPOTrainer, GRPOConfig, model_path, tmp_path, **fields)
-    theirs, _, _ = _run(trl.GRPOTrainer, trl.GRPOConfig, model_path, tmp_path, **fields)
+    ours, moved, trainable = _run(GRPOTrainer, GRPOConfig, preset_model_dir, tmp_path, **fields)
+    theirs, _, _ = _run(trl.GRPOTrainer, trl.GRPOConfig, preset_model_dir, tmp_path, **fields)
     assert len(ours) == len(theirs) == 2
     for step, (mine, peer) in enumerate(zip(ours, theirs, strict=True), start=1):
         names = set(peer) - IGNORED
@@ -104,10 +92,10 @@ def test_matches_trl(model_path, tmp_path, case):
     assert moved == trainable, f"parameters that never moved: {sorted(trainable - moved)}"
 
 
-def test_peft_reference_is_the_adapter_disabled_policy(model_path, tmp_path):
+def test_peft_reference_is_the_adapter_disabled_policy(preset_model_dir, tmp_path):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                       task_type="CAUSAL_LM")
-    logs, moved, trainable = _run(GRPOTrainer, GRPOConfig, model_path, tmp_path, beta=0.1, peft_config=lora,
+    logs, moved, trainable = _run(GRPOTrainer, GRPOConfig, preset_model_dir, tmp_path, beta=0.1, peft_config=lora,
                                   num_iterations=2)
     assert trainable and all("lora_" in name for name in trainable)
     assert moved == trainable
@@ -115,9 +103,26 @@ def test_peft_reference_is_the_adapter_disabled_policy(model_path, tmp_path):
     assert logs[-1]["kl"] > 0.0 and all(math.isfinite(entry["loss"]) for entry in logs)
 
 
-def test_golden_trajectory(model_path, tmp_path):
+@pytest.mark.parametrize("backend", ["reference", "compiled", "triton"])
+def test_policy_loss_flag_selects_what_runs(preset_model_dir, tmp_path, monkeypatch, backend):
+    """One step, one micro-batch, beta != 0 with the ratio-weighted KL: the selected implementation of the
+    policy-loss op (spied on in its module) runs once and the others never; the reference aggregation runs twice
+    on reference (the loss and the KL term), never on the fast backends (the KL term uses their per-row weights)."""
+    from fusedrl.ops.policy import reference
+
+    spies = spy_policy_backends(monkeypatch)
+    aggregate = mock.Mock(wraps=reference.aggregate)
+    monkeypatch.setattr(reference, "aggregate", aggregate)
+    logs, _, _ = _run(GRPOTrainer, GRPOConfig, preset_model_dir, tmp_path, beta=0.1, max_steps=1,
+                      kernels=f"all=reference,policy_loss={backend}")
+    assert math.isfinite(logs[0]["loss"]) and math.isfinite(logs[0]["kl"])
+    assert {key: spy.call_count for key, spy in spies.items()} == {key: int(key == backend) for key in spies}
+    assert aggregate.call_count == (2 if backend == "reference" else 0)
+
+
+def test_golden_trajectory(preset_model_dir, tmp_path):
     """The first 3 steps' loss, reward and mean length on the reference backend (CPU, fp32)."""
-    logs, _, _ = _run(GRPOTrainer, GRPOConfig, model_path, tmp_path, beta=0.04, max_steps=3)
+    logs, _, _ = _run(GRPOTrainer, GRPOConfig, preset_model_dir, tmp_path, beta=0.04, max_steps=3)
     got = {key: [entry[key] for entry in logs] for key in ("loss", "reward", "completions/mean_length")}
     if os.environ.get("FUSEDRL_UPDATE_GOLDEN") == "1":
         GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
@@ -142,8 +147,8 @@ def test_bad_config_names_the_field(tmp_path, fields, match):
         GRPOConfig(str(tmp_path), **{**BASE, **fields})
 
 
-def test_bad_inputs_fail_at_construction(model_path, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(model_path)
+def test_bad_inputs_fail_at_construction(preset_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(preset_model_dir)
     config = GRPOConfig(str(tmp_path), **BASE)
     from datasets import Dataset
 
@@ -157,11 +162,11 @@ def test_bad_inputs_fail_at_construction(model_path, tmp_path):
                     train_dataset=_data(), processing_class=TOKENIZER)
 
 
-def test_overlong_prompts_are_rejected_when_asked(model_path, tmp_path):
+def test_overlong_prompts_are_rejected_when_asked(preset_model_dir, tmp_path):
     with pytest.raises(ValueError, match="more than max_prompt_length=4"):
-        _run(GRPOTrainer, GRPOConfig, model_path, tmp_path, max_prompt_length=4, prompt_truncation="error")
+        _run(GRPOTrainer, GRPOConfig, preset_model_dir, tmp_path, max_prompt_length=4, prompt_truncation="error")
     # keep_end trains on the truncated prompts.
-    logs, _, _ = _run(GRPOTrainer, GRPOConfig, model_path, tmp_path, max_prompt_length=4, max_steps=1)
+    logs, _, _ = _run(GRPOTrainer, GRPOConfig, preset_model_dir, tmp_path, max_prompt_length=4, max_steps=1)
     assert math.isfinite(logs[0]["loss"])
 
 

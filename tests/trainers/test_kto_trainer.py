@@ -6,7 +6,8 @@
   config; every metric TRL logs must match to fp32 precision (rtol = atol = 1e-5), the loss must be finite and every
   trainable tensor must have moved. The paired case's first batch has desirable rows only, so it also checks that
   an absent label logs nothing, as in TRL;
-- kernels: the reference and compiled backends give the same first-step loss and gradients;
+- kernels: the reference and compiled backends give the same first-step loss and gradients, and
+  ``kernels="preference=..."`` runs that backend's loss and KL estimate and no other (counted calls);
 - bad rows and bad configs fail at construction; the config has TRL's fields and defaults.
 """
 
@@ -16,6 +17,7 @@ import re
 import warnings
 
 import pytest
+import torch
 import trl
 from datasets import Dataset, Value
 from peft import LoraConfig
@@ -23,17 +25,18 @@ from peft import LoraConfig
 import fusedrl.trainers as fused
 from fusedrl.cli.presets.tokenizer import build_tokenizer
 from fusedrl.trainers.data import DatasetFormatError
-from tests.trainers.test_dpo_trainer import (
-    CHOSEN,
-    LORA,
-    PROMPTS,
-    REJECTED,
-    standard_pairs,
-    tiny_model,
+from tests.helpers.data import CHOSEN, LORA, PROMPTS, REJECTED, standard_pairs
+from tests.helpers.models import tiny_llama
+from tests.helpers.parity import (
+    assert_backends_agree,
+    assert_matches_trl,
+    assert_trl_fields,
+    base_settings,
+    first_step,
     train_logs,
     trainable_snapshot,
 )
-from tests.trainers.test_orpo_trainer import assert_backends_agree, assert_matches_trl, assert_trl_fields, base_settings
+from tests.utils import count_calls
 
 # Both labels in each batch of 4 (first batch 3 desirable + 1 undesirable, second 1 + 3).
 LABELS = [True, False, True, True, False, True, False, False]
@@ -46,13 +49,6 @@ def unpaired(conversational: bool = False) -> Dataset:
                                   "completion": [[{"role": "assistant", "content": c}] for c in completions],
                                   "label": LABELS})
     return Dataset.from_dict({"prompt": PROMPTS, "completion": completions, "label": LABELS})
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model().save_pretrained(path)
-    return str(path)
 
 
 def make_trainer(module, model, output_dir, *, train=None, eval_dataset=None, peft_config=None, **overrides):
@@ -106,8 +102,30 @@ def test_kernel_backends_agree(model_dir, tmp_path):
                                                        kernels=f"linear_logprobs={backend}"))
 
 
+# The per-example loss of each backend, and the KL estimate's: a batch mean, so compiled (torch.compile of the
+# reference) serves it for both compiled and triton.
+LOSS_ENTRY_POINTS = {"reference": "fusedrl.ops.preference.reference.kto:kto_losses",
+                     "compiled": "fusedrl.ops.preference.compiled:unpaired_losses",
+                     "triton": "fusedrl.ops.preference.triton:unpaired_preference_losses"}
+KL_ENTRY_POINTS = {"reference": "fusedrl.ops.preference.reference.kto:kto_kl_estimate",
+                   "compiled": "fusedrl.ops.preference.compiled:traced_reference"}
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize("backend", ["reference", "compiled", "triton"])
+def test_selected_preference_backend_runs(backend, loss_type, model_dir, tmp_path, monkeypatch):
+    loss_counts = count_calls(monkeypatch, LOSS_ENTRY_POINTS)
+    kl_counts = count_calls(monkeypatch, {f"kl {name}": target for name, target in KL_ENTRY_POINTS.items()})
+    loss, _ = first_step(make_trainer(fused, model_dir, tmp_path, loss_type=loss_type,
+                                      kernels=f"all=reference,preference={backend}"))
+    assert loss_counts == {name: int(name == backend) for name in LOSS_ENTRY_POINTS}
+    kl_backend = f"kl {'reference' if backend == 'reference' else 'compiled'}"
+    assert kl_counts == {name: int(name == kl_backend and loss_type == "kto") for name in kl_counts}
+    assert torch.isfinite(loss)
+
+
 def test_kl_pairs_rotate_within_each_batch(tmp_path):
-    trainer = make_trainer(fused, tiny_model(), tmp_path, per_device_train_batch_size=3)
+    trainer = make_trainer(fused, tiny_llama(), tmp_path, per_device_train_batch_size=3)
     completions, kl = trainer.train_dataset["completion_ids"], trainer.train_dataset["KL_completion_ids"]
     assert kl == [completions[2], *completions[0:2], completions[5], *completions[3:5], completions[7], completions[6]]
 
@@ -126,7 +144,7 @@ BAD_DATA = {
 def test_bad_rows_fail_at_construction(name, tmp_path):
     make_dataset, message = BAD_DATA[name]
     with pytest.raises(DatasetFormatError, match=message):
-        make_trainer(fused, tiny_model(), tmp_path, train=make_dataset())
+        make_trainer(fused, tiny_llama(), tmp_path, train=make_dataset())
 
 
 BAD_CONFIGS = {
@@ -141,7 +159,7 @@ BAD_CONFIGS = {
 def test_bad_configs_fail_at_construction(name, tmp_path):
     overrides, message = BAD_CONFIGS[name]
     with pytest.raises(ValueError, match=message):
-        make_trainer(fused, tiny_model(), tmp_path, **overrides)
+        make_trainer(fused, tiny_llama(), tmp_path, **overrides)
 
 
 def test_config_has_trl_fields_and_defaults():

@@ -2,6 +2,7 @@
 
 - a few steps train with a reward function and with a pairwise judge: finite losses, the policy moves, TRL's
   metric names are logged;
+- ``kernels="preference=..."`` runs that backend's DPO loss and no other (counted calls);
 - the loss on the sampled pairs equals the DPO formula computed by hand from full-vocabulary log-softmax
   (sigmoid: ``mean -log sigmoid(beta d)``; ipo on sums: ``mean (d - 1/(2 beta))^2``, ``d`` the chosen-minus-rejected
   log-ratio difference), and the judged winner is the chosen row; tied pairs leave the loss;
@@ -13,8 +14,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -29,17 +28,14 @@ from fusedrl.cli import presets
 from fusedrl.trainers.online.judges import TIE, RuleJudge
 from fusedrl.trainers.online.online_dpo import OnlineDPOTrainer
 from fusedrl.trainers.online.online_dpo_config import OnlineDPOConfig
-from tests.utils import assert_close
+from tests.helpers.online import digit_count, train_quietly
+from tests.utils import PAIR_ENTRY_POINTS, assert_close, count_calls
 
-GOLDEN = Path(__file__).parent / "golden" / "online_dpo_tiny.json"
+GOLDEN = Path(__file__).parents[1] / "golden" / "online_dpo_tiny.json"
 
 TRL_METRICS = ("objective/kl", "objective/entropy", "objective/non_score_reward", "rewards/chosen",
                "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
                "val/contain_eos_token", "beta")
-
-
-def digit_count(completions, **kwargs):
-    return [float(sum(ch.isdigit() for ch in c)) for c in completions]
 
 
 def make_trainer(tmp_path, *, reward_funcs=None, judge=None, **overrides):
@@ -57,20 +53,13 @@ def make_trainer(tmp_path, *, reward_funcs=None, judge=None, **overrides):
                                 processing_class=tokenizer)
 
 
-def train(trainer):
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.train()
-    return [entry for entry in trainer.state.log_history if "loss" in entry]
-
-
 @pytest.mark.parametrize("ranking", ["reward", "judge"])
 def test_online_dpo_trains(tmp_path, ranking):
     kwargs = ({"reward_funcs": [digit_count]} if ranking == "reward"
               else {"judge": RuleJudge(lambda prompt, completion: sum(ch.isdigit() for ch in completion))})
     trainer = make_trainer(tmp_path, **kwargs)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    logs = train(trainer)
+    logs = train_quietly(trainer)
     assert len(logs) == 2 and all(math.isfinite(entry["loss"]) for entry in logs)
     assert all(not torch.equal(p, before[name]) for name, p in trainer.model.named_parameters()
                if name.startswith("lm_head"))
@@ -86,6 +75,15 @@ def test_online_dpo_trains(tmp_path, ranking):
                      name="loss trajectory")
     else:
         assert "val/judge_ties" in logs[0]
+
+
+@pytest.mark.parametrize("backend", ["reference", "compiled", "triton"])
+def test_selected_preference_backend_runs(backend, tmp_path, monkeypatch):
+    counts = count_calls(monkeypatch, PAIR_ENTRY_POINTS)
+    logs = train_quietly(make_trainer(tmp_path, reward_funcs=[digit_count], max_steps=1,
+                                      kernels=f"all=reference,preference={backend}"))
+    assert counts == {name: int(name == backend) for name in PAIR_ENTRY_POINTS}
+    assert math.isfinite(logs[0]["loss"])
 
 
 class FixedJudge:
@@ -145,7 +143,7 @@ def test_bad_judge_is_named(tmp_path, answer, match):
     answer.__name__ = "bad_judge"
     trainer = make_trainer(tmp_path, judge=answer, max_steps=1)
     with pytest.raises(ValueError, match=match):
-        train(trainer)
+        train_quietly(trainer)
 
 
 @pytest.mark.parametrize("reward,match", [
@@ -156,7 +154,7 @@ def test_bad_reward_function_is_named(tmp_path, reward, match):
     reward.__name__ = "broken"
     trainer = make_trainer(tmp_path, reward_funcs=[reward], max_steps=1)
     with pytest.raises(ValueError, match=match):
-        train(trainer)
+        train_quietly(trainer)
 
 
 def test_constructor_errors(tmp_path):

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -28,9 +26,10 @@ from fusedrl.trainers.online.ppo import VALUE_MODEL_DIR, PPOTrainer
 from fusedrl.trainers.online.ppo_config import PPOConfig
 from fusedrl.trainers.online.value_head import token_values, value_model_from_policy
 from fusedrl.trainers.rewards import resolve_rewards
-from tests.utils import assert_close
+from tests.helpers.online import digit_count, make_ppo_trainer, train_quietly
+from tests.utils import assert_close, spy_policy_backends
 
-GOLDEN = Path(__file__).parent / "golden" / "ppo_tiny.json"
+GOLDEN = Path(__file__).parents[1] / "golden" / "ppo_tiny.json"
 
 TRL_METRICS = ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
                "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg",
@@ -38,38 +37,10 @@ TRL_METRICS = ("objective/kl", "objective/entropy", "objective/non_score_reward"
                "val/num_eos_tokens", "episode")
 
 
-def digit_count(completions, **kwargs):
-    """A reward with spread on a random model: the number of digits sampled."""
-    return [float(sum(ch.isdigit() for ch in c)) for c in completions]
-
-
-def make_trainer(tmp_path, *, reward_funcs=(digit_count,), rows: int = 8, **overrides):
-    settings = {"output_dir": str(tmp_path), "per_device_train_batch_size": 4, "num_mini_batches": 1,
-                "num_ppo_epochs": 1, "max_steps": 2, "response_length": 5, "learning_rate": 1e-3, "bf16": False,
-                "gradient_checkpointing": False, "logging_steps": 1, "report_to": [], "save_strategy": "no",
-                "use_cpu": True, "kernels": "all=reference", "dataloader_pin_memory": False, "disable_tqdm": True,
-                "seed": 0}
-    settings.update(overrides)
-    tokenizer = presets.build_tokenizer()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return PPOTrainer(presets.load_preset_model("tiny", seed=0, tokenizer=tokenizer),
-                          reward_funcs=list(reward_funcs), args=PPOConfig(**settings),
-                          train_dataset=presets.load_preset_dataset("arithmetic", kind="prompt", n=rows),
-                          processing_class=tokenizer)
-
-
-def train(trainer, **kwargs):
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.train(**kwargs)
-    return [entry for entry in trainer.state.log_history if "loss" in entry]
-
-
 def test_ppo_trains_policy_and_value_head(tmp_path):
-    trainer = make_trainer(tmp_path, num_mini_batches=2, num_ppo_epochs=2, max_steps=4)
+    trainer = make_ppo_trainer(tmp_path, num_mini_batches=2, num_ppo_epochs=2, max_steps=4)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    logs = train(trainer)
+    logs = train_quietly(trainer)
     assert len(logs) == 4  # one rollout = num_ppo_epochs x num_mini_batches optimizer steps
     assert all(math.isfinite(entry["loss"]) for entry in logs)
     moved = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
@@ -126,8 +97,8 @@ def test_advantages_equal_hand_loop(tmp_path, whiten_rewards, kl_estimator):
     """Second rollout (the policy has moved, so the KL term is nonzero), gamma and lam below 1."""
     options = {"kl_coef": 0.3, "kl_estimator": kl_estimator, "whiten_rewards": whiten_rewards, "gamma": 0.9,
                "lam": 0.8}
-    trainer = make_trainer(tmp_path, max_steps=2, learning_rate=2e-2, **options)
-    train(trainer)
+    trainer = make_ppo_trainer(tmp_path, max_steps=2, learning_rate=2e-2, **options)
+    train_quietly(trainer)
     rollout = trainer.last_rollout
     assert trainer._num_rollouts == 2
     assert rollout["kl"].abs().sum() > 0
@@ -148,8 +119,8 @@ def test_value_model_from_policy_starts_at_zero():
 
 
 def test_save_and_resume_keep_policy_and_value_model(tmp_path):
-    trainer = make_trainer(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
-    train(trainer)
+    trainer = make_ppo_trainer(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+    train_quietly(trainer)
     checkpoint = tmp_path / "checkpoint-1"
     policy = AutoModelForCausalLM.from_pretrained(checkpoint)
     value_model = AutoModelForSequenceClassification.from_pretrained(checkpoint / VALUE_MODEL_DIR)
@@ -157,18 +128,18 @@ def test_save_and_resume_keep_policy_and_value_model(tmp_path):
     assert torch.equal(saved_head, trainer.model.value_model.score.weight)
     assert torch.equal(policy.lm_head.weight, trainer.model.policy.lm_head.weight)
 
-    resumed = make_trainer(tmp_path / "resumed", max_steps=2)
+    resumed = make_ppo_trainer(tmp_path / "resumed", max_steps=2)
     assert not torch.equal(resumed.model.value_model.score.weight, saved_head)  # a fresh zero head
     resumed._load_from_checkpoint(str(checkpoint))  # what train(resume_from_checkpoint=...) calls first
     assert torch.equal(resumed.model.value_model.score.weight, saved_head)
     assert torch.equal(resumed.model.policy.lm_head.weight, policy.lm_head.weight)
-    logs = train(resumed, resume_from_checkpoint=str(checkpoint))
+    logs = train_quietly(resumed, resume_from_checkpoint=str(checkpoint))
     assert [entry["step"] for entry in logs] == [1, 2]  # the checkpoint's log history, then the resumed step
     assert resumed.state.global_step == 2
 
 
 def test_bad_reward_function_is_named(tmp_path):
-    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer = make_ppo_trainer(tmp_path, max_steps=1)
     rows = [trainer.train_dataset[i] for i in range(4)]
     cases = [
         (lambda completions, **kw: 1 / 0, r"reward function 'broken' raised ZeroDivisionError"),
@@ -186,8 +157,8 @@ def test_reward_failure_skip_trains_on(tmp_path):
     def broken(completions, **kwargs):
         raise RuntimeError("offline")
 
-    trainer = make_trainer(tmp_path, reward_funcs=(digit_count, broken), max_steps=1, reward_failure="skip")
-    logs = train(trainer)
+    trainer = make_ppo_trainer(tmp_path, reward_funcs=(digit_count, broken), max_steps=1, reward_failure="skip")
+    logs = train_quietly(trainer)
     assert logs[0]["rewards/broken/failures"] == 1.0 and math.isfinite(logs[0]["loss"])
 
 
@@ -204,9 +175,19 @@ def test_config_errors(tmp_path, overrides, match):
 
 def test_trainer_input_errors(tmp_path):
     with pytest.raises(ValueError, match=r"fewer than one rollout batch"):
-        make_trainer(tmp_path, rows=2)
+        make_ppo_trainer(tmp_path, rows=2)
     with pytest.raises(ValueError, match=r"reward_funcs is required"):
-        make_trainer(tmp_path, reward_funcs=())
+        make_ppo_trainer(tmp_path, reward_funcs=())
+
+
+@pytest.mark.parametrize("backend", ["reference", "compiled", "triton"])
+def test_policy_loss_flag_selects_what_runs(tmp_path, monkeypatch, backend):
+    """One PPO step (one micro-batch of 4 rows): the selected implementation of the policy-loss op (spied on in its
+    module) runs once and the other two never."""
+    spies = spy_policy_backends(monkeypatch)
+    logs = train_quietly(make_ppo_trainer(tmp_path, max_steps=1, kernels=f"all=reference,policy_loss={backend}"))
+    assert math.isfinite(logs[0]["loss"])
+    assert {key: spy.call_count for key, spy in spies.items()} == {key: int(key == backend) for key in spies}
 
 
 def test_peft_policy_uses_adapter_disabled_reference(tmp_path):
@@ -227,6 +208,6 @@ def test_peft_policy_uses_adapter_disabled_reference(tmp_path):
             train_dataset=presets.load_preset_dataset("arithmetic", kind="prompt", n=8), processing_class=tokenizer,
             peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     assert trainer.ref_model is None  # the reference is the policy with its adapter disabled
-    logs = train(trainer)
+    logs = train_quietly(trainer)
     assert logs[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA starts as the identity
     assert trainer.last_rollout["kl"].abs().sum() > 0  # after one update the adapter makes a difference

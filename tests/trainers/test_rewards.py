@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification
 
 from fusedrl.cli import presets
 from fusedrl.trainers import GRPOConfig, GRPOTrainer
@@ -27,6 +27,7 @@ from fusedrl.trainers.rewards import (
     score_completions,
     unregister_reward,
 )
+from tests.helpers.models import tiny_llama
 
 TOKENIZER = presets.build_tokenizer()
 
@@ -157,11 +158,10 @@ def test_none_rewards_become_nan_and_columns_arrive():
 
 
 def test_reward_model_scores_prompt_plus_completion():
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=1,
-                         pad_token_id=TOKENIZER.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(config)
+    # 1 layer, hidden 32, 2 attention and KV heads, LlamaConfig's default 2048 positions.
+    model = tiny_llama(0, model_cls=LlamaForSequenceClassification, isolate_rng=False, hidden_size=32,
+                       intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                       num_labels=1, max_position_embeddings=2048)
     (reward,) = resolve_rewards([model], [TOKENIZER])
     assert reward.is_model
     out = score_completions([reward], prompts=["1+1=", "12+3="], completions=["2", "15"],

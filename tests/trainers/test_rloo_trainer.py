@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from fusedrl.cli import presets
 from fusedrl.trainers import RLOOConfig, RLOOTrainer
-from tests.utils import assert_close
+from tests.helpers.online import char_reward
+from tests.utils import assert_close, spy_policy_backends
 
 TOKENIZER = presets.build_tokenizer()
 BASE = {"per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 5, "max_steps": 2,
@@ -30,22 +31,10 @@ BASE = {"per_device_train_batch_size": 8, "num_generations": 4, "max_completion_
 IGNORED = {"step_time", "memory/peak_rss_mb", "epoch", "step"}
 
 
-def char_reward(completions, **kwargs):
-    """Mean of ``ord(c) % 7 / 7``: dense, so groups of a random model's completions have spread."""
-    return [sum(ord(ch) % 7 for ch in t) / (7 * max(len(t), 1)) for t in completions]
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    presets.load_preset_model("tiny", seed=0, tokenizer=TOKENIZER).save_pretrained(path)
-    return str(path)
-
-
-def _run(trainer_cls, config_cls, model_path, tmp_path, **fields):
+def _run(trainer_cls, config_cls, model_path, tmp_path, *, kernels="all=reference", **fields):
     config = config_cls(str(tmp_path / trainer_cls.__module__.split(".")[0]), **{**BASE, **fields})
     if trainer_cls is RLOOTrainer:
-        config.kernels = "all=reference"
+        config.kernels = kernels
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = trainer_cls(AutoModelForCausalLM.from_pretrained(model_path),
@@ -68,9 +57,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_trl(model_path, tmp_path, case):
-    ours, moved, trainable, _ = _run(RLOOTrainer, RLOOConfig, model_path, tmp_path, **CASES[case])
-    theirs, _, _, _ = _run(trl.RLOOTrainer, trl.RLOOConfig, model_path, tmp_path, **CASES[case])
+def test_matches_trl(preset_model_dir, tmp_path, case):
+    ours, moved, trainable, _ = _run(RLOOTrainer, RLOOConfig, preset_model_dir, tmp_path, **CASES[case])
+    theirs, _, _, _ = _run(trl.RLOOTrainer, trl.RLOOConfig, preset_model_dir, tmp_path, **CASES[case])
     assert len(ours) == len(theirs) == 2
     for step, (mine, peer) in enumerate(zip(ours, theirs, strict=True), start=1):
         names = set(peer) - IGNORED
@@ -84,25 +73,38 @@ def test_matches_trl(model_path, tmp_path, case):
     assert moved == trainable, f"parameters that never moved: {sorted(trainable - moved)}"
 
 
-def test_trl_defaults_and_reference(model_path, tmp_path):
+def test_trl_defaults_and_reference(preset_model_dir, tmp_path):
     config = RLOOConfig(str(tmp_path), bf16=False, report_to="none")
     assert (config.num_generations, config.beta, config.learning_rate, config.normalize_advantages) == (
         2, 0.05, 1e-6, False)
-    _, _, _, trainer = _run(RLOOTrainer, RLOOConfig, model_path, tmp_path, max_steps=1)
+    _, _, _, trainer = _run(RLOOTrainer, RLOOConfig, preset_model_dir, tmp_path, max_steps=1)
     assert trainer.ref_model is not None and not any(p.requires_grad for p in trainer.ref_model.parameters())
-    _, _, _, trainer = _run(RLOOTrainer, RLOOConfig, model_path, tmp_path, max_steps=1, beta=0.0)
+    _, _, _, trainer = _run(RLOOTrainer, RLOOConfig, preset_model_dir, tmp_path, max_steps=1, beta=0.0)
     assert trainer.ref_model is None
 
 
-def test_leave_one_out_advantages_in_the_trainer(model_path, tmp_path):
+def test_leave_one_out_advantages_in_the_trainer(preset_model_dir, tmp_path):
     """G = 2, rewards [1, 0, 0.5, 0.5] (beta 0): each baseline is the sibling's reward -> [1, -1, 0, 0];
     one group has zero spread -> frac_reward_zero_std 0.5."""
-    _, _, _, trainer = _run(RLOOTrainer, RLOOConfig, model_path, tmp_path, max_steps=1, beta=0.0, num_generations=2)
+    _, _, _, trainer = _run(RLOOTrainer, RLOOConfig, preset_model_dir, tmp_path, max_steps=1, beta=0.0,
+                            num_generations=2)
     rewards = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.5, 0.0], [0.5, 0.0]])
     trainer._metrics["train"].clear()
     advantages = trainer._advantages(rewards, {}, 2, "train")
     assert advantages.tolist() == [1.0, -1.0, 0.0, 0.0]
     assert trainer._metrics["train"]["frac_reward_zero_std"] == [0.5]
+
+
+@pytest.mark.parametrize("backend", ["reference", "compiled", "triton"])
+def test_policy_loss_flag_selects_what_runs(preset_model_dir, tmp_path, monkeypatch, backend):
+    """One step, one micro-batch: the selected implementation of the policy-loss op (spied on in its module) runs
+    once, on the [B, 1] summed log-probs, and the other two never."""
+    spies = spy_policy_backends(monkeypatch)
+    logs, _, _, _ = _run(RLOOTrainer, RLOOConfig, preset_model_dir, tmp_path, max_steps=1,
+                         kernels=f"all=reference,policy_loss={backend}")
+    assert math.isfinite(logs[0]["loss"])
+    assert {key: spy.call_count for key, spy in spies.items()} == {key: int(key == backend) for key in spies}
+    assert spies[backend].call_args.args[0].shape == (8, 1)
 
 
 def test_single_generation_is_refused(tmp_path):

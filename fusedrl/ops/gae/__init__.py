@@ -3,12 +3,13 @@
 Legend: B rows (sequences), T positions.
 
 Backends of the ``gae`` op:
-- ``reference``: ``kernels.gae.reference``, a Python loop over T (plain torch; Dynamo unrolls it when traced);
-- ``compiled``: the ``fusedrl::gae`` custom op running ``torch.compile`` of ``kernels.gae.scan`` (no loop over T);
-- ``triton``: the same custom op running ``kernels.gae.triton_gae``: one launch, a program per block of rows; a
-  kernel that fails to build falls back to ``compiled`` through ``registry.run_with_fallback``.
+- ``reference``: ``reference.py``, a Python loop over T (plain torch; Dynamo unrolls it when traced);
+- ``compiled``: the ``fusedrl::gae`` custom op running ``torch.compile`` of ``compiled.py`` (no loop over T);
+- ``triton``: the same custom op running ``triton.py``: one launch, a program per block of rows; a kernel that fails
+  to build falls back to ``compiled`` (``dispatch.define_op``).
 The custom op has a fake implementation, so a ``torch.compile(fullgraph=True)`` region captures it as one node.
 It has no autograd: GAE produces PPO's regression targets, which are constants (TRL computes them under no_grad).
+Benchmarks: ``benchmarks/ops/gae.py``.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ from typing import NamedTuple
 
 import torch
 
-from fusedrl.ops import checks
-from fusedrl.ops import dispatch as registry
+from fusedrl.ops import checks, dispatch
 from fusedrl.ops.compiler import compile_kernel
-from fusedrl.ops.gae import compiled as scan
+from fusedrl.ops.gae import compiled
 from fusedrl.ops.gae.reference import gae_reference
 
-registry.register_op("gae", "generalised advantage estimation (advantages, returns) over [B, T] rollouts")
+dispatch.register_op("gae", "generalised advantage estimation (advantages, returns) over [B, T] rollouts")
 
 
 class GAEResult(NamedTuple):
@@ -40,46 +40,27 @@ def _discount_inputs(gamma: float, lam: float, num_steps: int, device: torch.dev
     # new value would recompile. Cached: a training run uses one (gamma, lam) and a few T; building them costs
     # ~0.1 ms per call, ~3% of a [256, 4096] GAE on one core.
     gamma_t = torch.tensor(gamma, dtype=torch.float32, device=device)
-    return (gamma_t, *scan.discount_tables(gamma, lam, num_steps, device))
+    return (gamma_t, *compiled.discount_tables(gamma, lam, num_steps, device))
 
 
-def _compiled_gae(rewards_BT, values_BT, mask_BT, gamma, lam):
+def _compiled_gae(rewards_BT: torch.Tensor, values_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float,
+                  lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     # Rows with padding between real positions need the compacting variant (scatter/gather, ~2x slower); the usual
     # left/right padding does not. The check is one pass over the mask (~1 ms at [256, 4096] on one core).
-    gaps = int(compile_kernel(scan.max_runs)(mask_BT)) > 1
-    variant = scan.gae_compacted if gaps else scan.gae_contiguous
+    gaps = int(compile_kernel(compiled.max_runs)(mask_BT)) > 1
+    variant = compiled.gae_compacted if gaps else compiled.gae_contiguous
     discount = _discount_inputs(gamma, lam, rewards_BT.shape[1], rewards_BT.device)
     return compile_kernel(variant)(rewards_BT, values_BT, mask_BT, *discount)
 
 
-def _triton_gae(rewards_BT, values_BT, mask_BT, gamma, lam):
-    # Imported on first use: triton.jit reads TRITON_INTERPRET when the module is imported.
-    from fusedrl.ops.gae import triton as triton_gae
-
-    return triton_gae.gae_fwd(rewards_BT, values_BT, mask_BT, gamma, lam)
-
-
-@torch.compiler.assume_constant_result
-def _resolve(op: str, device: torch.device) -> str:
-    # Constant while tracing: selection reads context variables and the environment, which Dynamo cannot trace.
-    return registry.resolve(op, device)
-
-
-@torch.library.custom_op("fusedrl::gae", mutates_args=())
-def _gae_op(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float, backend: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "compiled":
-        return _compiled_gae(rewards, values, mask, gamma, lam)
-    if backend == "triton":
-        return registry.run_with_fallback("gae", _triton_gae, _compiled_gae, rewards, values, mask, gamma, lam)
-    raise ValueError(f"backend {backend!r} has no GAE kernel; choose compiled or triton")
-
-
-@_gae_op.register_fake
-def _(rewards, values, mask, gamma, lam, backend):
+def _fake_gae(rewards, values, mask, gamma, lam):
     out = rewards.new_empty(rewards.shape, dtype=torch.float32)
     return out, torch.empty_like(out)
+
+
+# No autograd: GAE produces PPO's regression targets, which are constants.
+_gae_op = dispatch.define_op("gae", op="gae", compiled=_compiled_gae, triton="fusedrl.ops.gae.triton:gae_fwd",
+                             fake=_fake_gae)
 
 
 def _check_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> None:
@@ -124,7 +105,7 @@ def gae(
     _check_gae(rewards, values, mask, gamma, lam)
     rewards, values = rewards.detach(), values.detach()
     mask = mask.detach() if mask.dtype == torch.bool else mask.detach() != 0
-    backend = _resolve("gae", rewards.device)
+    backend = dispatch.traced_backend("gae", rewards.device)
     if backend == "reference":
         return GAEResult(*gae_reference(rewards, values, mask, gamma=float(gamma), lam=float(lam)))
     rewards_BT, values_BT = rewards.float().contiguous(), values.float().contiguous()

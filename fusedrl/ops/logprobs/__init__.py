@@ -2,33 +2,34 @@
 
 Legend: N tokens (leading dims flattened), V vocabulary, H hidden.
 
-The compiled and Triton backends run as ``torch.library.custom_op``s with fake implementations and autograd, so a
-``torch.compile(fullgraph=True)`` region around a call captures it as one opaque node (no graph break); the
-reference backend is plain torch that Dynamo traces directly. The backend is chosen when a call is traced or run
-(``registry.resolve``); a compiled graph keeps the backend it was traced with.
+Backends of the ``logprobs`` (given logits) and ``linear_logprobs`` (hidden states + LM head) ops:
+- ``reference``: ``reference.py``, plain torch that Dynamo traces directly;
+- ``compiled``: the ``fusedrl::token_logprobs`` / ``fusedrl::linear_token_logprobs`` custom ops (and their
+  ``*_backward`` ops) running ``compiled.py``: ``torch.compile`` of per-chunk row statistics, chunked by
+  ``chunked.py``;
+- ``triton``: the same custom ops running ``triton.py``: Triton row kernels under the same chunk drivers; a kernel
+  that fails to build falls back to ``compiled`` (``dispatch.define_op``).
+The custom ops have fake implementations and autograd (each backward is a custom op of its own), so a
+``torch.compile(fullgraph=True)`` region captures a call as one opaque node per direction (no graph break). The
+backend is chosen when a call is traced or run (``dispatch.traced_backend``); a compiled graph keeps the backend it
+was traced with.
+Benchmarks: ``benchmarks/ops/logprobs.py``.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 
-from fusedrl.ops import checks
-from fusedrl.ops import dispatch as registry
-from fusedrl.ops.compiler import compile_kernel
-from fusedrl.ops.logprobs import chunked
-from fusedrl.ops.logprobs import compiled as rows
+from fusedrl.ops import checks, dispatch
+from fusedrl.ops.logprobs import compiled
 from fusedrl.ops.logprobs.reference import linear_token_logprobs_reference, token_logprobs_reference
 
-registry.register_op("logprobs", "per-token log-prob (and entropy) gathered from given logits")
-registry.register_op("linear_logprobs", "per-token log-prob (and entropy) from hidden states and an LM head")
+dispatch.register_op("logprobs", "per-token log-prob (and entropy) gathered from given logits")
+dispatch.register_op("linear_logprobs", "per-token log-prob (and entropy) from hidden states and an LM head")
 
-# Rows per chunk so that one fp32 [C, V] tile stays near 32 MiB: at V=32000 that is 256 tokens. Measured on the
-# 2-core CPU (N=4096, H=1024, V=32000): chunks of 256..2048 tokens run the matmuls within 10% of each other, and
-# the tile plus its gradient are the only vocabulary-sized buffers alive, which bounds peak memory.
-_TILE_BYTES = 32 * 2**20
+_TRITON = "fusedrl.ops.logprobs.triton"
 
 
 class TokenLogprobs(NamedTuple):
@@ -38,107 +39,47 @@ class TokenLogprobs(NamedTuple):
     entropy: torch.Tensor
 
 
-def _chunk_tokens(vocab_size: int) -> int:
-    # A power of two, so that typical token counts split into equal chunks and the compiled kernels see one shape.
-    return max(16, 1 << (_TILE_BYTES // (4 * vocab_size)).bit_length() - 1)
-
-
-def _row_functions(backend: str, op: str) -> tuple[chunked.RowsFwd, chunked.RowsBwd]:
-    if backend == "compiled":
-        return _compiled_rows_fwd, _compiled_rows_bwd
-    if backend == "triton":
-        # Imported on first use: triton.jit reads TRITON_INTERPRET when the module is imported.
-        from fusedrl.ops.logprobs import triton as triton_rows
-
-        # A kernel that fails to build at run time falls back to the compiled rows (registry.run_with_fallback).
-        return (functools.partial(registry.run_with_fallback, op, triton_rows.rows_fwd, _compiled_rows_fwd),
-                functools.partial(registry.run_with_fallback, op, triton_rows.rows_bwd, _compiled_rows_bwd))
-    raise ValueError(f"backend {backend!r} has no row kernels; choose compiled or triton")
-
-
-def _plain(t: torch.Tensor | None) -> torch.Tensor | None:
-    # Compiled kernels guard on requires_grad and strides: saved activations arrive with requires_grad and
-    # upstream gradients of a .sum() arrive expanded (stride 0). Detached, contiguous inputs keep one compiled
-    # graph per dtype instead of a recompile per variation (the limit is 8 per function).
-    return None if t is None else t.detach().contiguous()
-
-
-def _compiled_rows_fwd(logits_CV, labels_C, inv_temperature, ignore_index, with_entropy):
-    variant = compile_kernel(rows.fwd_variant(with_entropy))
-    return variant(_plain(logits_CV), _plain(labels_C), inv_temperature, ignore_index)
-
-
-def _compiled_rows_bwd(logits_CV, labels_C, lse_C, entropy_C, grad_logprobs_C, grad_entropy_C, inv_temperature,
-                       ignore_index):
-    variant = compile_kernel(rows.bwd_variant(grad_logprobs_C is not None, grad_entropy_C is not None))
-    tensors = (logits_CV, labels_C, lse_C, entropy_C, grad_logprobs_C, grad_entropy_C)
-    return variant(*map(_plain, tensors), inv_temperature, ignore_index)
-
-
-@torch.compiler.assume_constant_result
-def _resolve(op: str, device: torch.device) -> str:
-    # Constant while tracing: selection reads context variables and the environment, which Dynamo cannot trace.
-    return registry.resolve(op, device)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # logits -> (logprobs, entropy)
 
 
-@torch.library.custom_op("fusedrl::token_logprobs", mutates_args=())
-def _token_logprobs_op(
-    logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float, ignore_index: int, with_entropy: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows_fwd, _ = _row_functions(backend, "logprobs")
-    return chunked.logprobs_fwd(
-        logits, labels, inv_temperature=inv_temperature, ignore_index=ignore_index, with_entropy=with_entropy,
-        rows_fwd=rows_fwd, chunk_tokens=_chunk_tokens(logits.shape[-1]),
-    )
-
-
-@_token_logprobs_op.register_fake
-def _(logits, labels, inv_temperature, ignore_index, with_entropy, backend):
+def _fake_token_logprobs(logits, labels, inv_temperature, ignore_index, with_entropy):
     out = logits.new_empty(labels.shape, dtype=torch.float32)
     return out, torch.empty_like(out), torch.empty_like(out)
 
 
-@torch.library.custom_op("fusedrl::token_logprobs_backward", mutates_args=())
-def _token_logprobs_backward_op(
-    grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
-    labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, inv_temperature: float, ignore_index: int,
-    backend: str,
-) -> torch.Tensor:
-    _, rows_bwd = _row_functions(backend, "logprobs")
-    return chunked.logprobs_bwd(
-        grad_logprobs, grad_entropy, logits, labels, lse, entropy, inv_temperature=inv_temperature,
-        ignore_index=ignore_index, rows_bwd=rows_bwd, chunk_tokens=_chunk_tokens(logits.shape[-1]),
-    )
-
-
-@_token_logprobs_backward_op.register_fake
-def _(grad_logprobs, grad_entropy, logits, labels, lse, entropy, inv_temperature, ignore_index, backend):
+def _fake_token_logprobs_backward(grad_logprobs, grad_entropy, logits, labels, lse, entropy, inv_temperature,
+                                  ignore_index):
     return torch.empty_like(logits)
 
 
+_token_logprobs_backward_op = dispatch.define_op(
+    "token_logprobs_backward", op="logprobs", compiled=compiled.token_logprobs_bwd,
+    triton=f"{_TRITON}:token_logprobs_bwd", fake=_fake_token_logprobs_backward,
+)
+
+
 def _token_logprobs_setup(ctx, inputs, output):
-    logits, labels, inv_temperature, ignore_index, with_entropy, backend = inputs
+    logits, labels, inv_temperature, ignore_index, with_entropy = inputs
     _, entropy, lse = output
     ctx.save_for_backward(logits, labels, lse, entropy)
-    ctx.args = (inv_temperature, ignore_index, with_entropy, backend)
+    ctx.args = (inv_temperature, ignore_index, with_entropy)
 
 
 def _token_logprobs_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     logits, labels, lse, entropy = ctx.saved_tensors
-    inv_temperature, ignore_index, with_entropy, backend = ctx.args
+    inv_temperature, ignore_index, with_entropy = ctx.args
     grad_logits = _token_logprobs_backward_op(
         grad_logprobs, grad_entropy if with_entropy else None, logits, labels, lse, entropy, inv_temperature,
-        ignore_index, backend,
+        ignore_index, ctx.backend,
     )
-    return grad_logits, None, None, None, None, None
+    return grad_logits, None, None, None, None
 
 
-_token_logprobs_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup)
+_token_logprobs_op = dispatch.define_op(
+    "token_logprobs", op="logprobs", compiled=compiled.token_logprobs_fwd, triton=f"{_TRITON}:token_logprobs_fwd",
+    fake=_fake_token_logprobs, backward=_token_logprobs_backward, setup_context=_token_logprobs_setup,
+)
 
 
 def _token_logprobs(logits, labels, temperature, ignore_index, with_entropy):
@@ -146,7 +87,7 @@ def _token_logprobs(logits, labels, temperature, ignore_index, with_entropy):
     checks.check_labels(labels, logits.shape[:-1], logits.device, against="logits.shape")
     checks.check_temperature(temperature)
     checks.check_label_range(labels, logits.shape[-1], ignore_index)
-    backend = _resolve("logprobs", logits.device)
+    backend = dispatch.traced_backend("logprobs", logits.device)
     if backend == "reference":
         return token_logprobs_reference(
             logits, labels, temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy
@@ -182,74 +123,55 @@ def token_logprobs_and_entropy(
 # hidden states + LM head -> (logprobs, entropy)
 
 
-@torch.library.custom_op("fusedrl::linear_token_logprobs", mutates_args=())
-def _linear_token_logprobs_op(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-    inv_temperature: float, ignore_index: int, with_entropy: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows_fwd, _ = _row_functions(backend, "linear_logprobs")
-    return chunked.linear_logprobs_fwd(
-        hidden, weight, bias, labels, inv_temperature=inv_temperature, ignore_index=ignore_index,
-        with_entropy=with_entropy, rows_fwd=rows_fwd, chunk_tokens=_chunk_tokens(weight.shape[0]),
-    )
-
-
-@_linear_token_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy, backend):
+def _fake_linear_token_logprobs(hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy):
     out = hidden.new_empty(labels.shape, dtype=torch.float32)
     return out, torch.empty_like(out), torch.empty_like(out)
 
 
-@torch.library.custom_op("fusedrl::linear_token_logprobs_backward", mutates_args=())
-def _linear_token_logprobs_backward_op(
-    grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
-    weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
-    inv_temperature: float, ignore_index: int, backend: str, needs_input_grad: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, rows_bwd = _row_functions(backend, "linear_logprobs")
-    grads = chunked.linear_logprobs_bwd(
-        grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, inv_temperature=inv_temperature,
-        ignore_index=ignore_index, rows_bwd=rows_bwd, chunk_tokens=_chunk_tokens(weight.shape[0]),
-        needs_hidden_grad=needs_input_grad[0], needs_weight_grad=needs_input_grad[1],
-        needs_bias_grad=needs_input_grad[2],
-    )
-    # custom ops cannot return None: an empty tensor stands for "not needed" and is dropped by the autograd glue.
-    return tuple(hidden.new_empty(0) if grad is None else grad for grad in grads)
-
-
-@_linear_token_logprobs_backward_op.register_fake
-def _(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy, inv_temperature, ignore_index,
-      backend, needs_input_grad):
+def _fake_linear_token_logprobs_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+                                         inv_temperature, ignore_index, needs_input_grad):
     def like(needed, tensor):
         return torch.empty_like(tensor) if needed and tensor is not None else hidden.new_empty(0)
 
     return like(needs_input_grad[0], hidden), like(needs_input_grad[1], weight), like(needs_input_grad[2], bias)
 
 
+# Takes which of hidden / weight / bias need a gradient, so a frozen LM head (LoRA) skips the [V, H] weight gradient;
+# a gradient not asked for comes back as an empty tensor, since a custom op cannot return None.
+_linear_token_logprobs_backward_op = dispatch.define_op(
+    "linear_token_logprobs_backward", op="linear_logprobs", compiled=compiled.linear_token_logprobs_bwd,
+    triton=f"{_TRITON}:linear_token_logprobs_bwd", fake=_fake_linear_token_logprobs_backward,
+)
+
+
 def _linear_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy, backend = inputs
+    hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy = inputs
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-    ctx.args = (inv_temperature, ignore_index, with_entropy, backend)
+    ctx.args = (inv_temperature, ignore_index, with_entropy)
 
 
 def _linear_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-    inv_temperature, ignore_index, with_entropy, backend = ctx.args
+    inv_temperature, ignore_index, with_entropy = ctx.args
     needs = [bool(n) for n in ctx.needs_input_grad[:3]]
     grad_hidden, grad_weight, grad_bias = _linear_token_logprobs_backward_op(
         grad_logprobs, grad_entropy if with_entropy else None, hidden, weight, bias, labels, lse, entropy,
-        inv_temperature, ignore_index, backend, needs,
+        inv_temperature, ignore_index, needs, ctx.backend,
     )
     return (
         grad_hidden if needs[0] else None,
         grad_weight if needs[1] else None,
         grad_bias if needs[2] else None,
-        None, None, None, None, None,
+        None, None, None, None,
     )
 
 
-_linear_token_logprobs_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+_linear_token_logprobs_op = dispatch.define_op(
+    "linear_token_logprobs", op="linear_logprobs", compiled=compiled.linear_token_logprobs_fwd,
+    triton=f"{_TRITON}:linear_token_logprobs_fwd", fake=_fake_linear_token_logprobs, backward=_linear_backward,
+    setup_context=_linear_setup,
+)
 
 
 def linear_token_logprobs(
@@ -285,7 +207,7 @@ def linear_token_logprobs(
     checks.check_labels(labels, hidden.shape[:-1], hidden.device, against="hidden.shape")
     checks.check_temperature(temperature)
     checks.check_label_range(labels, weight.shape[0], ignore_index)
-    backend = _resolve("linear_logprobs", hidden.device)
+    backend = dispatch.traced_backend("linear_logprobs", hidden.device)
     if backend == "reference":
         logprobs, entropy = linear_token_logprobs_reference(
             hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,

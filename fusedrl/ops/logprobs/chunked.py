@@ -2,8 +2,9 @@
 
 Legend: N tokens, H hidden, V vocabulary, C tokens of one chunk, K tokens whose label is not ignore_index.
 
-The drivers take the row functions (``rows.rows_fwd``/``rows_bwd`` compiled, or the Triton ones) as arguments, so
-both backends run the same chunking, label compaction and matmul code.
+The drivers take a backend's row functions (``compiled.rows_fwd``/``rows_bwd`` or ``triton.rows_fwd``/``rows_bwd``,
+same arguments and results) as arguments, so both backends run the same chunking, label compaction and matmul code;
+``compiled.py`` and ``triton.py`` each wrap the four drivers into the entry points of the custom ops.
 
 ``linear_logprobs_*`` never hold ``[N, V]`` logits: each chunk of C tokens holds one ``[C, V]`` tile. Only the K
 tokens with a label take part (prompt and padding positions are dropped before any matmul; in preference and RL
@@ -15,7 +16,7 @@ costs four ``C x V x H`` matmuls per chunk (forward, recompute, grad hidden, gra
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -24,6 +25,18 @@ RowsBwd = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, float, int],
     torch.Tensor,
 ]
+
+
+# Rows per chunk so that one fp32 [C, V] tile stays near 32 MiB: at V=32000 that is 256 tokens. Measured on the
+# 2-core CPU (N=4096, H=1024, V=32000): chunks of 256..2048 tokens run the matmuls within 10% of each other, and
+# the tile plus its gradient are the only vocabulary-sized buffers alive, which bounds peak memory.
+_TILE_BYTES = 32 * 2**20
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk at vocabulary size V: a power of two, so that typical token counts split into equal chunks
+    and the compiled kernels see one shape."""
+    return max(16, 1 << (_TILE_BYTES // (4 * vocab_size)).bit_length() - 1)
 
 
 def _chunks(total: int, size: int) -> range:
@@ -38,13 +51,12 @@ def logprobs_fwd(
     ignore_index: int,
     with_entropy: bool,
     rows_fwd: RowsFwd,
-    chunk_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 ``(logprobs_N, entropy_N, lse_N)`` over given logits, ``chunk_tokens`` rows at a time."""
+    """fp32 ``(logprobs_N, entropy_N, lse_N)`` over given logits, :func:`chunk_tokens` rows at a time."""
+    size = chunk_tokens(logits_NV.shape[-1])
     outs = [
-        rows_fwd(logits_NV[s : s + chunk_tokens], labels_N[s : s + chunk_tokens], inv_temperature, ignore_index,
-                 with_entropy)
-        for s in _chunks(logits_NV.shape[0], chunk_tokens)
+        rows_fwd(logits_NV[s : s + size], labels_N[s : s + size], inv_temperature, ignore_index, with_entropy)
+        for s in _chunks(logits_NV.shape[0], size)
     ]
     if len(outs) == 1:
         return outs[0]
@@ -63,12 +75,12 @@ def logprobs_bwd(
     inv_temperature: float,
     ignore_index: int,
     rows_bwd: RowsBwd,
-    chunk_tokens: int,
 ) -> torch.Tensor:
     """Gradient w.r.t. ``logits_NV`` in its dtype."""
     grad_NV = torch.empty_like(logits_NV)
-    for s in _chunks(logits_NV.shape[0], chunk_tokens):
-        e = s + chunk_tokens
+    size = chunk_tokens(logits_NV.shape[-1])
+    for s in _chunks(logits_NV.shape[0], size):
+        e = s + size
         grad_NV[s:e] = rows_bwd(
             logits_NV[s:e], labels_N[s:e], lse_N[s:e], entropy_N[s:e],
             None if grad_logprobs_N is None else grad_logprobs_N[s:e],
@@ -110,10 +122,10 @@ def linear_logprobs_fwd(
     ignore_index: int,
     with_entropy: bool,
     rows_fwd: RowsFwd,
-    chunk_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 ``(logprobs_N, entropy_N, lse_N)`` of ``hidden_NH @ weight_VH.T (+ bias_V)``."""
     N = hidden_NH.shape[0]
+    size = chunk_tokens(weight_VH.shape[0])
     logprobs_N = hidden_NH.new_zeros(N, dtype=torch.float32)
     entropy_N = torch.zeros_like(logprobs_N)
     lse_N = torch.zeros_like(logprobs_N)
@@ -121,8 +133,8 @@ def linear_logprobs_fwd(
     hidden_KH = hidden_NH if index_K is None else hidden_NH.index_select(0, index_K)
     labels_K = labels_N if index_K is None else labels_N.index_select(0, index_K)
     outs_K = [torch.empty(labels_K.shape[0], dtype=torch.float32, device=hidden_NH.device) for _ in range(3)]
-    for s in _chunks(labels_K.shape[0], chunk_tokens):
-        e = s + chunk_tokens
+    for s in _chunks(labels_K.shape[0], size):
+        e = s + size
         logits_CV = _logits_tile(hidden_KH[s:e], weight_VH, bias_V)
         for out_K, part_C in zip(outs_K, rows_fwd(logits_CV, labels_K[s:e], inv_temperature, ignore_index,
                                                     with_entropy)):
@@ -149,14 +161,15 @@ def linear_logprobs_bwd(
     *,
     inv_temperature: float,
     ignore_index: int,
+    needs_input_grad: Sequence[bool],
     rows_bwd: RowsBwd,
-    chunk_tokens: int,
-    needs_hidden_grad: bool = True,
-    needs_weight_grad: bool = True,
-    needs_bias_grad: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients for hidden, weight and bias (each None when not needed), in their input dtypes."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for hidden, weight and bias in their input dtypes; ``needs_input_grad`` says which of the three to
+    compute, and one not needed (or the bias gradient without a bias) is an empty tensor, since a custom op cannot
+    return None."""
+    needs_hidden_grad, needs_weight_grad, needs_bias_grad = needs_input_grad
     needs_bias_grad = needs_bias_grad and bias_V is not None
+    size = chunk_tokens(weight_VH.shape[0])
     index_K = _labelled(labels_N, ignore_index)
 
     def pick(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -168,8 +181,8 @@ def linear_logprobs_bwd(
     # Accumulated over chunks: fp32 so that bf16 weights do not lose the small per-chunk contributions.
     grad_weight_VH = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device) if needs_weight_grad else None
     grad_bias_V = torch.zeros(weight_VH.shape[0], dtype=torch.float32, device=weight_VH.device) if needs_bias_grad else None
-    for s in _chunks(labels_K.shape[0], chunk_tokens):
-        e = s + chunk_tokens
+    for s in _chunks(labels_K.shape[0], size):
+        e = s + size
         hidden_CH = hidden_KH[s:e]
         grad_CV = rows_bwd(
             _logits_tile(hidden_CH, weight_VH, bias_V), labels_K[s:e], lse_K[s:e], entropy_K[s:e],
@@ -184,14 +197,15 @@ def linear_logprobs_bwd(
         if grad_bias_V is not None:
             grad_bias_V.add_(grad_CV.sum(0, dtype=torch.float32))
         del grad_CV  # as in the forward: one [C, V] gradient tile alive at a time
-    grad_hidden_NH = None
-    if grad_hidden_KH is not None:
-        if index_K is None:
-            grad_hidden_NH = grad_hidden_KH
-        else:
-            grad_hidden_NH = torch.zeros_like(hidden_NH).index_copy_(0, index_K, grad_hidden_KH)
+    # A gradient that is not needed is an empty tensor, a fresh one each: custom-op outputs must not alias.
+    if grad_hidden_KH is None:
+        grad_hidden_NH = hidden_NH.new_empty(0)
+    elif index_K is None:
+        grad_hidden_NH = grad_hidden_KH
+    else:
+        grad_hidden_NH = torch.zeros_like(hidden_NH).index_copy_(0, index_K, grad_hidden_KH)
     return (
         grad_hidden_NH,
-        None if grad_weight_VH is None else grad_weight_VH.to(weight_VH.dtype),
-        None if grad_bias_V is None else grad_bias_V.to(bias_V.dtype),
+        hidden_NH.new_empty(0) if grad_weight_VH is None else grad_weight_VH.to(weight_VH.dtype),
+        hidden_NH.new_empty(0) if grad_bias_V is None else grad_bias_V.to(bias_V.dtype),
     )

@@ -1,7 +1,8 @@
-"""Row statistics of a logits chunk in plain torch: the formulation ``torch.compile`` fuses (the compiled backend).
+"""The compiled backend: row statistics of a logits chunk in plain torch, the formulation ``torch.compile`` fuses,
+and the entry points of the ``fusedrl::*token_logprobs*`` custom ops, which run them through ``chunked.py``.
 
-Legend: C rows of one chunk, V vocabulary. The Triton kernels in ``triton_rows.py`` implement the same two
-functions with the same arguments and results, so the chunk drivers in ``chunked.py`` take either.
+Legend: N tokens, H hidden, V vocabulary, C rows of one chunk. ``triton.py`` has the same row functions
+(``rows_fwd``/``rows_bwd``) and entry points with the same arguments and results, as Triton kernels.
 
 Math, with s = logits / T, p = softmax(s), lse = logsumexp(s), y the label:
     logp = s_y - lse                       H = lse - sum_j p_j s_j
@@ -13,33 +14,8 @@ from __future__ import annotations
 
 import torch
 
-
-def rows_fwd(
-    logits_CV: torch.Tensor,
-    labels_C: torch.Tensor,
-    inv_temperature: float,
-    ignore_index: int,
-    with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 ``(logprobs_C, entropy_C, lse_C)``; ignored rows give logprob 0 and entropy 0 (entropy is all zeros
-    unless ``with_entropy``); ``lse_C`` is what the backward needs."""
-    return fwd_variant(with_entropy)(logits_CV, labels_C, inv_temperature, ignore_index)
-
-
-def rows_bwd(
-    logits_CV: torch.Tensor,
-    labels_C: torch.Tensor,
-    lse_C: torch.Tensor,
-    entropy_C: torch.Tensor,
-    grad_logprobs_C: torch.Tensor | None,
-    grad_entropy_C: torch.Tensor | None,
-    inv_temperature: float,
-    ignore_index: int,
-) -> torch.Tensor:
-    """Gradient w.r.t. ``logits_CV`` (same dtype) given the upstream fp32 gradients (None means zero)."""
-    variant = bwd_variant(grad_logprobs_C is not None, grad_entropy_C is not None)
-    return variant(logits_CV, labels_C, lse_C, entropy_C, grad_logprobs_C, grad_entropy_C, inv_temperature,
-                   ignore_index)
+from fusedrl.ops.compiler import compile_kernel
+from fusedrl.ops.logprobs import chunked
 
 
 # One plain function per flag combination: torch.compile keeps one cache (and one recompile budget of 8) per
@@ -115,3 +91,80 @@ def _bwd(logits_CV, labels_C, lse_C, entropy_C, grad_logprobs_C, grad_entropy_C,
         term_CV = torch.where(probs_CV > 0, probs_CV * (logp_CV + entropy_C.unsqueeze(-1)), torch.zeros_like(probs_CV))
         grad_CV = grad_CV - g_C.unsqueeze(-1) * term_CV
     return (grad_CV * inv_temperature).to(logits_CV.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row functions: one chunk of C rows
+
+
+def _plain(t: torch.Tensor | None) -> torch.Tensor | None:
+    # Compiled kernels guard on requires_grad and strides: saved activations arrive with requires_grad and
+    # upstream gradients of a .sum() arrive expanded (stride 0). Detached, contiguous inputs keep one compiled
+    # graph per dtype instead of a recompile per variation (the limit is 8 per function).
+    return None if t is None else t.detach().contiguous()
+
+
+def rows_fwd(
+    logits_CV: torch.Tensor, labels_C: torch.Tensor, inv_temperature: float, ignore_index: int, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 ``(logprobs_C, entropy_C, lse_C)``; ignored rows give logprob 0 and entropy 0 (entropy is all zeros
+    unless ``with_entropy``); ``lse_C`` is what the backward needs."""
+    variant = compile_kernel(fwd_variant(with_entropy))
+    return variant(_plain(logits_CV), _plain(labels_C), inv_temperature, ignore_index)
+
+
+def rows_bwd(
+    logits_CV: torch.Tensor,
+    labels_C: torch.Tensor,
+    lse_C: torch.Tensor,
+    entropy_C: torch.Tensor,
+    grad_logprobs_C: torch.Tensor | None,
+    grad_entropy_C: torch.Tensor | None,
+    inv_temperature: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Gradient w.r.t. ``logits_CV`` (same dtype) given the upstream fp32 gradients (None means zero)."""
+    variant = compile_kernel(bwd_variant(grad_logprobs_C is not None, grad_entropy_C is not None))
+    tensors = (logits_CV, labels_C, lse_C, entropy_C, grad_logprobs_C, grad_entropy_C)
+    return variant(*map(_plain, tensors), inv_temperature, ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points of the custom ops (their annotated signatures are the ops' schemas, see dispatch.define_op)
+
+
+def token_logprobs_fwd(
+    logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float, ignore_index: int, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 ``(logprobs_N, entropy_N, lse_N)`` of logits ``[N, V]`` and int64 labels ``[N]``."""
+    return chunked.logprobs_fwd(logits, labels, inv_temperature=inv_temperature, ignore_index=ignore_index,
+                                with_entropy=with_entropy, rows_fwd=rows_fwd)
+
+
+def token_logprobs_bwd(
+    grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
+    labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, inv_temperature: float, ignore_index: int,
+) -> torch.Tensor:
+    """Gradient ``[N, V]`` w.r.t. logits, in their dtype; ``lse``/``entropy`` are the forward's fp32 ``[N]``."""
+    return chunked.logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, lse, entropy,
+                                inv_temperature=inv_temperature, ignore_index=ignore_index, rows_bwd=rows_bwd)
+
+
+def linear_token_logprobs_fwd(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    inv_temperature: float, ignore_index: int, with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 ``(logprobs_N, entropy_N, lse_N)`` of ``hidden [N, H] @ weight [V, H].T (+ bias [V])``."""
+    return chunked.linear_logprobs_fwd(hidden, weight, bias, labels, inv_temperature=inv_temperature,
+                                       ignore_index=ignore_index, with_entropy=with_entropy, rows_fwd=rows_fwd)
+
+
+def linear_token_logprobs_bwd(
+    grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
+    weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+    inv_temperature: float, ignore_index: int, needs_input_grad: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of hidden, weight and bias in their dtypes; an empty tensor for one ``needs_input_grad`` omits."""
+    return chunked.linear_logprobs_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+                                       inv_temperature=inv_temperature, ignore_index=ignore_index,
+                                       needs_input_grad=needs_input_grad, rows_bwd=rows_bwd)

@@ -1,13 +1,15 @@
-"""Row statistics of a logits chunk as Triton kernels: same arguments and results as ``rows.py``.
+"""The Triton backend: row statistics of a logits chunk as Triton kernels, and the entry points of the
+``fusedrl::*token_logprobs*`` custom ops; same arguments and results as ``compiled.py``, same chunk drivers
+(``chunked.py``).
 
-Legend: C rows of one chunk, V vocabulary, BLOCK_V vocabulary entries one program handles per step.
+Legend: N tokens, C rows of one chunk, V vocabulary, BLOCK_V vocabulary entries one program handles per step.
 
 Forward: one program per row makes a single pass over V in BLOCK_V tiles with an online logsumexp, so each logit is
 read once (plus the one target logit); it keeps three fp32 scalars per row, with s = logits / T and m the running
 max of s:
     sum_exp  = sum_j e^(s_j - m)                 weighted = sum_j e^(s_j - m) (s_j - m)
 When m grows to m' (d = m - m' <= 0) both are rescaled: sum_exp' = e^d sum_exp, weighted' = e^d (weighted + d
-sum_exp). Then lse = m + log(sum_exp) and H = log(sum_exp) - weighted / sum_exp, the shifted form ``rows.py`` uses.
+sum_exp). Then lse = m + log(sum_exp) and H = log(sum_exp) - weighted / sum_exp, the shifted form ``compiled.py`` uses.
 
 Backward: grid (C, V / BLOCK_V); each program reads its logits tile once and writes the gradient tile once.
 
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from fusedrl.ops.logprobs import chunked
 
 
 @triton.jit
@@ -50,7 +54,7 @@ def _logprobs_fwd_kernel(
         mask = start + cols < num_vocab
         scaled = tl.load(row_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
         new_max = tl.maximum(running_max, tl.max(scaled, 0))
-        # Shift by 0 while the row is all -inf (rows.py does the same), so -inf - -inf never makes a NaN.
+        # Shift by 0 while the row is all -inf (compiled.py does the same), so -inf - -inf never makes a NaN.
         new_shift = tl.where(tl.abs(new_max) < float("inf"), new_max, 0.0)
         # Nothing has been summed while the old max is -inf, so any finite old shift is exact: take the new one.
         old_shift = tl.where(tl.abs(running_max) < float("inf"), running_max, new_shift)
@@ -222,3 +226,45 @@ def rows_bwd(
     :func:`rows_fwd` and the upstream fp32 gradients (None means zero); ignored rows get zero gradient."""
     return _launch_bwd(logits_CV, labels_C, lse_C, entropy_C, grad_logprobs_C, grad_entropy_C, inv_temperature,
                        ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points of the custom ops: the signatures of compiled.py's. The row functions are looked up when called, so a
+# test can replace them with a failing launch.
+
+
+def token_logprobs_fwd(
+    logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float, ignore_index: int, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 ``(logprobs_N, entropy_N, lse_N)`` of logits ``[N, V]`` and int64 labels ``[N]``."""
+    return chunked.logprobs_fwd(logits, labels, inv_temperature=inv_temperature, ignore_index=ignore_index,
+                                with_entropy=with_entropy, rows_fwd=rows_fwd)
+
+
+def token_logprobs_bwd(
+    grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
+    labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, inv_temperature: float, ignore_index: int,
+) -> torch.Tensor:
+    """Gradient ``[N, V]`` w.r.t. logits, in their dtype; ``lse``/``entropy`` are the forward's fp32 ``[N]``."""
+    return chunked.logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, lse, entropy,
+                                inv_temperature=inv_temperature, ignore_index=ignore_index, rows_bwd=rows_bwd)
+
+
+def linear_token_logprobs_fwd(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    inv_temperature: float, ignore_index: int, with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 ``(logprobs_N, entropy_N, lse_N)`` of ``hidden [N, H] @ weight [V, H].T (+ bias [V])``."""
+    return chunked.linear_logprobs_fwd(hidden, weight, bias, labels, inv_temperature=inv_temperature,
+                                       ignore_index=ignore_index, with_entropy=with_entropy, rows_fwd=rows_fwd)
+
+
+def linear_token_logprobs_bwd(
+    grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
+    weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+    inv_temperature: float, ignore_index: int, needs_input_grad: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of hidden, weight and bias in their dtypes; an empty tensor for one ``needs_input_grad`` omits."""
+    return chunked.linear_logprobs_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+                                       inv_temperature=inv_temperature, ignore_index=ignore_index,
+                                       needs_input_grad=needs_input_grad, rows_bwd=rows_bwd)

@@ -1,23 +1,27 @@
 """Public RL loss ops: the GRPO/PPO clipped policy loss on per-token log-probs or on hidden states + LM head, the
-KL penalty and PPO's clipped value loss.
+KL penalty, GRPO's ratio-weighted KL term and PPO's clipped value loss.
 
 Legend: B sequences (completions), T completion positions, H hidden, V vocabulary.
 
-Backends of the ``policy_loss`` op (``ops/policy/reference.py`` documents every formula, TRL 1.16's):
-- ``reference``: ``policy_loss_reference``, fp32 torch autograd;
-- ``compiled``: the ``fusedrl::policy_loss_rows`` custom op running ``torch.compile`` of ``tokenwise.py``;
-- ``triton``: the same custom op running ``triton_loss.py``, one launch with a program per sequence.
+Backends of the ``policy_loss`` op (``reference.py`` documents every formula, TRL 1.16's):
+- ``reference``: ``reference.policy_loss_reference``, fp32 torch autograd;
+- ``compiled``: the ``fusedrl::policy_loss_rows`` custom op running ``compiled.policy_rows`` (``torch.compile``);
+- ``triton``: the same custom op running ``triton.policy_rows``, one launch with a program per sequence; a kernel
+  that fails to build falls back to ``compiled`` (``dispatch.define_op``).
 Both custom-op backends compute ``d loss / d logps`` in the forward pass (``[B, T]`` floats, the loss is elementwise
 given per-row quantities), so the backward is one multiply. The aggregation (``loss_type``) is folded into a
 per-row weight and the top-entropy mask (a quantile over the whole batch) is computed in torch before the launch
-(``tokenwise.high_entropy_keep``: a sort, no data-dependent shapes). The custom op captures as one opaque node
+(``compiled.high_entropy_keep``: a sort, no data-dependent shapes). The custom op captures as one opaque node
 under ``torch.compile(fullgraph=True)``. Old and reference log-probs and advantages are constants: no gradient.
 Why a custom op rather than ``torch.compile`` of the reference with compiled autograd: it is the same autograd
 node as the Triton backend, and it saves one ``[B, T]`` gradient instead of the intermediates of an autograd graph.
 Its cost is not the point either way: measured on the 2-core CPU (1 thread, B=16, T=1024, grpo + k3 KL, loaded
 machine) one forward+backward took 0.66 ms vs 0.41 ms for the compiled reference and 1.02 ms eager, against
 seconds for the LM head that produces the log-probs at V=32000.
-``value_loss`` and ``kl_penalty`` are a few elementwise ops: plain torch, traced by any caller's compile.
+``ratio_weighted_kl`` aggregates on the selected backend's aggregation (``reference.aggregate`` or the per-row
+weights of the custom op), so the term matches the loss it is added to. ``value_loss`` and ``kl_penalty`` are a
+few elementwise ops with one implementation on every backend: plain torch, traced by any caller's compile.
+Benchmarks: ``benchmarks/ops/policy.py``.
 """
 
 from __future__ import annotations
@@ -26,19 +30,12 @@ from typing import NamedTuple
 
 import torch
 
-from fusedrl.ops import dispatch as registry
-from fusedrl.ops.compiler import compile_kernel
+from fusedrl.ops import dispatch
 from fusedrl.ops.logprobs import linear_token_logprobs
-from fusedrl.ops.policy import compiled as tokenwise
-from fusedrl.ops.policy.checks import check_policy_request, check_value_request
-from fusedrl.ops.policy.reference import (
-    KL_ESTIMATORS,
-    kl_penalty_reference,
-    policy_loss_reference,
-    value_loss_reference,
-)
+from fusedrl.ops.policy import compiled, reference
+from fusedrl.ops.policy.checks import check_policy_request, check_ratio_kl_request, check_value_request
 
-registry.register_op("policy_loss", "GRPO/PPO clipped policy loss (+ KL) on per-token log-probs")
+dispatch.register_op("policy_loss", "GRPO/PPO clipped policy loss (+ KL) on per-token log-probs")
 
 
 class PolicyLoss(NamedTuple):
@@ -69,58 +66,19 @@ class LinearPolicyLoss(NamedTuple):
     mean_entropy: torch.Tensor | None
 
 
-@torch.compiler.assume_constant_result
-def _resolve(device: torch.device) -> str:
-    # Constant while tracing: the selection reads context variables and the environment, which Dynamo cannot trace.
-    return registry.resolve("policy_loss", device)
+class RatioWeightedKL(NamedTuple):
+    """``loss``: fp32 scalar, the aggregated ratio-weighted KL (differentiable w.r.t. ``logps_BT``; the caller
+    multiplies it by beta); ``kl``: its detached masked token mean (the metric TRL logs as ``kl``)."""
+
+    loss: torch.Tensor
+    kl: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The per-row custom op (compiled and triton backends)
 
 
-def _compiled_rows(logps, old, advantages, mask, row_scale, keep, ref, *, beta, epsilon_low, epsilon_high, delta,
-                   sequence, kl_estimator) -> tokenwise.PolicyRows:
-    # The gradient is analytic: detached inputs under no_grad give the compiled function one grad mode and one
-    # requires_grad pattern (Dynamo guards on both), and dense optional inputs one set of tensor arguments.
-    with torch.no_grad():
-        logps = logps.detach()
-        adv = advantages.detach()
-        adv = (adv.unsqueeze(1) if adv.dim() == 1 else adv).expand(logps.shape).contiguous()
-        keep = torch.ones_like(logps) if keep is None else keep
-        # d = 0: a zero KL term. A copy, not logps itself: Dynamo guards on argument aliasing (a second graph).
-        ref = logps.clone() if ref is None else ref
-        params = tokenwise.scalar_params(beta, epsilon_low, epsilon_high, delta, logps.device)
-        fn = compile_kernel(tokenwise.sequence_level_rows if sequence else tokenwise.token_level_rows)
-        return fn(logps, old, adv, mask, row_scale, keep, ref, params, kl_estimator)
-
-
-
-@torch.library.custom_op("fusedrl::policy_loss_rows", mutates_args=())
-def _policy_rows_op(
-    logps: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, row_scale: torch.Tensor,
-    keep: torch.Tensor | None, ref: torch.Tensor | None, beta: float, epsilon_low: float, epsilon_high: float,
-    delta: float, sequence: bool, kl_estimator: str, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "compiled":
-        return tuple(_compiled_rows(logps, old, advantages, mask, row_scale, keep, ref, beta=beta,
-                                    epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
-                                    sequence=sequence, kl_estimator=kl_estimator))
-    if backend == "triton":
-        # Imported on first use: triton.jit reads TRITON_INTERPRET when the module is imported.
-        from fusedrl.ops.policy import triton as triton_loss
-
-        # A kernel that fails to build at run time falls back to the compiled backend (registry.run_with_fallback).
-        return tuple(registry.run_with_fallback(
-            "policy_loss", triton_loss.policy_rows, _compiled_rows, logps, old, advantages, mask, row_scale, keep,
-            ref, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, sequence=sequence,
-            kl_estimator=kl_estimator,
-        ))
-    raise ValueError(f"backend {backend!r} has no policy-loss kernel; choose compiled or triton")
-
-
-@_policy_rows_op.register_fake
-def _(logps, old, advantages, mask, row_scale, *args):
+def _fake_rows(logps, old, advantages, mask, row_scale, *options):
     rows = logps.new_empty(logps.shape[:1])
     return rows, torch.empty_like(logps), *(torch.empty_like(rows) for _ in range(4))
 
@@ -139,10 +97,15 @@ def _rows_backward(ctx, grad_loss_B, *_unused):
     grad = grad_loss_B.unsqueeze(1) * grad_BT
     if ctx.sequence:
         grad = grad + torch.where(mask > 0, (grad_loss_B * slope_B).unsqueeze(1), 0.0)
-    return (grad, *([None] * 13))
+    return (grad, *([None] * 12))  # only logps (the first of compiled.policy_rows' 13 inputs) has a gradient
 
 
-_policy_rows_op.register_autograd(_rows_backward, setup_context=_rows_setup)
+# Both implementations are named, not bound: looked up per call, so a patched module attribute is what runs.
+_policy_rows_op = dispatch.define_op(
+    "policy_loss_rows", op="policy_loss", compiled="fusedrl.ops.policy.compiled:policy_rows",
+    triton="fusedrl.ops.policy.triton:policy_rows", fake=_fake_rows, backward=_rows_backward,
+    setup_context=_rows_setup,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,7 +113,7 @@ _policy_rows_op.register_autograd(_rows_backward, setup_context=_rows_setup)
 
 
 def _row_scale(mask_BT: torch.Tensor, loss_type: str, max_completion_length, num_items_in_batch) -> torch.Tensor:
-    """The aggregation as a per-row token weight (``tokenwise.py`` docstring)."""
+    """The aggregation as a per-row token weight (``compiled.py`` docstring): the custom op's ``row_scale``."""
     num_rows = mask_BT.shape[0]
     counts_B = mask_BT.sum(-1)
     if loss_type == "grpo":
@@ -201,9 +164,9 @@ def policy_loss(
         kl_estimator=kl_estimator, loss_type=loss_type, max_completion_length=max_completion_length,
         num_items_in_batch=num_items_in_batch, entropy_BT=entropy_BT, top_entropy_quantile=top_entropy_quantile,
     )
-    backend = _resolve(logps_BT.device)
+    backend = dispatch.traced_backend("policy_loss", logps_BT.device)
     if backend == "reference":
-        out = policy_loss_reference(
+        out = reference.policy_loss_reference(
             logps_BT, old_logps_BT, advantages, mask_BT, ref_logps_BT=ref_logps_BT, beta=beta,
             epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
             importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator, loss_type=loss_type,
@@ -217,7 +180,7 @@ def policy_loss(
     sequence = importance_sampling_level == "sequence"
     keep = None
     if entropy_BT is not None and top_entropy_quantile < 1.0:
-        keep = tokenwise.high_entropy_keep(entropy_BT.detach().float(), mask, top_entropy_quantile)
+        keep = compiled.high_entropy_keep(entropy_BT.detach().float(), mask, top_entropy_quantile)
     old = logps.detach() if old_logps_BT is None else old_logps_BT.detach().float()
     ref = None if ref_logps_BT is None else ref_logps_BT.detach().float()
     loss_B, _, _, kl_B, low_B, high_B = _policy_rows_op(
@@ -283,20 +246,65 @@ def linear_policy_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# KL penalty and value loss
+# KL terms and value loss
 
 
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
     """Per-token KL estimate of ``pi || pi_ref`` from the sampled tokens' log-probs (any equal shapes; fp32 out):
     ``k1 = d``, ``k2 = d^2 / 2``, ``k3 = exp(-d) + d - 1`` with ``d = logps - ref_logps``. Differentiable."""
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {', '.join(KL_ESTIMATORS)}, got {estimator!r}")
+    if estimator not in reference.KL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(reference.KL_ESTIMATORS)}, got {estimator!r}")
     for name, tensor in (("logps", logps), ("ref_logps", ref_logps)):
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             raise ValueError(f"{name} must be a float tensor, got {getattr(tensor, 'dtype', type(tensor).__name__)}")
     if logps.shape != ref_logps.shape:
         raise ValueError(f"ref_logps must have the shape of logps {tuple(logps.shape)}, got {tuple(ref_logps.shape)}")
-    return kl_penalty_reference(logps, ref_logps, estimator)
+    return reference.kl_penalty_reference(logps, ref_logps, estimator)
+
+
+def ratio_weighted_kl(
+    logps_BT: torch.Tensor,
+    old_logps_BT: torch.Tensor | None,
+    ref_logps_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    importance_sampling_level: str = "token",
+    kl_estimator: str = "k3",
+    loss_type: str = "dapo",
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | torch.Tensor | None = None,
+) -> RatioWeightedKL:
+    """TRL 1.16's KL term with ``use_bias_correction_kl=True`` (DeepSeek-V3.2's unbiased reverse-KL gradient): the
+    per-token KL estimate times the importance ratio ``r``, aggregated as ``loss_type``. GRPO adds ``beta * loss``
+    to a :func:`policy_loss` run with ``beta=0`` (whose own ``kl`` metric is then replaced by this one's).
+
+    logps_BT, ref_logps_BT: ``[B, T]``; old_logps_BT: ``[B, T]`` or None (on-policy: ``r = 1``, its gradient still
+    flows); mask_BT: ``[B, T]`` completion mask. ``r = exp(logps - old)`` per token, or at
+    ``importance_sampling_level="sequence"`` the exponential of the row's masked mean log-ratio. Differentiable
+    through ``logps_BT`` in both factors. The other options are :func:`policy_loss`'s. The aggregation is the
+    ``policy_loss`` backend's: ``reference.aggregate`` on ``reference``, the custom op's per-row weights on
+    ``compiled`` / ``triton`` (padding then contributes exactly 0, as in the kernels).
+    Example (one row, mask [1, 1], old = ref = 0, logps = [ln 2, 0], dapo): k3 terms ``[ln 2 - 0.5, 0]``, ratios
+    ``[2, 1]`` -> loss ``(2 ln 2 - 1) / 2 = 0.1931``, kl metric the same.
+    """
+    check_ratio_kl_request(
+        logps_BT, old_logps_BT, ref_logps_BT, mask_BT, importance_sampling_level=importance_sampling_level,
+        kl_estimator=kl_estimator, loss_type=loss_type, max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+    )
+    mask = mask_BT.float()
+    log_ratio = logps_BT - (logps_BT.detach() if old_logps_BT is None else old_logps_BT)
+    if importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]
+    per_token_kl = kl_penalty(logps_BT, ref_logps_BT, kl_estimator) * log_ratio.exp()
+    if dispatch.traced_backend("policy_loss", logps_BT.device) == "reference":
+        loss = reference.aggregate(per_token_kl, mask, loss_type, max_completion_length=max_completion_length,
+                                   num_items_in_batch=num_items_in_batch)
+    else:
+        row_scale_B = _row_scale(mask, loss_type, max_completion_length, num_items_in_batch)
+        loss = torch.where(mask > 0, per_token_kl * row_scale_B.unsqueeze(1), 0.0).sum()
+    kl = (per_token_kl.detach() * mask_BT).sum() / mask_BT.sum().clamp(min=1)
+    return RatioWeightedKL(loss, kl)
 
 
 def value_loss(values_BT: torch.Tensor, old_values_BT: torch.Tensor, returns_BT: torch.Tensor,
@@ -305,4 +313,4 @@ def value_loss(values_BT: torch.Tensor, old_values_BT: torch.Tensor, returns_BT:
     ``0.5 * masked mean of max((v - R)^2, (v_clip - R)^2)``, ``v_clip = old + clamp(v - old, +-clip_range_value)``.
     All inputs ``[B, T]``; differentiable w.r.t. ``values_BT``."""
     check_value_request(values_BT, old_values_BT, returns_BT, mask_BT, clip_range_value)
-    return value_loss_reference(values_BT, old_values_BT, returns_BT, mask_BT, clip_range_value=clip_range_value)
+    return reference.value_loss_reference(values_BT, old_values_BT, returns_BT, mask_BT, clip_range_value=clip_range_value)

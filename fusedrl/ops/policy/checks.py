@@ -30,35 +30,15 @@ def _check_number(name: str, value, *, low: float, low_inclusive: bool = True) -
         raise ValueError(f"{name} must be a finite number {'>=' if low_inclusive else '>'} {low}, got {value!r}")
 
 
-def check_policy_request(logps_BT, old_logps_BT, advantages, mask_BT, *, ref_logps_BT, beta, epsilon_low,
-                         epsilon_high, delta, importance_sampling_level, kl_estimator, loss_type,
-                         max_completion_length, num_items_in_batch, entropy_BT, top_entropy_quantile) -> None:
+def _check_logps(logps_BT, old_logps_BT) -> None:
     checks.check_float("logps_BT", logps_BT, min_dim=2)
     if logps_BT.dim() != 2:
         raise ValueError(f"logps_BT must be [B, T] (sequences x completion positions), got {tuple(logps_BT.shape)}")
     if old_logps_BT is not None:
         _check_like("old_logps_BT", old_logps_BT, logps_BT)
-    _check_like("mask_BT", mask_BT, logps_BT, floating=False)
-    checks.check_float("advantages", advantages)
-    if advantages.shape not in (logps_BT.shape[:1], logps_BT.shape) or advantages.device != logps_BT.device:
-        raise ValueError(f"advantages must be [B] = [{logps_BT.shape[0]}] or [B, T] = {list(logps_BT.shape)} on "
-                         f"{logps_BT.device}, got {list(advantages.shape)} on {advantages.device}")
-    if ref_logps_BT is not None:
-        _check_like("ref_logps_BT", ref_logps_BT, logps_BT)
-    if entropy_BT is not None:
-        _check_like("entropy_BT", entropy_BT, logps_BT)
-    _check_number("beta", beta, low=-math.inf)
-    if beta != 0.0 and ref_logps_BT is None:
-        raise ValueError(f"beta={beta} needs ref_logps_BT (the reference model's log-probs); pass them or beta=0.0")
-    _check_number("epsilon_low", epsilon_low, low=0.0)
-    _check_number("epsilon_high", epsilon_high, low=0.0)
-    if delta is not None:
-        _check_number("delta", delta, low=0.0, low_inclusive=False)
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(f"importance_sampling_level must be one of {', '.join(IMPORTANCE_SAMPLING_LEVELS)}, got "
-                         f"{importance_sampling_level!r}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, got {kl_estimator!r}")
+
+
+def _check_aggregation(loss_type, max_completion_length, num_items_in_batch) -> None:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
     if loss_type == "dr_grpo" and (not isinstance(max_completion_length, int) or max_completion_length < 1):
@@ -76,11 +56,52 @@ def check_policy_request(logps_BT, old_logps_BT, advantages, mask_BT, *, ref_log
                 value = float(value)
         if value is not None:
             _check_number("num_items_in_batch", value, low=0.0, low_inclusive=False)
+
+
+def _check_level_and_estimator(importance_sampling_level, kl_estimator) -> None:
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {', '.join(IMPORTANCE_SAMPLING_LEVELS)}, got "
+                         f"{importance_sampling_level!r}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, got {kl_estimator!r}")
+
+
+def check_policy_request(logps_BT, old_logps_BT, advantages, mask_BT, *, ref_logps_BT, beta, epsilon_low,
+                         epsilon_high, delta, importance_sampling_level, kl_estimator, loss_type,
+                         max_completion_length, num_items_in_batch, entropy_BT, top_entropy_quantile) -> None:
+    _check_logps(logps_BT, old_logps_BT)
+    _check_like("mask_BT", mask_BT, logps_BT, floating=False)
+    checks.check_float("advantages", advantages)
+    if advantages.shape not in (logps_BT.shape[:1], logps_BT.shape) or advantages.device != logps_BT.device:
+        raise ValueError(f"advantages must be [B] = [{logps_BT.shape[0]}] or [B, T] = {list(logps_BT.shape)} on "
+                         f"{logps_BT.device}, got {list(advantages.shape)} on {advantages.device}")
+    if ref_logps_BT is not None:
+        _check_like("ref_logps_BT", ref_logps_BT, logps_BT)
+    if entropy_BT is not None:
+        _check_like("entropy_BT", entropy_BT, logps_BT)
+    _check_number("beta", beta, low=-math.inf)
+    if beta != 0.0 and ref_logps_BT is None:
+        raise ValueError(f"beta={beta} needs ref_logps_BT (the reference model's log-probs); pass them or beta=0.0")
+    _check_number("epsilon_low", epsilon_low, low=0.0)
+    _check_number("epsilon_high", epsilon_high, low=0.0)
+    if delta is not None:
+        _check_number("delta", delta, low=0.0, low_inclusive=False)
+    _check_level_and_estimator(importance_sampling_level, kl_estimator)
+    _check_aggregation(loss_type, max_completion_length, num_items_in_batch)
     _check_number("top_entropy_quantile", top_entropy_quantile, low=0.0)
     if top_entropy_quantile > 1.0:
         raise ValueError(f"top_entropy_quantile must lie in [0, 1] (1 keeps every token), got {top_entropy_quantile}")
     if top_entropy_quantile < 1.0 and entropy_BT is None:
         raise ValueError("top_entropy_quantile < 1 masks by entropy: pass entropy_BT (linear_policy_loss computes it)")
+
+
+def check_ratio_kl_request(logps_BT, old_logps_BT, ref_logps_BT, mask_BT, *, importance_sampling_level,
+                           kl_estimator, loss_type, max_completion_length, num_items_in_batch) -> None:
+    _check_logps(logps_BT, old_logps_BT)
+    _check_like("ref_logps_BT", ref_logps_BT, logps_BT)
+    _check_like("mask_BT", mask_BT, logps_BT, floating=False)
+    _check_level_and_estimator(importance_sampling_level, kl_estimator)
+    _check_aggregation(loss_type, max_completion_length, num_items_in_batch)
 
 
 def check_value_request(values_BT, old_values_BT, returns_BT, mask_BT, clip_range_value) -> None:

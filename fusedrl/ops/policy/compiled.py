@@ -1,5 +1,6 @@
 """The GRPO/PPO policy loss with its analytic gradient, per row, in plain torch: the math the compiled backend runs
-through ``torch.compile``. ``triton_loss.py`` computes the same outputs from the same inputs in one Triton launch.
+through ``torch.compile`` (:func:`policy_rows`: the compiled implementation of ``fusedrl::policy_loss_rows``).
+``triton.py`` computes the same outputs from the same inputs in one Triton launch.
 
 Legend: B sequences, T completion positions. Every tensor is fp32.
 
@@ -31,6 +32,8 @@ import math
 from typing import NamedTuple
 
 import torch
+
+from fusedrl.ops.compiler import compile_kernel
 
 
 class PolicyRows(NamedTuple):
@@ -136,3 +139,27 @@ def high_entropy_keep(entropy_BT: torch.Tensor, mask_BT: torch.Tensor, top_entro
     ends = sorted_N.gather(0, torch.stack([below, above]))
     threshold = torch.lerp(ends[0], ends[1], rank - below.to(rank.dtype))
     return ((entropy_BT * on >= threshold) & on & (count > 0)).float()
+
+
+def policy_rows(
+    logps: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, row_scale: torch.Tensor,
+    keep: torch.Tensor | None, ref: torch.Tensor | None, beta: float, epsilon_low: float, epsilon_high: float,
+    delta: float, sequence: bool, kl_estimator: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The compiled backend of ``fusedrl::policy_loss_rows``: :class:`PolicyRows` of :func:`token_level_rows` or
+    (``sequence``) :func:`sequence_level_rows` through ``torch.compile``. logps, old, mask and the optional keep
+    (top-entropy mask; None keeps every token) and ref (None: no KL term): fp32 ``[B, T]``; advantages: fp32 ``[B]``
+    or ``[B, T]``; row_scale: fp32 ``[B]``; delta: the dual-clip cap (inf: none). ``triton.policy_rows`` has this
+    signature too."""
+    # The gradient is analytic: detached inputs under no_grad give the compiled function one grad mode and one
+    # requires_grad pattern (Dynamo guards on both), and dense optional inputs one set of tensor arguments.
+    with torch.no_grad():
+        logps = logps.detach()
+        adv = advantages.detach()
+        adv = (adv.unsqueeze(1) if adv.dim() == 1 else adv).expand(logps.shape).contiguous()
+        keep = torch.ones_like(logps) if keep is None else keep
+        # d = 0: a zero KL term. A copy, not logps itself: Dynamo guards on argument aliasing (a second graph).
+        ref = logps.clone() if ref is None else ref
+        params = scalar_params(beta, epsilon_low, epsilon_high, delta, logps.device)
+        fn = compile_kernel(sequence_level_rows if sequence else token_level_rows)
+        return fn(logps, old, adv, mask, row_scale, keep, ref, params, kl_estimator)

@@ -1,16 +1,18 @@
 """The GRPO/PPO policy loss as one Triton launch: a program per sequence writes the row's share of the loss, the
 gradient w.r.t. every log-prob of the row, and the row's KL sum and clip counts. Same inputs, outputs and formulas
-as ``tokenwise.py`` (whose docstring derives the gradient); the backward is then ``upstream * saved gradient``.
+as ``compiled.py`` (whose docstring derives the gradient); the backward is then ``upstream * saved gradient``.
+:func:`policy_rows` is the Triton implementation of ``fusedrl::policy_loss_rows``, with the signature of
+``compiled.policy_rows``.
 
 Legend: B sequences (one program each), T completion positions, BLOCK_T positions per loop step.
 
 Each input is read once and the gradient written once. Sequence level (GSPO) needs the row's mean log-ratio before
-any token's loss: a torch pre-pass (``tokenwise.sequence_log_ratio``, one reduction over ``[B, T]``) passes it in as
+any token's loss: a torch pre-pass (``compiled.sequence_log_ratio``, one reduction over ``[B, T]``) passes it in as
 the row's ratio. Its gradient reaches every token through that mean, i.e. as the row's summed slope, known only
 after the row: the kernel writes the per-token (KL) part and the slope per row, and the backward adds
-``slope_b * mask`` in the same elementwise expression as the upstream multiply. The top-entropy mask is a quantile over the whole batch: the caller computes it in torch
-(``tokenwise.high_entropy_keep``) and passes it as ``keep``. Optional inputs are constexpr-gated (absent ones cost
-no load); all math is fp32.
+``slope_b * mask`` in the same elementwise expression as the upstream multiply. The top-entropy mask is a quantile
+over the whole batch: the caller computes it in torch (``compiled.high_entropy_keep``) and passes it as ``keep``.
+Optional inputs are constexpr-gated (absent ones cost no load); all math is fp32.
 """
 
 from __future__ import annotations
@@ -152,11 +154,14 @@ def launch_config(num_cols: int) -> tuple[int, int]:
     return block, 4 if block >= 512 else 1
 
 
-def policy_rows(logps, old, advantages, mask, row_scale, keep, ref, *, beta: float, epsilon_low: float,
-                epsilon_high: float, delta: float, sequence: bool, kl_estimator: str) -> PolicyRows:
-    """``tokenwise.token_level_rows`` / ``sequence_level_rows`` in one launch (after the sequence level's per-row
-    torch pre-pass). logps, old, mask and the optional keep and ref: fp32 ``[B, T]``; advantages: fp32 ``[B]`` or
-    ``[B, T]``; row_scale: fp32 ``[B]``."""
+def policy_rows(
+    logps: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, row_scale: torch.Tensor,
+    keep: torch.Tensor | None, ref: torch.Tensor | None, beta: float, epsilon_low: float, epsilon_high: float,
+    delta: float, sequence: bool, kl_estimator: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:class:`PolicyRows` of ``compiled.token_level_rows`` / ``sequence_level_rows`` in one launch (after the
+    sequence level's per-row torch pre-pass). logps, old, mask and the optional keep and ref: fp32 ``[B, T]``;
+    advantages: fp32 ``[B]`` or ``[B, T]``; row_scale: fp32 ``[B]``; delta: the dual-clip cap (inf: none)."""
     logps = logps.contiguous()
     num_rows, num_cols = logps.shape
     grad = torch.empty_like(logps)

@@ -1,8 +1,8 @@
 """Input checks of the preference ops: every error names the argument and says what would be accepted.
 
 Only shapes, dtypes and static options are checked (nothing data-dependent), so the checks trace under
-torch.compile without a graph break. The messages follow ``ops/preference/reference/dpo.py``, whose reference raises the
-same errors.
+torch.compile without a graph break. The messages follow ``reference/dpo.py``, whose reference raises the same
+errors.
 """
 
 from __future__ import annotations
@@ -13,7 +13,12 @@ import torch
 
 from fusedrl.ops import checks
 from fusedrl.ops.preference import registry as preference_registry
-from fusedrl.ops.preference.reference import CPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCE_TYPES
+from fusedrl.ops.preference.reference import (
+    CPO_LOSS_TYPES,
+    F_DIVERGENCE_LOSS_TYPES,
+    F_DIVERGENCE_TYPES,
+    KTO_LOSS_TYPES,
+)
 
 FAMILIES = ("dpo", "cpo")
 _COMPUTED_BY_LINEAR = ("chosen_lengths", "rejected_lengths", "chosen_nll")
@@ -90,7 +95,7 @@ def check_preference_request(
     needs_nll = "sft" in loss_types if family == "dpo" else cpo_alpha != 0.0
     if needs_nll and chosen_nll is None:
         raise ValueError("'sft' (DPO) and cpo_alpha != 0 (CPO) need chosen_nll: the token-mean NLL of the chosen "
-                         "completions (kernels.preference.token_mean_nll); or set cpo_alpha=0")
+                         "completions (fusedrl.ops.preference.token_mean_nll); or set cpo_alpha=0")
     if chosen_nll is not None and chosen_nll.numel() != 1:
         raise ValueError(f"chosen_nll must be a scalar, got shape {tuple(chosen_nll.shape)}")
 
@@ -114,3 +119,45 @@ def check_linear_request(
     if passed:
         raise ValueError(f"{passed} are computed from the labels here; do not pass them")
     return hidden.shape[0] // 2
+
+
+def check_orpo_request(chosen: torch.Tensor, rejected: torch.Tensor, chosen_nll: torch.Tensor) -> None:
+    checks.check_float("chosen_logps", chosen)
+    if chosen.dim() != 1:
+        raise ValueError(f"chosen_logps must be [B] mean log-probs, got shape {tuple(chosen.shape)}")
+    checks.check_float("rejected_logps", rejected)
+    _check_pair_tensor("rejected_logps", rejected, chosen)
+    if not isinstance(chosen_nll, torch.Tensor) or chosen_nll.numel() != 1:
+        got = tuple(chosen_nll.shape) if isinstance(chosen_nll, torch.Tensor) else type(chosen_nll).__name__
+        raise ValueError(f"chosen_nll must be a scalar tensor (the token-mean NLL of the chosen rows), got {got}")
+
+
+def check_kto_request(
+    logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.Tensor, *, loss_type: str,
+    kl: torch.Tensor | None, kl_logps: torch.Tensor | None, ref_kl_logps: torch.Tensor | None,
+) -> None:
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"Unknown KTO loss_type {loss_type!r}; expected one of {KTO_LOSS_TYPES}")
+    checks.check_float("logps", logps)
+    if logps.dim() != 1:
+        raise ValueError(f"logps must be [N] sequence log-probs, got shape {tuple(logps.shape)}")
+    checks.check_float("ref_logps", ref_logps)
+    if ref_logps.shape != logps.shape:
+        raise ValueError(f"ref_logps must match logps {tuple(logps.shape)}, got {tuple(ref_logps.shape)}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != logps.shape:
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an [N] = {tuple(logps.shape)} bool tensor (True = desirable), got {got}")
+    if loss_type != "kto":
+        return
+    if kl is None and (kl_logps is None or ref_kl_logps is None):
+        raise ValueError("loss_type='kto' needs kl, or kl_logps and ref_kl_logps of mismatched pairs")
+    if kl is not None and kl.numel() != 1:
+        raise ValueError(f"kl must be a scalar estimate, got shape {tuple(kl.shape)}")
+
+
+def check_kl_request(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> None:
+    checks.check_float("kl_logps", kl_logps)
+    checks.check_float("ref_kl_logps", ref_kl_logps)
+    if kl_logps.dim() != 1 or ref_kl_logps.shape != kl_logps.shape:
+        raise ValueError(f"kl_logps and ref_kl_logps must be [M] log-probs of the same shape, got "
+                         f"{tuple(kl_logps.shape)} and {tuple(ref_kl_logps.shape)}")

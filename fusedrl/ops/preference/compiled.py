@@ -1,7 +1,8 @@
-"""Pair-separable preference losses with their analytic gradients, in plain torch: the math ``torch.compile`` fuses
-(the compiled backend). ``triton_loss.py`` computes the same results from the same inputs in one Triton launch.
+"""The compiled backend of the ``preference`` op: per-pair and per-example losses with their analytic gradients in
+plain torch (the math ``torch.compile`` fuses), and ``torch.compile`` of the references for the requests that couple
+the batch. ``triton.py`` computes the same per-pair and per-example results from the same inputs in one launch.
 
-Legend: B pairs. Every tensor here is fp32 ``[B]``.
+Legend: B pairs, N unpaired examples. Every tensor here is fp32 ``[B]`` / ``[N]``.
 
 Each formula returns, per pair, the loss and its derivative w.r.t. the policy chosen and rejected log-probs; the
 reference log-probs enter only through the log-ratios ``c = chosen - ref_chosen``, ``r = rejected - ref_rejected``,
@@ -27,9 +28,16 @@ and, on the scaled log-ratios a = beta c, b = beta r (these take no score map):
     apo_zero   sig(-a) + sig(b)                             da: -sig(a) sig(-a)          db: sig(b) sig(-b)
     apo_down   sig(a) + sig(-(a - b))                       da: sig(a) sig(-a) - sig(a-b) sig(b-a)   db: sig(a-b) sig(b-a)
 
+ORPO is ``logistic`` on the log-odds score ``s(x) = x - log(1 - e^x)`` (``s'(x) = 1 / (1 - e^x)``) with beta 1 and
+``loss_weight`` = ORPO's beta. KTO (``unpaired_losses``), per example with ``lr = logp - ref`` and the clamped
+batch KL estimate ``kl`` (0 for ``apo_zero_unpaired``), ``z = beta (lr - kl)``:
+
+    desirable    w_d sig(-z)                                d lr: -w_d beta sig(z) sig(-z)
+    undesirable  w_u sig(z)                                 d lr:  w_u beta sig(z) sig(-z)
+
 Every ``sig(-z)`` is computed as such (never ``1 - sig(z)``) so nothing cancels at ``|z| = 1e4``. The losses and
 gradients are multiplied by ``loss_weight`` and the WPO pair weight. Rewards: ``beta * c`` (DPO: log-ratios, whatever
-the f-divergence), or ``beta * s(c)`` for the AlphaPO score (CPO).
+the f-divergence), or ``beta * s(c)`` for the AlphaPO and log-odds scores (CPO, ORPO).
 
 The math runs in two stages, each a set of small functions: a score map (``SCORE_MAPS``) turns the log-probs into
 log-ratios, scores and their derivatives, then a formula (``FORMULAS``) turns those into losses and gradients.
@@ -42,13 +50,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 
+from fusedrl.ops.compiler import compile_kernel
+
+R = TypeVar("R")
+
 # Same bound as dpo.f_divergence_scores: exp(80) stays finite in fp32 after the (alpha - 1) scaling.
 ALPHA_DIVERGENCE_CLAMP = 80.0
+_LN2 = math.log(2.0)
 
 
 class PairInputs(NamedTuple):
@@ -95,6 +108,23 @@ class PairLosses(NamedTuple):
 # Stage 1: score maps. Each gets every tensor (absent references as zeros, absent scales as ones).
 
 
+def _expm1(x: torch.Tensor) -> torch.Tensor:
+    """``expm1`` that stays accurate when Inductor compiles it: its vectorised CPU ``expm1`` is ``exp(x) - 1``
+    (torch 2.13), 1.3% off at ``x = -1e-6`` and 0.02% at ``-1e-4``. Kahan's ``(e - 1) x / log(e)``, ``e = exp(x)``,
+    is within 1e-7 there; ``x`` itself where ``e`` rounds to 1, and ``e - 1`` where ``e`` is 0 or inf."""
+    e = torch.exp(x)
+    regular = (e != 1.0) & (e > 0.0) & torch.isfinite(e)
+    safe_e = torch.where(regular, e, 2.0)
+    return torch.where(regular, (safe_e - 1.0) * (x / torch.log(safe_e)), torch.where(e == 1.0, x, e - 1.0))
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - e^x)`` for ``x <= 0``, branched as ``reference.orpo.log1mexp`` (each branch sees only its inputs)."""
+    small = x < -_LN2
+    return torch.where(small, torch.log1p(-torch.exp(torch.where(small, x, -1.0))),
+                       torch.log(-_expm1(torch.where(small, -0.5, x))))
+
+
 def _scored(c, r, s_c, ds_c, s_r, ds_r, chosen_scale_B, rejected_scale_B, *, rewards_from_scores=False):
     reward_c, reward_r = (s_c, s_r) if rewards_from_scores else (c, r)
     s_c, ds_c = s_c * chosen_scale_B, ds_c * chosen_scale_B
@@ -134,9 +164,16 @@ def alpha_divergence(chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, chosen_
 
 def alphapo(chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, chosen_scale_B, rejected_scale_B, score_alpha):
     c, r = chosen_B - ref_chosen_B, rejected_B - ref_rejected_B
-    s_c, s_r = -torch.expm1(-score_alpha * c) / score_alpha, -torch.expm1(-score_alpha * r) / score_alpha
+    s_c, s_r = -_expm1(-score_alpha * c) / score_alpha, -_expm1(-score_alpha * r) / score_alpha
     return _scored(c, r, s_c, torch.exp(-score_alpha * c), s_r, torch.exp(-score_alpha * r), chosen_scale_B,
                    rejected_scale_B, rewards_from_scores=True)
+
+
+def log_odds(chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, chosen_scale_B, rejected_scale_B, score_alpha):
+    c, r = chosen_B - ref_chosen_B, rejected_B - ref_rejected_B
+    # -1 / expm1(x) == 1 / (1 - e^x) without the cancellation of 1 - e^x near x = 0 (mean log-probs near 0).
+    return _scored(c, r, c - _log1mexp(c), -1.0 / _expm1(c), r - _log1mexp(r), -1.0 / _expm1(r),
+                   chosen_scale_B, rejected_scale_B, rewards_from_scores=True)
 
 
 SCORE_MAPS: dict[str, Callable[..., PairScores]] = {
@@ -145,6 +182,7 @@ SCORE_MAPS: dict[str, Callable[..., PairScores]] = {
     "js_divergence": js_divergence,
     "alpha_divergence": alpha_divergence,
     "alphapo": alphapo,
+    "log_odds": log_odds,
 }
 SCORES = tuple(SCORE_MAPS)
 
@@ -271,3 +309,74 @@ def pair_losses(x: PairInputs, p: PairParams, formula: str, *, compile_fn: Calla
     )
     weight_B = dense(x.pair_weight_B, 1.0) * p.loss_weight
     return compile_fn(FORMULAS[formula])(scores, weight_B, p.beta, p.label_smoothing, p.discopop_tau, p.margin)
+
+
+def pair_preference_losses(
+    chosen_B: torch.Tensor, rejected_B: torch.Tensor, ref_chosen_B: torch.Tensor | None,
+    ref_rejected_B: torch.Tensor | None, chosen_scale_B: torch.Tensor | None, rejected_scale_B: torch.Tensor | None,
+    pair_weight_B: torch.Tensor | None, formula: str, score: str, beta: float, label_smoothing: float,
+    discopop_tau: float, margin: float, score_alpha: float, loss_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The compiled backend of ``fusedrl::pair_preference_losses`` (its signature is the custom op's schema):
+    :class:`PairLosses` of ``FORMULAS[formula]`` on ``SCORE_MAPS[score]``, each stage under ``torch.compile``."""
+    # The gradient is analytic, so the stages need no autograd: detached inputs under no_grad give them one grad
+    # mode and one requires_grad pattern, both of which Dynamo guards on (each variant would compile again).
+    with torch.no_grad():
+        x = PairInputs(*(None if t is None else t.detach() for t in (
+            chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, chosen_scale_B, rejected_scale_B, pair_weight_B)))
+        p = PairParams(score, beta, label_smoothing, discopop_tau, margin, score_alpha, loss_weight)
+        return tuple(pair_losses(x, p, formula, compile_fn=compile_kernel))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KTO: per-example losses against the batch KL estimate
+
+
+class UnpairedLosses(NamedTuple):
+    """fp32 ``[N]``: weighted losses, rewards ``beta * (logp - ref)`` and d losses_i / d logps_i (policy side)."""
+
+    losses_N: torch.Tensor
+    rewards_N: torch.Tensor
+    grad_N: torch.Tensor
+
+
+def kto(logps_N, ref_logps_N, labels_N, kl, beta, desirable_weight, undesirable_weight) -> UnpairedLosses:
+    """KTO's per-example losses (module docstring); ``kl`` is the clamped fp32 scalar estimate."""
+    logratios_N = logps_N - ref_logps_N
+    z = beta * (logratios_N - kl)
+    desirable, undesirable = torch.sigmoid(-z), torch.sigmoid(z)
+    slope = beta * desirable * undesirable
+    losses_N = torch.where(labels_N, desirable_weight * desirable, undesirable_weight * undesirable)
+    grad_N = torch.where(labels_N, -desirable_weight * slope, undesirable_weight * slope)
+    return UnpairedLosses(losses_N, beta * logratios_N, grad_N)
+
+
+def unpaired_losses(logps_N, ref_logps_N, labels_N, kl, beta, desirable_weight, undesirable_weight, *,
+                    compile_fn: Callable = lambda fn: fn) -> UnpairedLosses:
+    """:func:`kto` with ``compile_fn`` applied (the compiled backend passes its ``torch.compile``)."""
+    return compile_fn(kto)(logps_N, ref_logps_N, labels_N, kl, beta, desirable_weight, undesirable_weight)
+
+
+def unpaired_preference_losses(
+    logps_N: torch.Tensor, ref_logps_N: torch.Tensor, labels_N: torch.Tensor, kl: torch.Tensor, beta: float,
+    desirable_weight: float, undesirable_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The compiled backend of ``fusedrl::unpaired_preference_losses``: :class:`UnpairedLosses` of :func:`kto`.
+    logps_N, ref_logps_N: fp32 ``[N]``; labels_N: bool ``[N]`` (True = desirable); kl: fp32 scalar, clamped."""
+    with torch.no_grad():  # analytic gradient, as pair_preference_losses
+        return tuple(unpaired_losses(logps_N.detach(), ref_logps_N.detach(), labels_N, kl.detach(), beta,
+                                     desirable_weight, undesirable_weight, compile_fn=compile_kernel))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The requests no custom op serves
+
+
+def traced_reference(fn: Callable[..., R], /, *args, **kwargs) -> R:
+    """The compiled backend of the requests that couple the batch (DPO ``aot``, ``aot_unpaired``, ``sft``, MPO lists,
+    registered Python losses; KTO's KL estimate): ``torch.compile`` of the fp32 reference ``fn``, differentiated by
+    AOT autograd. Inside a caller's ``torch.compile`` region ``fn`` is traced into that graph instead: compiling it
+    again there would only nest a second compile."""
+    if torch.compiler.is_compiling():
+        return fn(*args, **kwargs)
+    return compile_kernel(fn)(*args, **kwargs)

@@ -20,7 +20,7 @@ Backends: ``reference`` calls the function eagerly; ``compiled`` compiles it wit
 has no kernel for Python code and runs the compiled path (logged once). ``f_divergence_type`` must stay
 ``reverse_kl``: the function sees log-ratios, not f-divergence scores.
 
-The built-in names (``kernels.preference.DPO_LOSS_TYPES``) cannot be registered or replaced: their formulas are the
+The built-in names (``fusedrl.ops.preference.DPO_LOSS_TYPES``) cannot be registered or replaced: their formulas are the
 ones verified against TRL.
 """
 
@@ -32,7 +32,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from fusedrl.ops.preference.reference import DPO_LOSS_TYPES, DPOLossOutput, dpo_losses
+from fusedrl.ops.preference.reference import DPO_LOSS_TYPES, DPOLossOutput
+from fusedrl.ops.preference.reference import dpo as dpo_reference
 
 # Extra inputs a registered loss may ask for with `needs`, and what it then receives.
 LOSS_INPUTS: Mapping[str, str] = types.MappingProxyType({
@@ -133,7 +134,7 @@ def check_registered_request(
         raise ValueError(f"registered losses {registered} need chosen/rejected_lengths: pass them")
     if "chosen_nll" in needs and not has_nll:
         raise ValueError(f"registered losses {registered} need chosen_nll: the token-mean NLL of the chosen "
-                         "completions (kernels.preference.token_mean_nll)")
+                         "completions (fusedrl.ops.preference.token_mean_nll)")
 
 
 def _registered_term(entry: RegisteredPreferenceLoss, chosen_logratios, rejected_logratios, *, beta: float,
@@ -166,7 +167,7 @@ def dpo_losses_with_registered(
     pair_weights: torch.Tensor | None = None,
     reference_free: bool = False,
 ) -> DPOLossOutput:
-    """``kernels.preference.dpo_losses`` (same arguments, same ``DPOLossOutput``) that also accepts registered names.
+    """``reference.dpo.dpo_losses`` (same arguments, same ``DPOLossOutput``) that also accepts registered names.
 
     A request of built-in names only is ``dpo_losses`` itself, bit for bit. Otherwise the built-in names go to
     ``dpo_losses`` together and each registered one is called on the fp32 log-ratios; the terms are summed with
@@ -177,9 +178,10 @@ def dpo_losses_with_registered(
                "f_alpha_divergence_coef": f_alpha_divergence_coef, "discopop_tau": discopop_tau,
                "chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths, "chosen_nll": chosen_nll,
                "pair_weights": pair_weights, "reference_free": reference_free}
+    # dpo_losses is looked up in its module at each call (not bound here), as the preference op does.
     if not is_registered(loss_types):
-        return dpo_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=loss_types,
-                          loss_weights=loss_weights, **options)
+        return dpo_reference.dpo_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                        loss_type=loss_types, loss_weights=loss_weights, **options)
     check_dpo_loss_types(loss_types)
     if loss_weights is not None and len(loss_weights) != len(loss_types):
         raise ValueError(f"{len(loss_weights)} loss_weights for {len(loss_types)} loss types")
@@ -191,8 +193,8 @@ def dpo_losses_with_registered(
     builtin = [name for name in loss_types if name in DPO_LOSS_TYPES]
     builtin_terms = iter(())
     if builtin:
-        builtin_out = dpo_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                                 loss_type=builtin, **options)
+        builtin_out = dpo_reference.dpo_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                               loss_type=builtin, **options)
         builtin_terms = iter(builtin_out.components)
 
     policy_chosen, policy_rejected = chosen_logps.float(), rejected_logps.float()

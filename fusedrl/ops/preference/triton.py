@@ -1,8 +1,9 @@
-"""Pair-separable preference losses as one Triton launch: per pair the loss, both rewards and the gradient w.r.t.
-the policy log-probs. Same inputs and results as ``pairwise.py`` (whose docstring lists every formula and its
-derivative); the backward is then ``upstream * saved gradient``, with no second launch.
+"""The Triton backend of the ``preference`` op: pair-separable losses (DPO, CPO, ORPO) and KTO's per-example losses,
+each as one launch computing the loss, the rewards and the gradient w.r.t. the policy log-probs. Same inputs and
+results as ``compiled.py`` (whose docstring lists every formula and its derivative); the backward is then
+``upstream * saved gradient``, with no second launch.
 
-Legend: B pairs, BLOCK_B pairs per program.
+Legend: B pairs, N unpaired examples, BLOCK_B pairs (or examples) per program.
 
 The loss and the score map are constexprs, so each (loss, score) pair compiles to straight-line code. Optional
 inputs (reference log-probs, length scales, pair weights) are constexpr-gated: absent ones cost no load. All math
@@ -16,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedrl.ops.preference.compiled import SCORES, PairInputs, PairLosses, PairParams
+from fusedrl.ops.preference.compiled import SCORES, PairInputs, PairLosses, PairParams, UnpairedLosses
 
-# Loss and score codes of the constexprs, in the order of pairwise.FORMULAS and pairwise.SCORES.
+# Loss and score codes of the constexprs, in the order of compiled.FORMULAS and compiled.SCORES.
 LOSS_CODES = {name: code for code, name in enumerate((
     "logistic", "hinge", "square", "exo_pair", "robust", "discopop", "nca_pair", "bco_pair", "sppo_hard",
     "apo_zero", "apo_down",
@@ -36,11 +37,11 @@ def _log1p(u):
 
 @triton.jit
 def _expm1(x):
-    # Kahan: (e - 1) * x / log(e) with e = exp(x); exact ends at e = 1 (x tiny) and e = 0 (x -> -inf).
+    # Kahan: (e - 1) * x / log(e) with e = exp(x); x itself where e rounds to 1 (|x| < 6e-8), -1 at e = 0.
     e = tl.exp(x)
     regular = (e != 1.0) & (e > 0.0)
     ratio = tl.where(regular, x / tl.log(tl.where(regular, e, 2.0)), 1.0)
-    return tl.where(e == 0.0, -1.0, tl.where(e == float("inf"), e, (e - 1.0) * ratio))
+    return tl.where(e == 1.0, x, tl.where(e == 0.0, -1.0, tl.where(e == float("inf"), e, (e - 1.0) * ratio)))
 
 
 @triton.jit
@@ -57,6 +58,12 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _log1mexp(x):
+    # log(1 - e^x) for x <= 0, branches as reference.orpo.log1mexp: log1p(-e^x) below -ln 2, log(-expm1(x)) above.
+    return tl.where(x < -0.6931471805599453, _log1p(-tl.exp(x)), tl.log(-_expm1(x)))
+
+
+@triton.jit
 def _score(x, score_alpha, SCORE: tl.constexpr):
     """(s(x), s'(x)) of the score map; codes as SCORE_CODES."""
     if SCORE == 0:  # reverse_kl: identity
@@ -68,14 +75,17 @@ def _score(x, score_alpha, SCORE: tl.constexpr):
     elif SCORE == 2:  # js_divergence
         s = 0.6931471805599453 + _logsigmoid(x)  # log 2 + logsig(x)
         ds = _sigmoid(-x)
-    elif SCORE == 3:  # alpha_divergence, clamped as pairwise.ALPHA_DIVERGENCE_CLAMP
+    elif SCORE == 3:  # alpha_divergence, clamped as compiled.ALPHA_DIVERGENCE_CLAMP
         scaled = (score_alpha - 1.0) * x
         e = tl.exp(tl.minimum(scaled, 80.0))
         s = (e - 1.0) / (score_alpha - 1.0)
         ds = tl.where(scaled <= 80.0, e, 0.0)
-    else:  # alphapo
+    elif SCORE == 4:  # alphapo
         s = -_expm1(-score_alpha * x) / score_alpha
         ds = tl.exp(-score_alpha * x)
+    else:  # log_odds (ORPO): x - log(1 - e^x), derivative 1 / (1 - e^x)
+        s = x - _log1mexp(x)
+        ds = -1.0 / _expm1(x)
     return s, ds
 
 
@@ -89,7 +99,7 @@ def _preference_fwd_kernel(
     rejected_scale_ptr,  # [B] fp32 1 / rejected length (read only when HAS_SCALE)
     pair_weight_ptr,  # [B] fp32 WPO weights (read only when HAS_PAIR_WEIGHT)
     losses_ptr,  # [B] fp32 out: weighted loss per pair
-    chosen_rewards_ptr,  # [B] fp32 out: beta * log-ratio (beta * AlphaPO score for SCORE = alphapo)
+    chosen_rewards_ptr,  # [B] fp32 out: beta * log-ratio (beta * score for SCORE = alphapo, log_odds)
     rejected_rewards_ptr,  # [B] fp32 out
     grad_chosen_ptr,  # [B] fp32 out: d loss_i / d chosen_i (the reference's is its negative)
     grad_rejected_ptr,  # [B] fp32 out: d loss_i / d rejected_i
@@ -109,14 +119,15 @@ def _preference_fwd_kernel(
 ):
     offs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = offs < num_pairs
-    c = tl.load(chosen_ptr + offs, mask=mask, other=0.0)
-    r = tl.load(rejected_ptr + offs, mask=mask, other=0.0)
+    # Lanes past B read -1 (their results are never stored): 0 is where the log-odds score is infinite.
+    c = tl.load(chosen_ptr + offs, mask=mask, other=-1.0)
+    r = tl.load(rejected_ptr + offs, mask=mask, other=-1.0)
     if HAS_REF:
         c -= tl.load(ref_chosen_ptr + offs, mask=mask, other=0.0)
         r -= tl.load(ref_rejected_ptr + offs, mask=mask, other=0.0)
     s_c, ds_c = _score(c, score_alpha, SCORE)
     s_r, ds_r = _score(r, score_alpha, SCORE)
-    if SCORE == 4:
+    if SCORE >= 4:
         reward_c, reward_r = s_c, s_r
     else:
         reward_c, reward_r = c, r
@@ -200,15 +211,46 @@ def _preference_fwd_kernel(
     tl.store(grad_rejected_ptr + offs, grad_r * weight, mask=mask)
 
 
+@triton.jit
+def _unpaired_fwd_kernel(
+    logps_ptr,  # [N] fp32 policy log-probs
+    ref_logps_ptr,  # [N] fp32 reference log-probs
+    labels_ptr,  # [N] bool (i1): True = desirable
+    kl_ptr,  # [] fp32 clamped batch KL estimate (0 for apo_zero_unpaired)
+    losses_ptr,  # [N] fp32 out: weighted loss per example
+    rewards_ptr,  # [N] fp32 out: beta * (logp - ref)
+    grad_ptr,  # [N] fp32 out: d loss_i / d logps_i (the reference's is its negative)
+    num_examples,  # N
+    beta,  # fp32
+    desirable_weight,  # fp32
+    undesirable_weight,  # fp32
+    BLOCK_B: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask = offs < num_examples
+    logratio = tl.load(logps_ptr + offs, mask=mask, other=0.0) - tl.load(ref_logps_ptr + offs, mask=mask, other=0.0)
+    desirable = tl.load(labels_ptr + offs, mask=mask, other=0) != 0
+    z = beta * (logratio - tl.load(kl_ptr))
+    sig_neg = _sigmoid(-z)
+    sig_pos = _sigmoid(z)
+    slope = beta * sig_neg * sig_pos
+    tl.store(losses_ptr + offs, tl.where(desirable, desirable_weight * sig_neg, undesirable_weight * sig_pos),
+             mask=mask)
+    tl.store(rewards_ptr + offs, beta * logratio, mask=mask)
+    tl.store(grad_ptr + offs, tl.where(desirable, -desirable_weight * slope, undesirable_weight * slope), mask=mask)
+
+
 def launch_config(num_pairs: int) -> tuple[int, int]:
     """``(BLOCK_B, num_warps)``: one program for any batch up to 1024 pairs (4 warps: 8 pairs per thread), else
-    1024-pair programs. Preference batches hold 1-64 pairs per device, so this is one launch of one program."""
+    1024-pair programs. Preference batches hold 1-64 pairs (KTO: examples) per device, so this is one launch of one
+    program."""
     block = min(1024, triton.next_power_of_2(max(num_pairs, 16)))
     return block, 4 if block >= 512 else 1
 
 
 def pair_losses(x: PairInputs, p: PairParams, formula: str) -> PairLosses:
-    """``pairwise.FORMULAS[formula](x, p)`` in one launch; every tensor of ``x`` is fp32 ``[B]`` (or None)."""
+    """``compiled.FORMULAS[formula]`` of ``x`` and ``p`` in one launch; every tensor of ``x`` is fp32 ``[B]`` (or
+    None)."""
     chosen_B = x.chosen_B.contiguous()
     num_pairs = chosen_B.shape[0]
     outs = [torch.empty_like(chosen_B, dtype=torch.float32) for _ in range(5)]
@@ -228,3 +270,37 @@ def pair_losses(x: PairInputs, p: PairParams, formula: str) -> PairLosses:
         num_warps=num_warps,
     )
     return PairLosses(*outs)
+
+
+def pair_preference_losses(
+    chosen_B: torch.Tensor, rejected_B: torch.Tensor, ref_chosen_B: torch.Tensor | None,
+    ref_rejected_B: torch.Tensor | None, chosen_scale_B: torch.Tensor | None, rejected_scale_B: torch.Tensor | None,
+    pair_weight_B: torch.Tensor | None, formula: str, score: str, beta: float, label_smoothing: float,
+    discopop_tau: float, margin: float, score_alpha: float, loss_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton backend of ``fusedrl::pair_preference_losses``: ``compiled.pair_preference_losses``' signature and
+    results, from :func:`pair_losses`."""
+    x = PairInputs(chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, chosen_scale_B, rejected_scale_B,
+                   pair_weight_B)
+    p = PairParams(score, beta, label_smoothing, discopop_tau, margin, score_alpha, loss_weight)
+    return tuple(pair_losses(x, p, formula))
+
+
+def unpaired_preference_losses(
+    logps_N: torch.Tensor, ref_logps_N: torch.Tensor, labels_N: torch.Tensor, kl: torch.Tensor, beta: float,
+    desirable_weight: float, undesirable_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton backend of ``fusedrl::unpaired_preference_losses`` (``compiled.unpaired_preference_losses``'
+    signature and results) in one launch. logps_N, ref_logps_N: fp32 ``[N]``; labels_N: bool ``[N]``; kl: fp32
+    scalar, already clamped."""
+    logps_N = logps_N.contiguous()
+    num_examples = logps_N.shape[0]
+    outs = [torch.empty_like(logps_N, dtype=torch.float32) for _ in range(3)]
+    if num_examples == 0:
+        return tuple(outs)
+    block, num_warps = launch_config(num_examples)
+    _unpaired_fwd_kernel[(triton.cdiv(num_examples, block),)](
+        logps_N, ref_logps_N.contiguous(), labels_N.contiguous(), kl.reshape(1), *outs, num_examples, float(beta),
+        float(desirable_weight), float(undesirable_weight), BLOCK_B=block, num_warps=num_warps,
+    )
+    return tuple(UnpairedLosses(*outs))

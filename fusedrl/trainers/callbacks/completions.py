@@ -18,15 +18,15 @@ from rich.table import Table
 from rich.text import Text
 from transformers import GenerationConfig, TrainerCallback
 
+from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.online.judges import TIE, PairwiseJudge, check_verdicts
 
 from .generation import (
     broadcast_from_main,
     completion_text,
     eval_prompts,
-    generate_completions,
+    generate_eval_completions,
     resolve_generation_config,
-    tokenizer_of,
 )
 
 
@@ -137,7 +137,7 @@ class WinRateCallback(TrainerCallback):
 
     def _generate(self, model: torch.nn.Module) -> list[str]:
         args = self.trainer.args
-        return generate_completions(
+        return generate_eval_completions(
             model,
             self.tokenizer,
             self.prompts,
@@ -233,7 +233,7 @@ class LogCompletionsCallback(TrainerCallback):
         if state.global_step == self._last_logged_step:
             return
         self._last_logged_step = state.global_step
-        completions = generate_completions(
+        completions = generate_eval_completions(
             self.trainer.model,
             self.tokenizer,
             self.prompts,

@@ -1,22 +1,20 @@
 """Prompt handling and batched greedy generation shared by the completion callbacks.
 
 Prompts come from the ``prompt`` column of the trainer's eval dataset, in TRL's standard (a string) or
-conversational (a list of ``{"role", "content"}`` messages) format. Conversational prompts are rendered with the
-tokenizer's chat template plus the generation prompt, and tokenized without special tokens (the template already
-holds them). Under several processes each process generates for its slice of the prompts and the completions are
-gathered, in prompt order, on every process.
+conversational (a list of ``{"role", "content"}`` messages) format. Generation is the online trainers' own
+(:func:`fusedrl.trainers.online.rollout.generate_completions`: the same tokenization and chat template, eval mode,
+eager decoding under compiled blocks), called in batches. Under several processes each process generates for its
+slice of the prompts and the completions are gathered, in prompt order, on every process.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from fusedrl.runtime.compile import eager_generation
+from fusedrl.trainers.online.rollout import generate_completions, render_prompts
 
 # Used when the caller passes no GenerationConfig. Greedy so the policy and the reference are compared on their
 # modes, and two evaluations of the same weights give the same completions.
@@ -25,11 +23,11 @@ DEFAULT_MAX_NEW_TOKENS = 64
 
 @dataclass(frozen=True)
 class EvalPrompts:
-    """Prompts ready for generation: ``texts`` (what the model is conditioned on, also what judges see) and whether
-    they came from a chat template (then tokenization must not add special tokens again)."""
+    """Prompts ready for generation: ``prompts`` as the dataset holds them (strings or message lists: what
+    generation takes) and ``texts``, the rendered strings the model is conditioned on (what judges and tables see)."""
 
+    prompts: list
     texts: list[str]
-    chat: bool
 
 
 def completion_text(completion: str | list[dict]) -> str:
@@ -37,13 +35,6 @@ def completion_text(completion: str | list[dict]) -> str:
     if isinstance(completion, str):
         return completion
     return completion[-1]["content"]
-
-
-def tokenizer_of(processing_class) -> PreTrainedTokenizerBase:
-    """The tokenizer of a trainer's ``processing_class`` (a tokenizer, or a processor holding one)."""
-    if processing_class is None:
-        raise ValueError("the trainer has no processing_class (tokenizer); completion callbacks need one to generate")
-    return getattr(processing_class, "tokenizer", processing_class)
 
 
 def eval_prompts(trainer, tokenizer: PreTrainedTokenizerBase, num_prompts: int | None, owner: str) -> EvalPrompts:
@@ -61,12 +52,7 @@ def eval_prompts(trainer, tokenizer: PreTrainedTokenizerBase, num_prompts: int |
     prompts = list(prompts)
     if not prompts:
         raise ValueError(f"{owner}: the eval dataset has no prompts")
-    chat = not isinstance(prompts[0], str)
-    if chat:
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    else:
-        texts = prompts
-    return EvalPrompts(texts=texts, chat=chat)
+    return EvalPrompts(prompts=prompts, texts=render_prompts(tokenizer, prompts))
 
 
 def resolve_generation_config(
@@ -85,48 +71,23 @@ def resolve_generation_config(
     return config
 
 
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for the duration (no dropout; transformers skips activation checkpointing outside training, so the
-    KV cache stays on); the previous mode is restored even on error."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
-def generate_local(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: EvalPrompts,
-    generation_config: GenerationConfig,
-    batch_size: int,
-) -> list[str]:
-    """Completions of ``prompts.texts`` on this process, left-padded batches of ``batch_size``."""
-    device = next(model.parameters()).device
+def _generate_local(model, tokenizer: PreTrainedTokenizerBase, prompts: list, generation_config: GenerationConfig,
+                    batch_size: int, accelerator) -> list[str]:
+    """Completion texts of ``prompts`` on this process, in left-padded batches of ``batch_size``; each completion
+    ends at the first of ``generation_config``'s EOS ids."""
+    eos = generation_config.eos_token_id
+    eos_token_ids = None if eos is None else [eos] if isinstance(eos, int) else list(eos)
     completions = []
-    with eval_mode(model):
-        for start in range(0, len(prompts.texts), batch_size):
-            batch = tokenizer(
-                prompts.texts[start : start + batch_size],
-                padding=True,
-                padding_side="left",
-                add_special_tokens=not prompts.chat,
-                return_tensors="pt",
-            ).to(device)
-            with eager_generation():  # compiled blocks would recompile every decoding step
-                output_ids = model.generate(**batch, generation_config=generation_config)
-            completions += tokenizer.batch_decode(
-                output_ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-            )
+    for start in range(0, len(prompts), batch_size):
+        rollout = generate_completions(model, tokenizer, prompts[start:start + batch_size],
+                                       generation_config=generation_config, eos_token_ids=eos_token_ids,
+                                       accelerator=accelerator)
+        completions += rollout.completions_text
     return completions
 
 
-def generate_completions(
-    model: torch.nn.Module,
+def generate_eval_completions(
+    model,
     tokenizer: PreTrainedTokenizerBase,
     prompts: EvalPrompts,
     generation_config: GenerationConfig,
@@ -141,13 +102,10 @@ def generate_completions(
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
-        model = accelerator.unwrap_model(model)
-        with accelerator.split_between_processes(prompts.texts) as local_texts:
-            local = generate_local(
-                model, tokenizer, EvalPrompts(list(local_texts), prompts.chat), generation_config, batch_size
-            )
+        with accelerator.split_between_processes(prompts.prompts) as local_prompts:
+            local = _generate_local(model, tokenizer, list(local_prompts), generation_config, batch_size, accelerator)
         return list(gather_object(local))
-    return generate_local(model, tokenizer, prompts, generation_config, batch_size)
+    return _generate_local(model, tokenizer, prompts.prompts, generation_config, batch_size, accelerator)
 
 
 def broadcast_from_main(values: Sequence, accelerator=None) -> list:

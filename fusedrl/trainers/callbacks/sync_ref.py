@@ -19,7 +19,7 @@ writes stick (broadcast, re-shard) it does on exit. The default, :func:`default_
   update runs shard by shard (:func:`mix_into_`); a DTensor policy with a plain reference is read with
   ``full_tensor()``.
 
-The engine can pass its own ``gather`` (FSDP2 with differing meshes, a ZeRO-3 variant gathering in larger groups)
+A trainer can pass its own ``gather`` (FSDP2 with differing meshes, a ZeRO-3 variant gathering in larger groups)
 without touching the callback.
 """
 

@@ -17,6 +17,7 @@ from fusedrl.trainers.data.formats import (
 from fusedrl.trainers.data.packing import pack_dataset, position_ids_from_seq_lengths, truncate_dataset
 from fusedrl.trainers.data.validation import (
     DatasetFormatError,
+    check_prompt_dataset,
     validate_preference_dataset,
     validate_prompt_dataset,
 )
@@ -24,6 +25,7 @@ from fusedrl.trainers.data.validation import (
 __all__ = [
     "DatasetFormatError",
     "apply_chat_template",
+    "check_prompt_dataset",
     "extract_prompt",
     "is_conversational",
     "maybe_apply_chat_template",

@@ -5,7 +5,7 @@ the row index and the field. Three layouts are known:
 
 - paired preference (DPO): ``chosen``, ``rejected``, and ``prompt`` unless the prompt is implicit;
 - unpaired preference (KTO): ``prompt``, ``completion``, boolean ``label``;
-- prompt-only (GRPO): ``prompt``.
+- prompt-only (GRPO, RLOO, PPO, online DPO): ``prompt``; :func:`check_prompt_dataset` is the online trainers' check.
 
 Every text field is a string (standard format) or a list of ``{"role": str, "content": str}`` messages
 (conversational format), one format per row. Completions (chosen, rejected, completion) must not be empty; a
@@ -89,9 +89,35 @@ def validate_prompt_dataset(
     tokenizer: Any = None,
     max_rows: int | None = None,
 ) -> None:
-    """Check a prompt-only dataset (GRPO) before training; same arguments as ``validate_preference_dataset``, with
-    ``max_length`` bounding the tokenized prompt (generation prompt included)."""
+    """Check a prompt-only dataset (the online trainers run it through :func:`check_prompt_dataset`); same arguments
+    as ``validate_preference_dataset``, with ``max_length`` bounding the tokenized prompt (generation prompt
+    included)."""
     _validate(dataset, _PROMPT_ONLY, max_length, truncation, tokenizer, max_rows)
+
+
+def check_prompt_dataset(dataset: Any, name: str) -> None:
+    """The online trainers' (GRPO, RLOO, PPO, online DPO) check of a prompt dataset at construction, or of each of a
+    dict of them (None passes): a map-style ``Dataset`` (rollout batches are sampled by index), a ``prompt`` column,
+    no images, and rows that pass :func:`validate_prompt_dataset`. Every error names ``name``; the column is checked
+    first so a wrong layout is reported in the trainer's terms ("needs a 'prompt' column")."""
+    if dataset is None:
+        return
+    if isinstance(dataset, dict):  # a DatasetDict, or a dict of eval datasets
+        for key, value in dataset.items():
+            check_prompt_dataset(value, f"{name}[{key!r}]")
+        return
+    if not isinstance(dataset, Dataset):
+        msg = (f"{name} must be a datasets.Dataset (rollout batches are sampled by index, so fusedrl's online "
+               f"trainers do not take an IterableDataset), got {type(dataset).__name__}")
+        raise ValueError(msg)  # noqa: TRY004
+    if "prompt" not in dataset.column_names:
+        raise ValueError(f"{name} needs a 'prompt' column (TRL's prompt-only format); it has {dataset.column_names}")
+    if {"image", "images"} & set(dataset.column_names):
+        raise ValueError(f"{name} has images: vision prompts are not supported by fusedrl's online trainers")
+    try:
+        validate_prompt_dataset(dataset)
+    except DatasetFormatError as error:
+        raise DatasetFormatError(f"{name}: {error}") from None
 
 
 def _validate(dataset, layout: _Layout, max_length, truncation, tokenizer, max_rows) -> None:

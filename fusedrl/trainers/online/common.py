@@ -15,12 +15,6 @@ from fusedrl.trainers.online.rollout import Rollout
 from fusedrl.trainers.rewards import Reward, score_completions
 
 
-def check_prompt_dataset(dataset, name: str) -> None:
-    columns = dataset.column_names or list(next(iter(dataset)).keys())
-    if "prompt" not in columns:
-        raise ValueError(f"{name} needs a 'prompt' column (TRL's prompt-only format), got columns {columns}")
-
-
 def row_columns(rows: list[dict], repeat: int = 1) -> dict[str, list]:
     """Every column but ``prompt`` as lists, each value repeated ``repeat`` times (one per completion)."""
     return {key: [row[key] for row in rows for _ in range(repeat)] for key in rows[0] if key != "prompt"}

@@ -34,16 +34,17 @@ from accelerate.utils import gather, gather_object, is_peft_model, set_seed
 
 from fusedrl.ops.advantages import group_advantages
 from fusedrl.ops.logprobs import linear_token_logprobs
-from fusedrl.ops.policy import kl_penalty, linear_policy_loss
-from fusedrl.ops.policy.reference import aggregate
+from fusedrl.ops.policy import linear_policy_loss, ratio_weighted_kl
 from fusedrl.runtime.hidden import final_hidden_states
-from fusedrl.trainers.base import IGNORE_INDEX, FusedTrainer, tokenizer_of
+from fusedrl.trainers.base import FusedTrainer
 from fusedrl.trainers.callbacks.sync_ref import SyncRefModelCallback
+from fusedrl.trainers.data.validation import check_prompt_dataset
+from fusedrl.trainers.head import IGNORE_INDEX
+from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.online.grpo_config import GRPOConfig
 from fusedrl.trainers.online.rollout import eos_token_ids_of, generate_completions, sampling_config
 from fusedrl.trainers.online.sampling import (
     RepeatSampler,
-    check_prompt_dataset,
     identity_collator,
     nanstd,
     print_completions,
@@ -56,25 +57,11 @@ from fusedrl.trainers.rewards import resolve_rewards, reward_weights_tensor, sco
 logger = logging.getLogger("fusedrl")
 
 
-def _ratio_weighted_kl(logps_BC, mask_BC, old_logps_BC, ref_logps_BC, args: GRPOConfig, normaliser):
-    """``aggregate(k3(logps, ref) * r)`` with TRL's ratio ``r`` (per token, or per sequence for GSPO): the KL term of
-    ``use_bias_correction_kl=True``, differentiable through ``logps_BC`` in both factors; returns it and the weighted
-    per-token KL ``[B, C]``."""
-    mask = mask_BC.float()
-    log_ratio = logps_BC - (logps_BC.detach() if old_logps_BC is None else old_logps_BC)
-    if args.importance_sampling_level == "sequence":
-        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]
-    per_token_kl = kl_penalty(logps_BC, ref_logps_BC, "k3") * log_ratio.exp()
-    term = aggregate(per_token_kl, mask, args.loss_type, max_completion_length=args.max_completion_length,
-                     num_items_in_batch=normaliser)
-    return term, per_token_kl
-
-
 def _grpo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_logps_BC, advantages_B, ref_logps_BC,
                  normaliser, args: GRPOConfig):
     """The loss region (compiled whole with ``compile=True``): completion hidden states -> fused head -> TRL's
-    GRPO loss (``linear_policy_loss``), plus TRL's ratio-weighted KL when ``use_bias_correction_kl`` (then the fused
-    loss gets beta 0: the KL still feeds the metric, and the weighted term is added here from its log-probs)."""
+    GRPO loss (``linear_policy_loss``), plus TRL's ratio-weighted KL (``ratio_weighted_kl``) when
+    ``use_bias_correction_kl`` (then the fused loss gets beta 0 and the weighted term is added from its log-probs)."""
     corrected_kl = args.beta != 0.0 and args.use_bias_correction_kl
     out = linear_policy_loss(
         hidden_BCH, weight_VH, completion_ids_BC, mask_BC, old_logps_BC, advantages_B, bias=bias_V,
@@ -85,10 +72,11 @@ def _grpo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_
         top_entropy_quantile=args.top_entropy_quantile,
     )
     if corrected_kl:
-        kl_term, per_token_kl = _ratio_weighted_kl(out.logps, mask_BC, old_logps_BC, ref_logps_BC, args, normaliser)
+        kl = ratio_weighted_kl(out.logps, old_logps_BC, ref_logps_BC, mask_BC,
+                               importance_sampling_level=args.importance_sampling_level, loss_type=args.loss_type,
+                               max_completion_length=args.max_completion_length, num_items_in_batch=normaliser)
         # TRL logs the ratio-weighted KL as `kl` too.
-        out = out._replace(loss=out.loss + args.beta * kl_term,
-                           kl=(per_token_kl.detach() * mask_BC).sum() / mask_BC.sum().clamp(min=1))
+        out = out._replace(loss=out.loss + args.beta * kl.loss, kl=kl.kl)
     return out
 
 
@@ -103,15 +91,15 @@ class GRPOTrainer(FusedTrainer):
     """
 
     loss_is_scaled_for_ga = True  # grpo/bnpo/dr_grpo divide by the accumulation steps, dapo by its token count
-    _config_class = GRPOConfig
-    _method = "GRPO"
+    config_class = GRPOConfig
+    method = "GRPO"
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
                  optimizers=(None, None), quantization_config=None, peft_config=None):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
-            args = self._config_class(f"{name.rstrip('/').split('/')[-1] or 'model'}-{self._method}")
+            args = self.config_class(f"{name.rstrip('/').split('/')[-1] or 'model'}-{self.method}")
         if train_dataset is None:
             raise ValueError("train_dataset is required: a Dataset with a 'prompt' column")
         check_prompt_dataset(train_dataset, "train_dataset")

@@ -15,9 +15,9 @@ One step, for a batch of B prompts:
 3. one policy forward over the 2B rows ``[chosen; rejected]`` (prompt + completion, left-truncated to ``max_length``),
    log-probs from hidden states (``token_logprobs``, no ``[2B, T, V]`` logits), summed over each completion; the
    same for the reference;
-4. the DPO loss of ``loss_type`` (``sigmoid`` or ``ipo``) through ``preference_registry.dpo_losses_with_registered``,
-   DPO's own formulas: online DPO's ``ipo`` is on sums, so unit lengths are passed (the DPO trainer's ``ipo``
-   averages per token); the mean over the ranked pairs.
+4. the DPO loss of ``loss_type`` (``sigmoid`` or ``ipo``) through ``fusedrl.ops.preference.preference_loss`` (on
+   the ``preference`` backend of ``kernels``), DPO's own formulas: online DPO's ``ipo`` is on sums, so unit lengths
+   are passed (the DPO trainer's ``ipo`` averages per token); the mean over the ranked pairs.
 
 TRL-named metrics: objective/{kl,entropy,non_score_reward,rlhf_reward,scores,scores_margin}, rewards/{chosen,rejected,
 accuracies,margins}, logps/{chosen,rejected}, val/contain_eos_token, beta; fusedrl adds val/judge_ties (judge only).
@@ -31,10 +31,12 @@ import torch
 from datasets import IterableDataset
 from transformers import set_seed
 
-from fusedrl.ops.preference import registry as preference_registry
-from fusedrl.ops.preference.reference import sequence_logps
-from fusedrl.trainers.base import IGNORE_INDEX, FusedTrainer, load_causal_lm, tokenizer_of
-from fusedrl.trainers.online.common import check_prompt_dataset, judge_pairs, rollout_scores, sequence_inputs
+from fusedrl.ops.preference import preference_loss, sequence_logps
+from fusedrl.trainers.base import FusedTrainer
+from fusedrl.trainers.data.validation import check_prompt_dataset
+from fusedrl.trainers.head import IGNORE_INDEX
+from fusedrl.trainers.models import load_causal_lm, tokenizer_of
+from fusedrl.trainers.online.common import judge_pairs, rollout_scores, sequence_inputs
 from fusedrl.trainers.online.judges import TIE
 from fusedrl.trainers.online.online_dpo_config import OnlineDPOConfig
 from fusedrl.trainers.online.rollout import generate_completions
@@ -150,9 +152,8 @@ class OnlineDPOTrainer(FusedTrainer):
         chosen, rejected = sequence_logps(policy.logps, mask_NT).chunk(2)
         ref_chosen, ref_rejected = sequence_logps(ref.logps, mask_NT).chunk(2)
         units = torch.ones_like(chosen)  # ipo on sums, as TRL's online DPO (DPO's ipo divides by the lengths)
-        out = preference_registry.dpo_losses_with_registered(
-            chosen, rejected, ref_chosen, ref_rejected, loss_type=[self.args.loss_type], beta=self.beta,
-            chosen_lengths=units, rejected_lengths=units)
+        out = preference_loss(chosen, rejected, ref_chosen, ref_rejected, loss_type=self.args.loss_type,
+                              beta=self.beta, chosen_lengths=units, rejected_lengths=units)
         weights_B = ranked_B.float()
         loss = (out.losses * weights_B).sum() / weights_B.sum().clamp(min=1.0)
         self._record_metrics(inputs, policy.logps.detach(), ref.logps, mask_NT, out, chosen, rejected)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from fusedrl.trainers.base import FusedConfig
+from fusedrl.trainers.config import FusedConfig
 
 LOSS_TYPES = ("sigmoid", "ipo")
 

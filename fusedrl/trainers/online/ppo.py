@@ -36,7 +36,6 @@ Legend: B rollout rows, P prompt positions, C completion positions, T = P + C, H
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -52,8 +51,10 @@ from fusedrl.ops.gae import gae
 from fusedrl.ops.logprobs import linear_token_logprobs
 from fusedrl.ops.policy import kl_penalty, linear_policy_loss, value_loss
 from fusedrl.runtime.hidden import final_hidden_states
-from fusedrl.trainers.base import REF_ADAPTER, FusedTrainer, load_causal_lm, tokenizer_of
-from fusedrl.trainers.online.common import check_prompt_dataset, rollout_scores, sequence_inputs
+from fusedrl.trainers.base import FusedTrainer
+from fusedrl.trainers.data.validation import check_prompt_dataset
+from fusedrl.trainers.models import load_causal_lm, tokenizer_of
+from fusedrl.trainers.online.common import rollout_scores, sequence_inputs
 from fusedrl.trainers.online.ppo_config import PPOConfig
 from fusedrl.trainers.online.rollout import eos_token_ids_of, generate_completions
 from fusedrl.trainers.online.sampling import RepeatSampler, identity_collator
@@ -113,6 +114,8 @@ class PPOTrainer(FusedTrainer):
     (``num_labels=1``) or its path, None = a copy of the policy's trunk with a zero head. ``train_dataset``: a
     map-style prompt-only dataset (``prompt`` column, other columns go to the reward functions).
     """
+
+    policy_attribute = "policy"  # self.model is PolicyAndValue: the base's reference_context reads its .policy
 
     def __init__(self, model, ref_model=None, reward_funcs=None, args: PPOConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, reward_processing_classes=None,
@@ -197,25 +200,6 @@ class PPOTrainer(FusedTrainer):
         return batch
 
     # --- rollout --------------------------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def reference_context(self):
-        """The frozen reference, or the PEFT policy with adapters disabled (or its frozen ``ref`` adapter)."""
-        with torch.no_grad():
-            if self.ref_model is not None:
-                yield self.ref_model
-                return
-            policy = self.accelerator.unwrap_model(self.model).policy
-            if REF_ADAPTER not in policy.peft_config:
-                with policy.disable_adapter():
-                    yield policy
-                return
-            active = policy.active_adapter
-            policy.set_adapter(REF_ADAPTER, inference_mode=True)
-            try:
-                yield policy
-            finally:
-                policy.set_adapter(active)
 
     def _completion_logps(self, model, hidden_NTH, prompt_length: int, completion_ids_BC, mask_BC) -> torch.Tensor:
         """fp32 ``[B, C]`` log-probs at ``temperature`` of the completion tokens (0 outside the mask)."""

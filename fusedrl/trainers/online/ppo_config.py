@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fusedrl.trainers.base import FusedConfig
+from fusedrl.trainers.config import FusedConfig
 
 KL_ESTIMATORS = ("k1", "k3")
 

@@ -25,7 +25,7 @@ from accelerate.utils import gather
 from fusedrl.ops.advantages import rloo_advantages
 from fusedrl.ops.logprobs import linear_token_logprobs
 from fusedrl.ops.policy import kl_penalty, policy_loss
-from fusedrl.trainers.base import IGNORE_INDEX
+from fusedrl.trainers.head import IGNORE_INDEX
 from fusedrl.trainers.online.grpo import GRPOTrainer
 from fusedrl.trainers.online.rloo_config import RLOOConfig
 from fusedrl.trainers.online.sampling import zero_std_groups
@@ -50,8 +50,8 @@ class RLOOTrainer(GRPOTrainer):
     :class:`RLOOConfig`."""
 
     loss_is_scaled_for_ga = False
-    _config_class = RLOOConfig
-    _method = "RLOO"
+    config_class = RLOOConfig
+    method = "RLOO"
 
     def _needs_old_logps(self) -> bool:
         return True  # the KL penalty and the sequence ratio both read them

@@ -10,7 +10,6 @@ import math
 from collections.abc import Iterator, Sized
 
 import torch
-from datasets import Dataset
 from torch.utils.data import Sampler
 
 
@@ -94,25 +93,6 @@ def zero_std_groups(rewards_N: torch.Tensor, num_generations: int) -> torch.Tens
     scorable = (~missing).sum(1)
     zero_P = (scorable >= 2) & torch.isclose(high, low)
     return zero_P.repeat_interleave(num_generations)
-
-
-def check_prompt_dataset(dataset, name: str) -> None:
-    """ValueError unless ``dataset`` (or each of a dict of them) is a map-style Dataset with a ``prompt`` column and
-    no images."""
-    if dataset is None:
-        return
-    if isinstance(dataset, dict):
-        for key, value in dataset.items():
-            check_prompt_dataset(value, f"{name}[{key!r}]")
-        return
-    if not isinstance(dataset, Dataset):
-        kind = type(dataset).__name__
-        raise ValueError(f"{name} must be a datasets.Dataset (IterableDataset is not supported by fusedrl's sampling "  # noqa: TRY004
-                         f"trainers), got {kind}")
-    if "prompt" not in dataset.column_names:
-        raise ValueError(f"{name} needs a 'prompt' column (TRL's prompt-only format); it has {dataset.column_names}")
-    if {"image", "images"} & set(dataset.column_names):
-        raise ValueError(f"{name} has images: vision prompts are not supported by fusedrl's sampling trainers")
 
 
 def print_completions(rows: list[tuple[str, str, float, float]], step: int) -> None:

@@ -2,11 +2,11 @@
 
 CPO (https://arxiv.org/abs/2401.08417) is DPO without the reference model: the preference term compares the policy's
 own chosen and rejected log-probs, and a behaviour-cloning NLL on the chosen completions (weight ``cpo_alpha``)
-keeps the policy near the preferred data. ``loss_type`` picks the preference term (``fusedrl.ops.preference.reference.
-cpo_losses``): ``sigmoid`` and ``hinge`` on summed completion log-probs, ``ipo`` and ``simpo`` (SimPO,
-https://arxiv.org/abs/2405.14734, margin ``simpo_gamma``) on length-averaged ones; ``alpha != 0`` swaps log p for
-the AlphaPO reward ``(1 - p^-alpha) / alpha`` in any of them, and ``loss_type="alphapo"`` is SimPO with that reward
-and no NLL.
+keeps the policy near the preferred data. ``loss_type`` picks the preference term (``fusedrl.ops.preference.
+preference_loss`` with ``family="cpo"``, on the ``preference`` backend of ``kernels``): ``sigmoid`` and ``hinge`` on
+summed completion log-probs, ``ipo`` and ``simpo`` (SimPO, https://arxiv.org/abs/2405.14734, margin
+``simpo_gamma``) on length-averaged ones; ``alpha != 0`` swaps log p for the AlphaPO reward ``(1 - p^-alpha) /
+alpha`` in any of them, and ``loss_type="alphapo"`` is SimPO with that reward and no NLL.
 
 The data path, batch layout and step skeleton are ORPO's (``fusedrl.trainers.preference.orpo.ReferenceFreeTrainer``: TRL's
 ORPO and CPO sources are copies apart from the loss), including the deliberate differences listed there. One step:
@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import logging
 
-from fusedrl.ops.preference.reference import CPO_LOSS_TYPES, cpo_losses, sequence_logps, token_mean_nll
+import torch
+
+from fusedrl.ops.preference import CPO_LOSS_TYPES, preference_loss, sequence_logps, token_mean_nll
 from fusedrl.trainers.preference.cpo_config import CPOConfig
 from fusedrl.trainers.preference.orpo import ReferenceFreeTrainer
 
@@ -58,10 +60,11 @@ class CPOTrainer(ReferenceFreeTrainer):
         average = args.loss_type in _AVERAGED_LOSS_TYPES
         chosen, rejected = sequence_logps(logps_NT, mask_NT, average=average).chunk(2)
         nll = None if args.cpo_alpha == 0 else token_mean_nll(logps_NT[:num_pairs], mask_NT[:num_pairs])
-        out = cpo_losses(chosen, rejected, loss_type=args.loss_type, beta=args.beta,
-                         label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma, alpha=args.alpha,
-                         cpo_alpha=args.cpo_alpha, chosen_nll=nll)
+        out = preference_loss(chosen, rejected, family="cpo", loss_type=args.loss_type, beta=args.beta,
+                              label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma, alpha=args.alpha,
+                              cpo_alpha=args.cpo_alpha, chosen_nll=nll)
+        # TRL logs nll_loss = 0 when cpo_alpha == 0 (it does not compute the NLL then).
+        nll_loss = torch.zeros((), device=chosen.device) if nll is None else nll.detach().float().reshape(())
         metrics = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
-                   "chosen_logps": chosen.detach(), "rejected_logps": rejected.detach(),
-                   "nll_loss": out.nll.detach()}
+                   "chosen_logps": chosen.detach(), "rejected_logps": rejected.detach(), "nll_loss": nll_loss}
         return out.loss, metrics

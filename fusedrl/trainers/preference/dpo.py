@@ -13,7 +13,8 @@ One step, for a batch of B pairs laid out as 2B rows ``[chosen; rejected]`` (``p
    ``ld_alpha``), split into chosen and rejected halves;
 3. the same for the reference: a precomputed column, or a no-grad forward of the reference (see ``base``);
 4. the loss of every ``loss_type`` on those ``[B]`` vectors, weighted by ``loss_weights``, averaged over pairs
-   (``fusedrl.ops.preference.reference.dpo_losses``), plus the MoE router loss;
+   (``fusedrl.ops.preference.preference_loss``, on the ``preference`` backend of ``kernels``), plus the MoE router
+   loss;
 5. TRL's metrics: rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected}, logits/{chosen,rejected},
    entropy, mean_token_accuracy, num_tokens (and aux_loss for MoE).
 """
@@ -30,16 +31,21 @@ from torch.utils.data import DataLoader
 from transformers import set_seed
 
 from fusedrl.ops.logprobs import linear_token_logprobs
-from fusedrl.ops.preference import registry as preference_registry
-from fusedrl.ops.preference.reference import (
+from fusedrl.ops.preference import (
     F_DIVERGENCE_LOSS_TYPES,
-    DPOLossOutput,
+    PreferenceLoss,
+    check_registered_request,
+    dpo_loss_types,
     ld_sequence_logps,
+    needed_inputs,
+    preference_loss,
     sequence_logps,
     token_mean_nll,
     wpo_pair_weights,
 )
-from fusedrl.trainers.base import IGNORE_INDEX, FusedTrainer, TokenOutputs, tokenizer_of
+from fusedrl.trainers.base import FusedTrainer
+from fusedrl.trainers.head import IGNORE_INDEX, TokenOutputs
+from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.preference.data import PreferenceCollator, prepare_preference_dataset
 from fusedrl.trainers.preference.dpo_config import DPOConfig
 
@@ -49,10 +55,10 @@ _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejecte
 _REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
-def _dpo_loss(args: DPOConfig, chosen, rejected, ref_chosen, ref_rejected, **terms) -> DPOLossOutput:
-    """The trainer's one call into the preference-loss formulas (to become ``fusedrl.preference_loss``): TRL's
-    ``dpo_losses``, plus any names registered with ``fusedrl.register_preference_loss``."""
-    return preference_registry.dpo_losses_with_registered(
+def _dpo_loss(args: DPOConfig, chosen, rejected, ref_chosen, ref_rejected, **terms) -> PreferenceLoss:
+    """The trainer's one call into the preference losses: the ``preference`` op on TRL's ``DPOConfig`` fields (any
+    ``loss_type``, MPO lists and names registered with ``fusedrl.register_preference_loss`` included)."""
+    return preference_loss(
         chosen, rejected, ref_chosen, ref_rejected, loss_type=args.loss_type, beta=args.beta,
         loss_weights=args.loss_weights, label_smoothing=args.label_smoothing,
         f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
@@ -62,12 +68,12 @@ def _dpo_loss(args: DPOConfig, chosen, rejected, ref_chosen, ref_rejected, **ter
 
 def _check_config(args: DPOConfig) -> None:
     """The configuration errors TRL raises (some only at the first step), raised at construction."""
-    unknown = [name for name in args.loss_type if name not in preference_registry.dpo_loss_types()]
+    unknown = [name for name in args.loss_type if name not in dpo_loss_types()]
     if unknown:
-        raise ValueError(f"unknown loss_type {unknown}; choose from {list(preference_registry.dpo_loss_types())} "
+        raise ValueError(f"unknown loss_type {unknown}; choose from {list(dpo_loss_types())} "
                          "(more with fusedrl.register_preference_loss)")
-    preference_registry.check_registered_request(args.loss_type, f_divergence_type=args.f_divergence_type,
-                                                 has_lengths=True, has_nll=True)
+    check_registered_request(args.loss_type, f_divergence_type=args.f_divergence_type, has_lengths=True,
+                             has_nll=True)
     if args.f_divergence_type != "reverse_kl" and not set(args.loss_type) <= F_DIVERGENCE_LOSS_TYPES:
         raise ValueError(f"f_divergence_type={args.f_divergence_type!r} only applies to "
                          f"{sorted(F_DIVERGENCE_LOSS_TYPES)}; got loss_type={args.loss_type}")
@@ -97,7 +103,7 @@ class _DPORegion(NamedTuple):
     entropy: torch.Tensor
     chosen: torch.Tensor
     rejected: torch.Tensor
-    out: DPOLossOutput
+    out: PreferenceLoss
 
 
 def _dpo_region(hidden_NTH, weight_VH, bias_V, labels_NT, mask_NT, ref_chosen, ref_rejected, lengths_N,
@@ -112,12 +118,12 @@ def _dpo_region(hidden_NTH, weight_VH, bias_V, labels_NT, mask_NT, ref_chosen, r
     chosen, rejected = _sequence_logps(result.logprobs, mask_NT, args.ld_alpha).chunk(2)
     num_pairs = chosen.shape[0]
     terms = {"chosen_lengths": lengths_N[:num_pairs], "rejected_lengths": lengths_N[num_pairs:]}
-    if "sft" in args.loss_type or "chosen_nll" in preference_registry.needed_inputs(args.loss_type):
+    if "sft" in args.loss_type or "chosen_nll" in needed_inputs(args.loss_type):
         terms["chosen_nll"] = token_mean_nll(result.logprobs[:num_pairs], mask_NT[:num_pairs])
     if log_sum_sq_probs_NT is not None:
         terms["pair_weights"] = wpo_pair_weights(result.logprobs, log_sum_sq_probs_NT, mask_NT)
     out = _dpo_loss(args, chosen, rejected, ref_chosen, ref_rejected, **terms)
-    return _DPORegion(out.losses.mean(), result.logprobs, result.entropy, chosen, rejected, out)
+    return _DPORegion(out.loss, result.logprobs, result.entropy, chosen, rejected, out)
 
 
 class DPOTrainer(FusedTrainer):
@@ -256,7 +262,7 @@ class DPOTrainer(FusedTrainer):
         self._record_metrics(mode, inputs, policy, mask_NT, region.out, region.chosen, region.rejected)
         return loss
 
-    def _record_metrics(self, mode, inputs, policy, mask_NT, out: DPOLossOutput, chosen, rejected) -> None:
+    def _record_metrics(self, mode, inputs, policy, mask_NT, out: PreferenceLoss, chosen, rejected) -> None:
         chosen_mask, rejected_mask = mask_NT.chunk(2)
         chosen_logits, rejected_logits = policy.mean_logits.chunk(2)
         self.record(mode, "entropy", self.masked_mean(policy.entropy, mask_NT))

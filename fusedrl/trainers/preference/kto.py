@@ -12,9 +12,10 @@ One step, for N examples (``preference_data.UnpairedCollator``; a paired dataset
 1. ``kto``: a no-grad policy forward over the N mismatched pairs, summed completion log-probs;
 2. one policy forward over the N examples: per-token log-probs of the completions, summed per example;
 3. the same for the reference (a precomputed column, or no-grad forwards of the reference, see ``base``);
-4. ``z = max(0, mean(policy - reference log-probs of the mismatched pairs))`` (averaged over processes, detached),
-   and the weighted per-example losses, averaged over the N examples (``fusedrl.ops.preference.reference.kto_losses``),
-   plus the MoE router loss;
+4. ``z = max(0, mean(policy - reference log-probs of the mismatched pairs))`` (``fusedrl.ops.preference.kto_kl``,
+   averaged over processes, detached), and the weighted per-example losses, averaged over the N examples
+   (``fusedrl.ops.preference.kto_loss``; both on the ``preference`` backend of ``kernels``), plus the MoE router
+   loss;
 5. TRL's metrics: kl, entropy, num_tokens, logits/{chosen,rejected}, rewards/{chosen,rejected,margins},
    logps/{chosen,rejected} (a label absent from the batch logs nothing for it, as in TRL), and aux_loss for MoE.
 
@@ -34,8 +35,10 @@ from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
-from fusedrl.ops.preference.reference import KTO_LOSS_TYPES, kto_kl_estimate, kto_losses, sequence_logps
-from fusedrl.trainers.base import IGNORE_INDEX, FusedTrainer, tokenizer_of
+from fusedrl.ops.preference import KTO_LOSS_TYPES, kto_kl, kto_loss, sequence_logps
+from fusedrl.trainers.base import FusedTrainer
+from fusedrl.trainers.head import IGNORE_INDEX
+from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.preference.data import UnpairedCollator, prepare_unpaired_dataset
 from fusedrl.trainers.preference.kto_config import KTOConfig
 
@@ -206,11 +209,11 @@ class KTOTrainer(FusedTrainer):
         else:
             ref_logps, ref_kl_logps = self._reference_logps(inputs)
         if self.calculate_kl:
-            kl = self.accelerator.gather_for_metrics(kto_kl_estimate(kl_logps, ref_kl_logps).reshape(1)).mean()
-        out = kto_losses(logps, ref_logps, labels_N, loss_type=self.args.loss_type, beta=self.args.beta,
-                         desirable_weight=self.args.desirable_weight, undesirable_weight=self.args.undesirable_weight,
-                         kl=kl)
-        loss = out.losses.nanmean()  # TRL's reduction: a NaN example does not poison the batch
+            kl = self.accelerator.gather_for_metrics(kto_kl(kl_logps, ref_kl_logps).reshape(1)).mean()
+        out = kto_loss(logps, ref_logps, labels_N, loss_type=self.args.loss_type, beta=self.args.beta,
+                       desirable_weight=self.args.desirable_weight, undesirable_weight=self.args.undesirable_weight,
+                       kl=kl)
+        loss = out.loss  # TRL's reduction, a nanmean: a NaN example does not poison the batch
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * policy.aux_loss
         self._record_metrics(mode, inputs, policy, mask_NT, labels_N, logps.detach(), out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fusedrl.trainers.base import FusedConfig, resolve_pad_to_multiple_of
+from fusedrl.trainers.config import FusedConfig, resolve_pad_to_multiple_of
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """ORPOTrainer: TRL 1.16's ORPO recipe (``trl.experimental.orpo``), step for step, on fusedrl's fused LM head.
 
 ORPO (https://arxiv.org/abs/2403.07691) has no reference model: it adds to the chosen NLL an odds-ratio term that
-pushes the odds of the chosen completion above the rejected one's (``fusedrl.ops.preference.reference.orpo_loss``). So
-unlike DPO there is one forward per step, and the data path is TRL's older experimental one, which CPO shares
-(:class:`ReferenceFreeTrainer`, also used by ``fusedrl.trainers.preference.cpo``):
+pushes the odds of the chosen completion above the rejected one's (``fusedrl.ops.preference.orpo_loss``, on the
+``preference`` backend of ``kernels``). So unlike DPO there is one forward per step, and the data path is TRL's
+older experimental one, which CPO shares (:class:`ReferenceFreeTrainer`, also used by
+``fusedrl.trainers.preference.cpo``):
 
 - tokenization (``preference_data.tokenize_answer_pair_row``): text without special tokens, BOS/EOS added by hand,
   answers (never prompts) cut to ``max_length``;
@@ -33,8 +34,11 @@ import torch
 from datasets import IterableDataset
 from transformers import set_seed
 
-from fusedrl.ops.preference.reference import orpo_loss, sequence_logps, token_mean_nll
-from fusedrl.trainers.base import IGNORE_INDEX, FusedConfig, FusedTrainer, TokenOutputs, tokenizer_of
+from fusedrl.ops.preference import orpo_loss, sequence_logps, token_mean_nll
+from fusedrl.trainers.base import FusedTrainer
+from fusedrl.trainers.config import FusedConfig
+from fusedrl.trainers.head import IGNORE_INDEX, TokenOutputs
+from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.preference.data import ANSWER_PAIR_COLUMNS, PreferenceCollator, prepare_answer_pair_dataset
 from fusedrl.trainers.preference.orpo_config import ORPOConfig
 
@@ -198,6 +202,5 @@ class ORPOTrainer(ReferenceFreeTrainer):
         out = orpo_loss(chosen, rejected, chosen_nll=nll, beta=self.args.beta)
         metrics = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
                    "chosen_logps": chosen.detach(), "rejected_logps": rejected.detach(), "nll_loss": nll.detach(),
-                   "log_odds_ratio": out.log_odds_ratio.detach().mean(),
-                   "log_odds_chosen": out.log_odds_chosen.detach().mean()}
+                   "log_odds_ratio": out.log_odds_ratio.mean(), "log_odds_chosen": out.log_odds_chosen.mean()}
         return out.loss, metrics

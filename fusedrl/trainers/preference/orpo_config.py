@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fusedrl.trainers.base import FusedConfig
+from fusedrl.trainers.config import FusedConfig
 
 
 @dataclass

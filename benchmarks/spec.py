@@ -1,0 +1,102 @@
+"""What a benchmark case is: :class:`Case` (one op, its paths side by side), :class:`TrainerCase` (optimizer steps
+of a trainer against TRL's) and :class:`Target` (a claim checked in every run). The cases themselves are in
+``cases.py``: one per-op module under ``benchmarks/ops/`` each, the trainer cases in a section of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Target:
+    """A claim about ``path`` measured against ``vs`` (another path of the same case), checked in every run.
+
+    Exactly one bound is set:
+    - ``time_ratio_max``: time(path) / time(vs) <= value (e.g. 1.15 of the matmul floor).
+    - ``speedup_min``: time(vs) / time(path) >= value (e.g. 1.8x faster than TRL).
+    - ``peak_mb_max``: peak(path) <= value MB (``vs`` unused).
+    - ``peak_ratio_max``: peak(path) / peak(vs) <= value (1.0 = no more memory than the peer).
+    """
+
+    path: str
+    kind: str
+    value: float
+    vs: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("time_ratio_max", "speedup_min", "peak_mb_max", "peak_ratio_max"):
+            raise ValueError(f"unknown target kind {self.kind!r}")
+        if self.kind != "peak_mb_max" and self.vs is None:
+            raise ValueError(f"target {self.kind} needs a `vs` path")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark: ``inputs`` (a builder in ``peers.INPUTS``) called with ``shape`` (or ``quick_shape`` under
+    ``--quick``) and ``input_kwargs``; each name in ``paths`` is a function in ``peers.PATHS[inputs]`` doing one
+    forward+backward, called with ``path_kwargs``. Ratios in the report are against ``base``."""
+
+    name: str
+    op: str
+    inputs: str
+    shape: Mapping[str, int]
+    quick_shape: Mapping[str, int]
+    paths: tuple[str, ...]
+    base: str
+    description: str
+    dtype: str = "float32"
+    input_kwargs: Mapping[str, object] = field(default_factory=dict)
+    path_kwargs: Mapping[str, object] = field(default_factory=dict)
+    targets: tuple[Target, ...] = ()
+    # One full-size linear iteration takes ~5-15 s on the 2-core reference machine, so full runs keep few repeats.
+    repeats: int = 3
+    quick_repeats: int = 5
+    # Timed iterations are preceded by this many untimed ones; the first one compiles (torch.compile, Inductor).
+    warmup: int = 1
+    quick_warmup: int = 2
+    # Untimed iterations whose largest peak is reported (see measure.py on why one is not enough).
+    memory_repeats: int = 2
+    quick_memory_repeats: int = 3
+
+    def __post_init__(self) -> None:
+        missing = [t for t in self.targets if t.path not in self.paths or (t.vs and t.vs not in self.paths)]
+        if self.base not in self.paths or missing:
+            raise ValueError(f"case {self.name}: base or target paths not among its paths ({missing})")
+
+
+@dataclass(frozen=True)
+class TrainerCase:
+    """``trainer`` (a key of ``trainers.TRAINERS``) on model preset ``model`` for ``steps`` optimizer steps; each
+    name in ``paths`` is a key of ``trainers.PATHS`` (which trainer class, which kernels). The first
+    ``warmup_steps`` steps (compiles, first allocations) are not timed. ``shape``: B pairs per device, P prompt
+    tokens per row. ``config``: extra fields given to every path's config, so all paths train identically."""
+
+    name: str
+    op: str
+    trainer: str
+    model: str
+    shape: Mapping[str, int]
+    quick_shape: Mapping[str, int]
+    paths: tuple[str, ...]
+    base: str
+    description: str
+    dtype: str = "float32"
+    config: Mapping[str, object] = field(default_factory=dict)
+    targets: tuple[Target, ...] = ()
+    steps: int = 8
+    quick_steps: int = 5
+    warmup_steps: int = 2
+    quick_warmup_steps: int = 2
+    # Logged values compared across paths (``agreement_metric``, the loss unless it is uninformative, e.g. GRPO's is
+    # ~0 at ratio 1), and the largest absolute difference still counted as agreement.
+    num_losses: int = 3
+    loss_atol: float = 1e-4
+    agreement_metric: str = "loss"
+    worker_module: str = "benchmarks.trainers"
+
+    def __post_init__(self) -> None:
+        missing = [t for t in self.targets if t.path not in self.paths or (t.vs and t.vs not in self.paths)]
+        if self.base not in self.paths or missing:
+            raise ValueError(f"case {self.name}: base or target paths not among its paths ({missing})")

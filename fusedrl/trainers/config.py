@@ -1,0 +1,99 @@
+"""The config every fusedrl trainer extends: ``transformers.TrainingArguments`` with TRL 1.16's trainer defaults and
+fusedrl's shared fields (kernels, graph capture, memory, faults), plus TRL's ``pad_to_multiple_of`` rule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from fusedrl.ops.dispatch import parse_kernel_spec
+from fusedrl.runtime.resumable import DEFAULT_MAX_NONFINITE_STEPS
+
+
+@dataclass
+class FusedConfig(TrainingArguments):
+    """``TrainingArguments`` with TRL 1.16's trainer defaults (logging every 10 steps, gradient checkpointing on,
+    bf16 unless fp16 is set) and the fields every fusedrl trainer shares.
+
+    kernels: backend selection for this trainer's fused ops, e.g. ``"linear_logprobs=compiled"`` or
+        ``"all=reference"`` (see ``fusedrl.ops.dispatch``); None leaves the process-wide selection
+        (``configure_kernels``, ``FUSEDRL_KERNELS``, defaults) in charge.
+    """
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps (a float < 1 is a ratio)."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in the backward."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; None means True unless fp16."})
+    lr_scheduler_kwargs: dict | str | None = field(default=None, metadata={"help": "Extra scheduler arguments."})
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Keyword arguments of from_pretrained when the model is given as a path."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models that ship their own code."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset preprocessing."})
+    kernels: str | None = field(
+        default=None, metadata={"help": "fusedrl kernel backends for this trainer, e.g. 'linear_logprobs=compiled'."}
+    )
+    activation_offloading: bool = field(
+        default=False, metadata={"help": "Copy saved activations to host memory on a side stream during the forward "
+                                         "and prefetch them back in the backward (docs/offloading.md)."}
+    )
+    compile: bool = field(
+        default=False, metadata={"help": "Compile the loss region (final hidden states -> fused head -> loss) with "
+                                         "fullgraph=True and dynamic shapes (runtime/compile.py)."}
+    )
+    compile_blocks: bool = field(
+        default=False, metadata={"help": "Also compile each transformer block in place (one shared graph)."}
+    )
+    checkpoint_every_n_layers: int = field(
+        default=1, metadata={"help": "With gradient_checkpointing: checkpoint every n-th decoder layer only (1: all)."}
+    )
+    selective_checkpointing: bool = field(
+        default=False, metadata={"help": "With gradient_checkpointing: keep matmul and attention outputs, recompute "
+                                         "only the cheap elementwise ops in the backward (runtime/memory.py)."}
+    )
+    release_memory_every_step: bool = field(
+        default=False, metadata={"help": "gc.collect() and empty the accelerator cache after every optimizer step "
+                                         "(each gradient-accumulation boundary)."}
+    )
+    log_memory: bool = field(
+        default=True, metadata={"help": "Log peak memory of each step: memory/peak_allocated_mb and "
+                                        "memory/peak_reserved_mb on CUDA, memory/peak_rss_mb on CPU."}
+    )
+
+    max_nonfinite_steps: int = field(
+        default=DEFAULT_MAX_NONFINITE_STEPS,
+        metadata={"help": "Optimizer steps with a non-finite loss or gradient to skip before training stops with an "
+                          "error (0: stop at the first; runtime/faults.py)."},
+    )
+
+    def __post_init__(self):
+        self.bf16 = not self.fp16 if self.bf16 is None else self.bf16
+        if not (isinstance(self.max_nonfinite_steps, int) and self.max_nonfinite_steps >= 0):
+            raise ValueError(f"max_nonfinite_steps must be an int >= 0 (0 stops at the first non-finite step), got "
+                             f"{self.max_nonfinite_steps!r}")
+        if not (isinstance(self.checkpoint_every_n_layers, int) and self.checkpoint_every_n_layers >= 1):
+            raise ValueError(f"checkpoint_every_n_layers must be an int >= 1 (1 checkpoints every layer), got "
+                             f"{self.checkpoint_every_n_layers!r}")
+        super().__post_init__()
+        if self.checkpoint_every_n_layers != 1:
+            # transformers reads every_n_layers from the checkpointing kwargs (both names mirror each other).
+            kwargs = {**(self.activation_checkpointing_kwargs or {}), "every_n_layers": self.checkpoint_every_n_layers}
+            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs
+        if self.kernels is not None:
+            parse_kernel_spec(self.kernels, source="kernels")  # a typo fails here, not at the first step
+
+
+def resolve_pad_to_multiple_of(value: int | str | None, device: torch.device) -> int | None:
+    """TRL's ``pad_to_multiple_of``: an int, None, or ``"auto"`` (128 on Neuron, which compiles once per input shape,
+    so padding bounds the number of compilations; None elsewhere). Strings from the CLI/YAML are parsed."""
+    if isinstance(value, str) and value != "auto":
+        text = value.lower()
+        return None if text in ("none", "null") else int(text)
+    if value == "auto":
+        return 128 if device.type == "neuron" else None
+    return value

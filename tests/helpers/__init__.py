@@ -1,0 +1,11 @@
+"""Helpers shared by more than one test module (STYLE.md rule 13a), one module per concern:
+
+- ``models``: the one tiny-model factory (``tiny_llama_config`` / ``tiny_llama``);
+- ``data``: the preference pairs of the preference trainers' parity tests;
+- ``parity``: a fusedrl trainer and its TRL peer side by side, and the comparisons between them;
+- ``runs``: small trainer runs used in more than one folder (PPO on the preset, the resume cases' DPO) and the toy
+  rewards of the online trainer tests.
+
+Value comparison (``assert_close``) and the backend spies live in tests/utils.py, which imports only torch, so the
+op tests do not import transformers or TRL. Fixtures live in the conftest.py files; no test module imports another.
+"""
