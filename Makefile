@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fusedrl-installed
 
 CONSTRAINTS := constraints.txt
 
-.PHONY: demo test test-latest bench aot lint clean
+.PHONY: demo test test-latest bench aot gpu-check lint clean
 
 # On a machine without an NVIDIA driver, install the pinned CPU torch wheel first: an unpinned `torch`
 # (asked for by any dependency) resolves to a multi-GB CUDA build.
@@ -40,6 +40,11 @@ bench: $(STAMP)
 
 aot: $(STAMP)
 	$(PY) -m fusedrl aot
+
+# On a CUDA machine: tests/gpu with compiled Triton kernels, then the benchmarks, into one results file under
+# runs/gpu-check/ (fusedrl/cli/gpu_check.py). Without CUDA it prints one line and exits 0.
+gpu-check: $(STAMP)
+	$(PY) -m fusedrl gpu-check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fusedrl benchmarks tests

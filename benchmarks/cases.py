@@ -5,7 +5,11 @@ of ``fusedrl/ops/<op>/``) and, below, the trainer cases (whole optimizer steps, 
 A case names an input builder and the paths to run on the same inputs (``peers*.py``); the runner measures every
 path of a case side by side in one run. What a case is: ``spec.py``.
 
-Legend: B pairs per device, P prompt tokens per row (trainer cases; the op modules have their own).
+A variant of a case (``<case>.<variant>``, e.g. its bf16 row) shares the case's op, so selecting the op runs both,
+and a target comparing the two (``Target.vs_case``) is measured in that one run.
+
+Legend: B pairs per device, P prompt tokens per row, C completion tokens per preference row (trainer cases; the op
+modules have their own).
 """
 
 from __future__ import annotations
@@ -13,7 +17,22 @@ from __future__ import annotations
 from benchmarks.ops import gae, logprobs, policy, preference
 from benchmarks.spec import Case, Target, TrainerCase
 
-__all__ = ["CASES", "Case", "Target", "TrainerCase", "by_name", "select"]
+__all__ = ["CASES", "START_COMMIT", "Case", "Target", "TrainerCase", "by_name", "select"]
+
+# The commit issue 10 (the fused head+loss path, bf16) starts from, and the trainer path running fusedrl as of it
+# (trainers.PATHS; any "fusedrl@<commit>" path runs the same way).
+START_COMMIT = "c973dc0"
+_START = f"fusedrl@{START_COMMIT}"
+_DPO_CONFIG = {"learning_rate": 1e-4, "beta": 0.1, "loss_type": ["sigmoid"]}
+# bf16 rows: logged losses agree within this. bf16 keeps 8 significant bits (relative rounding up to 2^-9 ~ 2e-3)
+# and the model's weights themselves are bf16, so the two trainers' first AdamW updates already round differently;
+# set a priori, well above fp32's 1e-4, to flag a wrong loss rather than rounding.
+_BF16_LOSS_ATOL = 2e-2
+_BF16_TARGET_TEXT = (
+    "; the model and the reference model loaded in bf16 by every path (model_init_kwargs dtype bfloat16) and "
+    "bf16=True (autocast), so TRL runs the same bf16 training; this CPU has AMX, where a bf16 matmul measured about "
+    "4x the fp32 one"
+)
 
 # Trainers: whole optimizer steps of a TRL-compatible trainer against TRL's own.
 TRAINER_CASES: tuple[TrainerCase, ...] = (
@@ -33,12 +52,73 @@ TRAINER_CASES: tuple[TrainerCase, ...] = (
             "with few-shot examples to P tokens, completions of 2-4 tokens (answer + EOS). Same checkpoint, data, "
             "seed and config for every path; AdamW lr 1e-4, logging every step"
         ),
-        config={"learning_rate": 1e-4, "beta": 0.1, "loss_type": ["sigmoid"]},
+        config=_DPO_CONFIG,
         # Measured for TRL on the reference machine (2 cores) when the targets were set: 0.097 steps/s, 4.6 GB peak RSS.
         targets=(
             Target("fusedrl", "speedup_min", 1.5, vs="trl"),
             Target("fusedrl", "peak_ratio_max", 1.0, vs="trl"),
         ),
+    ),
+    TrainerCase(
+        name="dpo_trainer.bf16",
+        op="dpo_trainer",
+        trainer="dpo",
+        model="bench-head",
+        shape={"B": 8, "P": 256},
+        quick_shape={"B": 4, "P": 128},
+        paths=("fusedrl", "trl"),
+        base="fusedrl",
+        description="dpo_trainer in bf16" + _BF16_TARGET_TEXT,
+        dtype="bfloat16",
+        config=_DPO_CONFIG,
+        targets=(Target("fusedrl", "speedup_min", 2.0, vs="fusedrl", vs_case="dpo_trainer"),),
+        loss_atol=_BF16_LOSS_ATOL,
+    ),
+    # Long completions: the LM head over ~200 labelled tokens per row is most of the step (issue 10's DPO target).
+    TrainerCase(
+        name="dpo_trainer_long",
+        op="dpo_trainer_long",
+        trainer="dpo",
+        model="bench-head",
+        # 8 pairs of a 60-token prompt and 180-220 token completions (+ EOS): 16 rows of ~270 positions, ~3/4 of them
+        # labelled.
+        shape={"B": 8, "P": 60, "C": 200},
+        quick_shape={"B": 4, "P": 60, "C": 100},
+        paths=("fusedrl", _START, "trl"),
+        base="fusedrl",
+        description=(
+            "DPO (sigmoid, beta 0.1) optimizer steps, fp32, gradient checkpointing on, on the bench-head Llama "
+            "(hidden 256, 4 layers, 32000 vocabulary rows, untied head); prompts of P tokens (a short few-shot header, "
+            "worked lines, the question), completions of C +- 10% tokens (a scratchpad of worked lines ending in "
+            "'so the answer is N', right for chosen, the preset's mistake for rejected) plus EOS. With ~200 labelled "
+            "tokens per row the 32000 x 256 head is most of the step's FLOPs. "
+            f"{_START}: fusedrl's trainer as of the commit issue 10 starts from (per the issue: the policy's head in "
+            "4 matmul passes, the tile recomputed in backward, plus a no-grad pass over the chosen tokens for "
+            "mean_token_accuracy), the before of the fused head+loss path. trl: TRL's DPOTrainer; its fused LM head "
+            "on CPU also scores the P prompt positions of every row (it compacts to labelled rows on CUDA/XPU only). "
+            "Same checkpoint, data, seed and config for every path, so the logged losses must agree"
+        ),
+        config=_DPO_CONFIG,
+        targets=(Target("fusedrl", "speedup_min", 1.25, vs=_START),),
+        # Sequence log-probs of ~200 tokens are ~-2000 nats (ln 32000 = 10.4 per token at initialisation), so fp32
+        # summation order alone moves them by ~1e-3 between implementations; times beta 0.1 and dloss/dmargin <= 0.5
+        # that is ~5e-5 per term of the margin.
+        loss_atol=5e-4,
+    ),
+    TrainerCase(
+        name="dpo_trainer_long.bf16",
+        op="dpo_trainer_long",
+        trainer="dpo",
+        model="bench-head",
+        shape={"B": 8, "P": 60, "C": 200},
+        quick_shape={"B": 4, "P": 60, "C": 100},
+        paths=("fusedrl", "trl"),
+        base="fusedrl",
+        description="dpo_trainer_long in bf16" + _BF16_TARGET_TEXT,
+        dtype="bfloat16",
+        config=_DPO_CONFIG,
+        targets=(Target("fusedrl", "speedup_min", 2.0, vs="fusedrl", vs_case="dpo_trainer_long"),),
+        loss_atol=_BF16_LOSS_ATOL,
     ),
     # Graph capture: the same DPO steps with the loss region and every transformer block compiled, against eager.
     TrainerCase(
@@ -87,11 +167,49 @@ TRAINER_CASES: tuple[TrainerCase, ...] = (
         config={"learning_rate": 1e-4, "num_generations": 4, "max_completion_length": 8},
         agreement_metric="grad_norm",
     ),
+    TrainerCase(
+        name="grpo_trainer_long",
+        op="grpo_trainer_long",
+        trainer="grpo",
+        model="bench-head",
+        # As grpo_trainer, with up to 128 sampled tokens: 16 rows of up to 384 positions, up to 128 of them scored.
+        shape={"B": 16, "P": 256},
+        quick_shape={"B": 8, "P": 64},
+        paths=("fusedrl", _START, "trl", "trl_compact"),
+        base="fusedrl",
+        description=(
+            "grpo_trainer with up to 128 sampled tokens per completion (a random 32000-row head almost never samples "
+            "EOS, so nearly every completion is 128 tokens): each step generates B completions with model.generate "
+            "(KV cache: one trunk forward per sampled token, for fusedrl and TRL alike), scores them and takes one "
+            f"loss step. {_START}: fusedrl's trainer at the commit issue 10 starts from. Why trl is slower: on CPU "
+            "TRL's fused LM head scores every position, the P prompt positions included, and masks afterwards, "
+            "because its compact path is tied to Triton (trl/trainer/utils.py: compact = _use_triton(device), true "
+            "on CUDA/XPU only); at P=256 that is 3x the head work of the 128 completion tokens fusedrl scores. "
+            "trl_compact is the counterfactual: TRL with that one switch forced to compact in its own worker "
+            "(trl.trainer.utils._use_triton patched to return True, nothing else changed), i.e. TRL as it runs on "
+            "a GPU. fusedrl vs trl_compact is the comparison that carries over to a GPU; the gap between trl and "
+            "trl_compact is a CPU artefact of TRL's, not an advantage of fusedrl's. Gradient norms must agree"
+        ),
+        config={"learning_rate": 1e-4, "num_generations": 4, "max_completion_length": 128},
+        agreement_metric="grad_norm",
+    ),
 )
 
 CASES: tuple[Case | TrainerCase, ...] = (
     *logprobs.CASES, *preference.CASES, *gae.CASES, *policy.CASES, *TRAINER_CASES,
 )
+
+
+def _check_cross_case_targets(all_cases: tuple[Case | TrainerCase, ...]) -> None:
+    """Every ``Target.vs_case`` names a case that has the ``vs`` path (spec.py checks same-case targets)."""
+    paths = {case.name: case.paths for case in all_cases}
+    wrong = [(case.name, t.vs_case, t.vs) for case in all_cases for t in case.targets
+             if t.vs_case is not None and t.vs not in paths.get(t.vs_case, ())]
+    if wrong:
+        raise ValueError(f"cross-case targets naming an unknown case or path (case, vs_case, vs): {wrong}")
+
+
+_check_cross_case_targets(CASES)
 
 
 def select(names: list[str] | tuple[str, ...]) -> list[Case]:

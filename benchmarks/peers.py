@@ -200,6 +200,30 @@ def floor(x: LinearInputs, *, with_entropy: bool) -> None:
     (x.hidden_NH @ x.weight_VH.T).backward(x.cache["grad_logits_NV"])
 
 
+def labelled_rows_floor(cache: dict[str, torch.Tensor], hidden: torch.Tensor, weight_VH: torch.Tensor,
+                        mask: torch.Tensor, ref_hidden: torch.Tensor | None = None,
+                        ref_weight_VH: torch.Tensor | None = None) -> None:
+    """The GEMM floor of a loss over the LM head's labelled positions: the M rows of ``hidden`` where ``mask``
+    holds are gathered once into ``cache`` (untimed, first call), then ``(hidden_MH @ W.T).backward(G_MV)`` (logits,
+    grad_hidden, grad_weight: 3 passes of M x V x H) and, given a reference, ``ref_hidden_MH @ ref_W.T`` under
+    no_grad (the reference's 1 pass). No softmax, no recompute, no gather or scatter in the timed call.
+
+    Gradients go to the cached rows and ``weight_VH``; the input's own ``.grad`` stays empty (the runner does not
+    compare the floor's gradients: G is random). Its memory is not a target: it holds ``[M, V]`` logits, and G is an
+    input."""
+    if "hidden_MH" not in cache:
+        gen = torch.Generator().manual_seed(1)
+        cache["hidden_MH"] = hidden.detach()[mask].clone().requires_grad_()
+        cache["grad_logits_MV"] = torch.randn(cache["hidden_MH"].shape[0], weight_VH.shape[0], generator=gen,
+                                              dtype=hidden.dtype)
+        if ref_hidden is not None:
+            cache["ref_hidden_MH"] = ref_hidden[mask].clone()
+    (cache["hidden_MH"] @ weight_VH.T).backward(cache["grad_logits_MV"])
+    if ref_hidden is not None:
+        with torch.no_grad():
+            _ = cache["ref_hidden_MH"] @ ref_weight_VH.T
+
+
 # ------------------------------------------------------------------------------------------------------ logits paths
 
 
@@ -269,10 +293,14 @@ class PreferenceInputs:
     ref_hidden_NTH: torch.Tensor  # reference model's hidden states, no grad
     ref_weight_VH: torch.Tensor  # the reference model's own (frozen) LM head, no grad
     labels_NT: torch.Tensor  # shifted labels, IGNORE_INDEX on each pair's prompt
+    # Path-owned buffers built on the first (untimed, warmup) call: the floor's labelled rows and upstream gradient.
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def zero_grad(self) -> None:
         self.hidden_NTH.grad = None
         self.weight_VH.grad = None
+        for value in self.cache.values():
+            value.grad = None
 
 
 def preference_inputs(shape: Mapping[str, int], dtype: torch.dtype, *, prompt_fraction: tuple[float, float] = (0.4, 0.6)
@@ -346,8 +374,16 @@ def naive_preference(x: PreferenceInputs) -> None:
     loss.backward()
 
 
+def floor_preference(x: PreferenceInputs) -> None:
+    """The GEMMs any DPO-from-hidden-states method must do (:func:`labelled_rows_floor`): the policy head's 3 passes
+    and the reference head's 1 over the labelled (completion) positions, ~half of the 2B x T rows."""
+    labelled_rows_floor(x.cache, x.hidden_NTH, x.weight_VH, x.labels_NT != IGNORE_INDEX,
+                        ref_hidden=x.ref_hidden_NTH, ref_weight_VH=x.ref_weight_VH)
+
+
 PATHS["preference"] = {
     "fusedrl": PathSpec(fusedrl_preference, "fusedrl compiled"),
     "liger": PathSpec(liger_preference, "Liger LigerFusedLinearDPOLoss"),
     "naive": PathSpec(naive_preference, "naive TRL-style full logits"),
+    "floor": PathSpec(floor_preference, "floor: 3 + 1 GEMM passes over the labelled rows"),
 }

@@ -11,7 +11,7 @@ and some tokens clip); completions are right-padded (lengths uniform in [T/2, T]
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,10 +28,14 @@ class GRPOInputs:
     mask_BT: torch.Tensor  # int64 completion mask, as TRL's completion_mask
     old_logps_BT: torch.Tensor  # log-probs of the sampling policy
     advantages_B: torch.Tensor
+    # Path-owned buffers built on the first (untimed, warmup) call: the floor's completion rows and upstream gradient.
+    cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def zero_grad(self) -> None:
         self.hidden_BTH.grad = None
         self.weight_VH.grad = None
+        for value in self.cache.values():
+            value.grad = None
 
 
 def grpo_inputs(shape: Mapping[str, int], dtype: torch.dtype) -> GRPOInputs:
@@ -106,9 +110,16 @@ def liger_grpo(x: GRPOInputs) -> None:
     loss.backward()
 
 
+def floor_grpo(x: GRPOInputs) -> None:
+    """The GEMMs any GRPO-loss method must do (:func:`peers.labelled_rows_floor`): the LM head's 3 passes over the
+    completion tokens (mask 1), no reference (beta 0)."""
+    peers.labelled_rows_floor(x.cache, x.hidden_BTH, x.weight_VH, x.mask_BT.bool())
+
+
 peers.INPUTS["grpo"] = grpo_inputs
 peers.PATHS["grpo"] = {
     "fusedrl": peers.PathSpec(fusedrl_grpo, "fusedrl compiled"),
     "trl": peers.PathSpec(trl_grpo, "TRL-style: full logits + selective_log_softmax"),
     "liger": peers.PathSpec(liger_grpo, "Liger LigerFusedLinearGRPOLoss"),
+    "floor": peers.PathSpec(floor_grpo, "floor: 3 GEMM passes over the completion tokens"),
 }

@@ -15,29 +15,35 @@ _KIND_TEXT = {
 }
 
 
-def evaluate(target: Target, results: dict[str, dict]) -> dict:
-    """``{"path", "kind", "value", "vs", "text", "measured", "status"}``; status is met / MISSED / NOT MEASURED."""
-    out = {**vars(target), "text": f"{target.path}: " + _KIND_TEXT[target.kind].format(**vars(target))}
-    involved = [target.path] + ([target.vs] if target.kind != "peak_mb_max" else [])
-    absent = [p for p in involved if "time_median_s" not in results.get(p, {})]
+def evaluate(target: Target, results: dict[str, dict], vs_results: dict[str, dict] | None = None) -> dict:
+    """``{"path", "kind", "value", "vs", "vs_case", "text", "measured", "status"}``; status is met / MISSED / NOT
+    MEASURED. ``vs_results``: the paths of case ``target.vs_case`` (None while that case has not run)."""
+    fields = {**vars(target), "vs": target.vs if target.vs_case is None else f"{target.vs_case} {target.vs}"}
+    out = {**vars(target), "text": f"{target.path}: " + _KIND_TEXT[target.kind].format(**fields)}
+    if target.vs_case is not None and vs_results is None:
+        return {**out, "measured": None, "status": "NOT MEASURED", "why": f"case {target.vs_case} not in this run"}
+    vs_side = results if target.vs_case is None else vs_results
+    involved = [(target.path, results)] + ([(target.vs, vs_side)] if target.kind != "peak_mb_max" else [])
+    absent = [(p, side) for p, side in involved if "time_median_s" not in side.get(p, {})]
     if absent:
-        why = "; ".join(f"{p}: {results.get(p, {}).get('skipped') or results.get(p, {}).get('error')}" for p in absent)
+        why = "; ".join(f"{p}: {side.get(p, {}).get('skipped') or side.get(p, {}).get('error')}" for p, side in absent)
         return {**out, "measured": None, "status": "NOT MEASURED", "why": why}
-    r = results[target.path]
+    # r and v stay apart: a cross-case target may compare a path with the same-named path of the other case.
+    r, v = results[target.path], vs_side.get(target.vs, {})
     if target.kind == "time_ratio_max":
-        measured = r["time_median_s"] / results[target.vs]["time_median_s"]
+        measured = r["time_median_s"] / v["time_median_s"]
         ok = measured <= target.value
     elif target.kind == "speedup_min":
-        measured = results[target.vs]["time_median_s"] / r["time_median_s"]
+        measured = v["time_median_s"] / r["time_median_s"]
         ok = measured >= target.value
     elif target.kind == "peak_mb_max":
         measured = r["peak_mb"]
         ok = measured <= target.value
     else:
-        vs_peak = results[target.vs]["peak_mb"]
-        measured = r["peak_mb"] / vs_peak if vs_peak > 0 else float("inf")
+        measured = r["peak_mb"] / v["peak_mb"] if v["peak_mb"] > 0 else float("inf")
         ok = measured <= target.value
-    busy = [p for p in involved if results[p].get("other_cpu_cores", 0.0) > BUSY_CORES]
+    busy = [p if side is results else f"{target.vs_case} {p}" for p, side in involved
+            if side[p].get("other_cpu_cores", 0.0) > BUSY_CORES]
     status = ("met" if ok else "MISSED") + (f" (busy machine during {', '.join(busy)})" if busy else "")
     return {**out, "measured": measured, "status": status}
 
@@ -53,11 +59,70 @@ def _measured_text(t: dict) -> str:
     return f"{t['measured']:.0f} MB" if t["kind"] == "peak_mb_max" else f"{t['measured']:.2f}x"
 
 
-def _case_markdown(case: dict, mode: str) -> list[str]:
-    if case.get("kind") == "trainer":  # whole training steps: their own table and method note
-        from benchmarks import trainers
+def _path_notes(case: dict) -> list[str]:
+    """Where a path's fusedrl came from (an older commit) and what a patched peer changed."""
+    notes = []
+    for path, r in case["paths"].items():
+        if r.get("fusedrl_commit"):
+            notes.append(f"- `{path}`: fusedrl as of commit {r['fusedrl_commit']} (its `fusedrl/` extracted into a "
+                         "temporary directory, the worker started there so that `import fusedrl` resolved to it).")
+        if r.get("trl_compact_calls"):
+            notes.append(f"- `{path}`: `trl.trainer.utils._use_triton` replaced by `True` in that worker only (TRL's "
+                         f"fused LM head then scores only labelled positions, as on CUDA/XPU; "
+                         f"{r['trl_compact_calls']} head calls compacted).")
+    return ["", *notes] if notes else []
 
-        return trainers.case_markdown(case, mode)
+
+def _trainer_case_markdown(case: dict, mode: str) -> list[str]:
+    """A trainer case: whole optimizer steps per path, its own columns and method note."""
+    base = case["base"]
+    metric = case.get("agreement_metric", "loss")
+    shape = " ".join(f"{k}={v}" for k, v in case["shape"].items())
+    measured = [r for r in case["paths"].values() if "time_median_s" in r]
+    steps = measured[0]["num_steps"] if measured else "?"
+    warmup = measured[0]["warmup_steps"] if measured else "?"
+    lines = [
+        f"### {case['name']}: {case['model']} {shape} {case['dtype']}",
+        "",
+        case["description"] + ".",
+        "",
+        (f"{steps} optimizer steps per path, the first {warmup} untimed (compiles); time per step is the wall time "
+         "between consecutive steps' ends (data, forward, backward, optimizer, logging), median and min-max. "
+         "Peak RSS: the whole worker process's VmHWM from trainer construction to the end of training. "
+         "`split`: median seconds in forward + backward + clipping / AdamW / the rest (batch fetch, logging). "
+         f"`{metric}`: the first logged values; `diff` is the max abs difference from {base}'s "
+         f"(agreement: <= {case['loss_atol']:g}). `load`: 1-minute load average at the path's start and end."),
+        "",
+        (f"| path | steps/s | s/step (min-max) | time / {base} | peak RSS MB | peak / {base} | split s "
+         f"| {metric} | diff | other CPU | load |"),
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for path, r in case["paths"].items():
+        label = f"{path} ({case['labels'][path]})"
+        if "time_median_s" not in r:
+            reason = r.get("skipped") or f"FAILED: {r.get('error')}"
+            lines.append(f"| {label} | - | - | - | - | - | - | {reason} | - | - | - |")
+            continue
+        split = " / ".join(f"{v:.2f}" for v in r["split_median_s"].values())
+        diff = r.get("loss_max_abs_diff_vs_base")
+        diff = "-" if diff is None else f"{diff:.1e}" + ("" if r["losses_match_base"] else " NO")
+        lines.append(
+            f"| {label} | {r['steps_per_s']:.3f} | {r['time_median_s']:.2f} ({r['time_min_s']:.2f}-"
+            f"{r['time_max_s']:.2f}) | {r['time_vs_base']:.2f}x | {r['peak_mb']:,.0f} | {r['peak_vs_base']:.2f}x "
+            f"| {split} | {', '.join(f'{v:.6f}' for v in r['losses'])} | {diff} | {r['other_cpu_cores']:.2f} "
+            f"| {' / '.join(f'{v:.1f}' for v in r.get('loadavg_1min', []))} |"
+        )
+    lines += _path_notes(case)
+    if case["targets"]:
+        lines += ["", "Targets" + (" (set for the full sizes; quick sizes only indicate)" if mode == "quick" else "")
+                  + ":", ""]
+        lines += [f"- **{t['status']}**: {t['text']}: measured {_measured_text(t)}" for t in case["targets"]]
+    return lines + [""]
+
+
+def _case_markdown(case: dict, mode: str) -> list[str]:
+    if case.get("kind") == "trainer":
+        return _trainer_case_markdown(case, mode)
     shape = " ".join(f"{k}={v}" for k, v in case["shape"].items())
     extra = ", ".join(f"{k}={v}" for k, v in {**case["input_kwargs"], **case["path_kwargs"]}.items())
     base_label = case["base"]

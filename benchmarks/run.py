@@ -1,17 +1,23 @@
 """The benchmark runner: every path of every selected case, side by side, one fresh process per (case, path).
 
-    python benchmarks/run.py [CASE_OR_OP ...] [--quick] [--out DIR] [--name NAME] [--list] [--render JSON]
+    python benchmarks/run.py [CASE_OR_OP ...] [--quick] [--paths P1,P2] [--out DIR] [--name NAME] [--list]
+                             [--render JSON]
 
 Paths run one after another (never in parallel: the reference machine has 2 cores), each in a fresh
 ``benchmarks/measure.py`` process so that peak memory is that path's alone and compile caches do not leak between
-paths. Writes ``DIR/<NAME>.json`` and ``DIR/<NAME>.md`` (NAME defaults to a UTC timestamp) plus ``DIR/latest.md``,
-and prints the markdown. Returns 1 when a path failed to run, 0 otherwise (missed targets are reported, not errors).
+paths (trainer cases: ``benchmarks/trainers.py``; a trainer path at an older fusedrl commit runs in a snapshot of
+that commit's ``fusedrl/``, see :func:`fusedrl_at`). Targets comparing two cases are evaluated once both have run
+(:func:`evaluate_cross_case`). Writes ``DIR/<NAME>.json`` and ``DIR/<NAME>.md`` (NAME defaults to a UTC
+timestamp) plus ``DIR/latest.md``, and prints the markdown. Returns 1 when a path failed to run, 0 otherwise
+(missed targets are reported, not errors).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import io
 import json
 import os
 import platform
@@ -19,8 +25,10 @@ import resource
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -109,21 +117,62 @@ def _run_worker(case: cases.Case, path: str, quick: bool) -> dict:
     return result
 
 
+@contextlib.contextmanager
+def fusedrl_at(commit: str) -> Iterator[tuple[Path, str]]:
+    """A temporary directory holding ``fusedrl/`` as of ``commit`` (and nothing else), and the full commit hash;
+    removed on exit.
+
+    A worker started there (cwd first on ``sys.path``, before the editable install's finder, which ``sys.meta_path``
+    consults after the path entries) imports that ``fusedrl``, and this checkout's ``benchmarks`` through
+    ``PYTHONPATH``: the case definitions and the worker are today's, the trainers and kernels are the commit's.
+    ``git archive`` reads the object store only, so the repository, its index and its worktrees are untouched, and
+    an interrupted run leaves nothing registered (a ``git worktree`` would, and its ``benchmarks/`` would shadow
+    today's).
+    """
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{commit}^{{commit}}"], cwd=REPO_ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    with tempfile.TemporaryDirectory(prefix=f"fusedrl-{commit}-") as tmp:
+        archive = subprocess.run(["git", "archive", "--format=tar", sha, "fusedrl"], cwd=REPO_ROOT, check=True,
+                                 capture_output=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        yield Path(tmp), sha
+
+
+def _worker_commit(case: cases.Case | cases.TrainerCase, path: str) -> str | None:
+    """The fusedrl commit a trainer path runs at (None: this working tree)."""
+    return trainers.PATHS[path].commit if isinstance(case, cases.TrainerCase) else None
+
+
 def _run_worker_process(case: cases.Case, path: str, quick: bool) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
+    commit = _worker_commit(case, path)
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        cwd, env, sha = REPO_ROOT, None, None
+        if commit is not None:
+            cwd, sha = stack.enter_context(fusedrl_at(commit))
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                                               os.environ.get("PYTHONPATH")]))}
+        out = tmp / "result.json"
         module = getattr(case, "worker_module", "benchmarks.measure")
         cmd = [sys.executable, "-m", module, case.name, path, "--json", str(out)]
         if quick:
             cmd.append("--quick")
         try:
-            done = subprocess.run(cmd, check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+            done = subprocess.run(cmd, check=False, cwd=cwd, env=env, capture_output=True, text=True,
+                                  timeout=WORKER_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
         if done.returncode != 0 or not out.exists():
             lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
             return {"error": lines[-1] if lines else f"exit code {done.returncode}", "stderr_tail": lines[-20:]}
-        return json.loads(out.read_text())
+        result = json.loads(out.read_text())
+        if sha is not None:
+            source = Path(result["fusedrl_source"])
+            if not source.is_relative_to(cwd.resolve()):
+                return {"error": f"fusedrl resolved to {source}, not to the {commit} snapshot in {cwd}"}
+            result["fusedrl_commit"] = sha
+        return result
 
 
 def _summarise(raw: dict) -> dict:
@@ -145,15 +194,17 @@ def _grad_rel_diff(a: dict[str, float], b: dict[str, float]) -> float | None:
     return max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-30) for k in a)
 
 
-def run_case(case: cases.Case, *, quick: bool, log=print) -> dict:
+def run_case(case: cases.Case, *, quick: bool, log=print, only_paths: frozenset[str] | None = None) -> dict:
+    """Every path of ``case`` (those in ``only_paths`` when given; the others are shown as not selected)."""
     if isinstance(case, cases.TrainerCase):
-        return trainers.run_case(case, quick=quick, run_worker=_run_worker, log=log)
+        return trainers.run_case(case, quick=quick, run_worker=_run_worker, log=log, only_paths=only_paths)
     shape = case.quick_shape if quick else case.shape
     log(f"[{case.name}] {' '.join(f'{k}={v}' for k, v in shape.items())} {case.dtype}")
     results: dict[str, dict] = {}
     for path in case.paths:
         spec = peers.PATHS[case.inputs][path]
-        reason = spec.unavailable()
+        reason = "not selected (--paths)" if only_paths is not None and path not in only_paths else None
+        reason = reason or spec.unavailable()
         if reason:
             results[path] = {"skipped": reason}
             log(f"  {path:<14} skipped: {reason}")
@@ -192,12 +243,26 @@ def run_case(case: cases.Case, *, quick: bool, log=print) -> dict:
     }
 
 
+def evaluate_cross_case(run_cases: list[dict]) -> None:
+    """(Re)evaluate, in place, every target that compares with another case (``Target.vs_case``) against that
+    case's results in this run; a case not in the run leaves its targets NOT MEASURED. Called after every case,
+    so the order of the cases does not matter."""
+    by_name = {case["name"]: case for case in run_cases}
+    for case in run_cases:
+        for i, target in enumerate(cases.by_name(case["name"]).targets):
+            if target.vs_case is not None:
+                other = by_name.get(target.vs_case)
+                case["targets"][i] = report.evaluate(target, case["paths"], other["paths"] if other else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cases", nargs="*", metavar="CASE_OR_OP", help="case names or ops (default: all)")
     parser.add_argument("--quick", action="store_true", help="scaled-down shapes, more repeats (~3 min in all)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT})")
     parser.add_argument("--name", help="results file name without extension (default: UTC timestamp)")
+    parser.add_argument("--paths", help="comma-separated path names: run only these paths of each selected case "
+                        "(the others are listed as not selected, and targets involving them are not measured)")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the markdown of an earlier run")
     args = parser.parse_args(argv)
@@ -216,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         selected = cases.select(args.cases)
     except ValueError as err:
         parser.error(str(err))
+    only_paths = None
+    if args.paths:
+        only_paths = frozenset(p.strip() for p in args.paths.split(",") if p.strip())
+        unknown = only_paths - {p for case in selected for p in case.paths}
+        if unknown:
+            parser.error(f"--paths {sorted(unknown)} not among the selected cases' paths "
+                         f"{sorted({p for case in selected for p in case.paths})}")
 
     started = dt.datetime.now(dt.timezone.utc)
     run = {
@@ -225,12 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "git": git_info(),
         "num_threads": 2,
+        "only_paths": sorted(only_paths) if only_paths else None,
         "cases": [],
     }
     name = args.name or started.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
     for case in selected:
-        run["cases"].append(run_case(case, quick=args.quick))
+        run["cases"].append(run_case(case, quick=args.quick, only_paths=only_paths))
+        evaluate_cross_case(run["cases"])
         run["wall_s"] = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
         # Written after every case (a full run takes ~10+ min): an interrupted run keeps what it measured.
         run["complete"] = len(run["cases"]) == len(selected)

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Target:
-    """A claim about ``path`` measured against ``vs`` (another path of the same case), checked in every run.
+    """A claim about ``path`` measured against ``vs`` (another path of the same case, or of case ``vs_case`` when
+    set: e.g. the bf16 row of a trainer against its fp32 row), checked in every run. A cross-case target is measured
+    only when both cases ran in the same run (the runner evaluates it once both are done).
 
     Exactly one bound is set:
     - ``time_ratio_max``: time(path) / time(vs) <= value (e.g. 1.15 of the matmul floor).
@@ -24,12 +26,23 @@ class Target:
     kind: str
     value: float
     vs: str | None = None
+    vs_case: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("time_ratio_max", "speedup_min", "peak_mb_max", "peak_ratio_max"):
             raise ValueError(f"unknown target kind {self.kind!r}")
         if self.kind != "peak_mb_max" and self.vs is None:
             raise ValueError(f"target {self.kind} needs a `vs` path")
+        if self.vs_case is not None and self.kind == "peak_mb_max":
+            raise ValueError("a peak_mb_max target compares with no other case")
+
+
+def _check_paths(name: str, paths: tuple[str, ...], base: str, targets: tuple[Target, ...]) -> None:
+    """The base and every target's paths are among the case's paths (a cross-case target's ``vs`` is checked
+    against its own case in ``cases.py``, once every case exists)."""
+    missing = [t for t in targets if t.path not in paths or (t.vs and t.vs_case is None and t.vs not in paths)]
+    if base not in paths or missing:
+        raise ValueError(f"case {name}: base or target paths not among its paths ({missing})")
 
 
 @dataclass(frozen=True)
@@ -61,9 +74,7 @@ class Case:
     quick_memory_repeats: int = 3
 
     def __post_init__(self) -> None:
-        missing = [t for t in self.targets if t.path not in self.paths or (t.vs and t.vs not in self.paths)]
-        if self.base not in self.paths or missing:
-            raise ValueError(f"case {self.name}: base or target paths not among its paths ({missing})")
+        _check_paths(self.name, self.paths, self.base, self.targets)
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,9 @@ class TrainerCase:
     """``trainer`` (a key of ``trainers.TRAINERS``) on model preset ``model`` for ``steps`` optimizer steps; each
     name in ``paths`` is a key of ``trainers.PATHS`` (which trainer class, which kernels). The first
     ``warmup_steps`` steps (compiles, first allocations) are not timed. ``shape``: B pairs per device, P prompt
-    tokens per row. ``config``: extra fields given to every path's config, so all paths train identically."""
+    tokens per row, optionally C completion tokens per preference row (default: the preset's 2-4 token answers).
+    ``config``: extra fields given to every path's config, so all paths train identically. ``dtype``: the dtype the
+    model is loaded in by every path (``model_init_kwargs``); ``"bfloat16"`` also sets ``bf16=True`` (autocast)."""
 
     name: str
     op: str
@@ -97,6 +110,4 @@ class TrainerCase:
     worker_module: str = "benchmarks.trainers"
 
     def __post_init__(self) -> None:
-        missing = [t for t in self.targets if t.path not in self.paths or (t.vs and t.vs not in self.paths)]
-        if self.base not in self.paths or missing:
-            raise ValueError(f"case {self.name}: base or target paths not among its paths ({missing})")
+        _check_paths(self.name, self.paths, self.base, self.targets)

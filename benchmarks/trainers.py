@@ -2,11 +2,13 @@
 
     python -m benchmarks.trainers CASE PATH [--quick] --json FILE    (the worker; run.py starts one per path)
 
-Legend: B pairs per device, P prompt tokens per row.
+Legend: B pairs per device, P prompt tokens per row, C completion tokens per preference row.
 
 Each (case, path) runs in a fresh process, one after another: build the preset model (seeded) and save it, reset the
 peak-RSS counter, construct the trainer from the checkpoint path as a TRL user would (each trainer loads or copies its
-own reference model), then train ``steps`` optimizer steps, logging every step.
+own reference model, in the case's dtype), then train ``steps`` optimizer steps, logging every step. The worker uses
+public APIs only (trainer classes, configs, ``fusedrl.*`` functions), so it runs unchanged against fusedrl at an
+older commit (a path with ``commit``: run.py starts its worker in a snapshot of that commit's ``fusedrl/``).
 
 - Time: wall time between consecutive ``on_step_end`` callbacks, i.e. a whole optimizer step as the user waits for
   it: batch fetch and collation, policy and reference forward, backward, clipping, AdamW, logging. The first
@@ -30,54 +32,26 @@ import io
 import itertools
 import json
 import os
-import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import cases, report
+from benchmarks.trainer_data import grpo_inputs, long_prompt_dataset
 
 NUM_THREADS = 2  # the reference machine's cores; workers never run concurrently
-_CONTEXT_HEADER = "Answer with the result only, in digits. Worked examples:\n"
-
-
-# ------------------------------------------------------------------------------------------------------------ data
-
-
-def long_prompt_dataset(num_pairs: int, prompt_tokens: int, tokenizer, seed: int = 0):
-    """The preset arithmetic pairs with every prompt padded to exactly ``prompt_tokens`` tokens (BOS included) by a
-    few-shot context in front of the question: a header, then ``a op b=c`` lines drawn from the train split with a
-    per-row seeded RNG (so rows differ, and the same arguments give the same dataset), cut on the left to fit (the
-    first line may be partial, as in a sliding window over a document). Completions are unchanged."""
-    from datasets import Dataset
-
-    from fusedrl.cli.presets.datasets import ARITHMETIC, preference_dataset
-
-    pairs = preference_dataset(num_pairs, seed=seed)
-    problems = ARITHMETIC.problems("train")
-    prompts = []
-    for row, question in enumerate(pairs["prompt"]):
-        rng = random.Random(f"bench-context/{seed}/{row}")
-        # Character-level tokenizer: one token per character, plus BOS.
-        num_chars = prompt_tokens - 1 - len(_CONTEXT_HEADER) - len(question)
-        examples = ""
-        while len(examples) < num_chars:
-            a, op, b = rng.choice(problems)
-            examples += f"{a}{op}{b}={a + b if op == '+' else a - b}\n"
-        prompt = _CONTEXT_HEADER + examples[len(examples) - num_chars:] + question
-        if len(tokenizer(text=prompt)["input_ids"]) != prompt_tokens:
-            raise AssertionError(f"row {row}: prompt is not {prompt_tokens} tokens")
-        prompts.append(prompt)
-    return Dataset.from_dict({"prompt": prompts, "chosen": pairs["chosen"], "rejected": pairs["rejected"]})
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------------------------------------- paths
@@ -85,17 +59,29 @@ def long_prompt_dataset(num_pairs: int, prompt_tokens: int, tokenizer, seed: int
 
 @dataclass(frozen=True)
 class TrainerPath:
-    """Which package's trainer runs (``fusedrl.trainers`` or ``trl``), with which fusedrl kernel selection."""
+    """Which package's trainer runs (``fusedrl.trainers`` or ``trl``), with which fusedrl kernel selection.
+
+    ``commit``: fusedrl as of that git commit instead of the working tree (run.py extracts the commit's ``fusedrl/``
+    into a temporary directory and starts the worker there). ``trl_compact``: TRL with its fused LM head scoring only
+    the labelled positions, as it does on CUDA/XPU (see :func:`_trl_compact_lm_head`).
+    """
 
     module: str
     label: str
     kernels: str | None = None
     # Extra config fields of this path only (e.g. compile on), as (name, value) pairs.
     config: tuple[tuple[str, object], ...] = ()
+    commit: str | None = None
+    trl_compact: bool = False
 
     def unavailable(self) -> str | None:
         if importlib.util.find_spec(self.module.split(".")[0]) is None:
             return f"{self.module} is not installed"
+        if self.commit is not None:
+            done = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{self.commit}^{{commit}}"],
+                                  cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                return f"commit {self.commit} is not in this clone"
         return None
 
 
@@ -105,25 +91,39 @@ PATHS: dict[str, TrainerPath] = {
                                      kernels="linear_logprobs=reference"),
     "fusedrl_compiled": TrainerPath("fusedrl.trainers", "fusedrl, compile=True, compile_blocks=True",
                                     config=(("compile", True), ("compile_blocks", True))),
+    f"fusedrl@{cases.START_COMMIT}": TrainerPath("fusedrl.trainers", f"fusedrl at {cases.START_COMMIT}, where "
+                                                 "issue 10 starts; default kernels", commit=cases.START_COMMIT),
     "trl": TrainerPath("trl", "trl, the same trainer"),
+    "trl_compact": TrainerPath("trl", "trl, LM head forced to score completion tokens only (as on GPU)",
+                               trl_compact=True),
 }
 # trainer name -> (config class, trainer class) attribute names in a path's module.
 TRAINERS = {"dpo": ("DPOConfig", "DPOTrainer"), "grpo": ("GRPOConfig", "GRPOTrainer")}
 
 
-def char_code_reward(completions, **kwargs):
-    """Mean ``ord(c) % 7 / 7`` over a completion's characters: meaningless, but it differs between completions of
-    a random model (the exact answer never comes up), so advantages and losses are nonzero and comparable."""
-    return [sum(ord(ch) % 7 for ch in text) / (7 * max(len(text), 1)) for text in completions]
+@contextlib.contextmanager
+def _trl_compact_lm_head() -> Iterator[list[str]]:
+    """TRL's fused LM head scoring only the labelled positions on this CPU, as it does on a Triton device.
 
+    TRL 1.16's fused LM-head forward (``add_fused_lm_head`` in ``trl/trainer/utils.py``) decides
+    ``compact = _use_triton(hidden_states.device)``: on CUDA/XPU it keeps the labelled rows (``hidden[mask]``), on
+    CPU it scores every position, prompt and padding included, and masks afterwards. ``_use_triton`` is imported into
+    that module by name and used there for this decision only, so replacing the module attribute (with
+    ``unittest.mock.patch.object``, undone on exit, in this worker process only) changes nothing else: the chunked
+    kernel keeps its own ``_use_triton`` (``trl.kernels.chunked_logprob``) and stays on its torch tiles. Yields the
+    device types of the calls: none means this TRL no longer asks, and the caller fails instead of silently
+    measuring the uncompacted path.
+    """
+    from trl.trainer import utils
 
-def grpo_inputs(pairs):
-    """GRPO's view of the benchmark pairs: prompt-only rows (``answer`` keeps the chosen completion), and the
-    trainer's ``reward_funcs``: exact answer plus :func:`char_code_reward`, the same functions for every path."""
-    from fusedrl.cli.presets import answer_reward
+    calls: list[str] = []
 
-    rewards = [answer_reward, char_code_reward]
-    return pairs.remove_columns("rejected").rename_column("chosen", "answer"), {"reward_funcs": rewards}
+    def compact_on_every_device(device: torch.device) -> bool:
+        calls.append(device.type)
+        return True
+
+    with mock.patch.object(utils, "_use_triton", compact_on_every_device):
+        yield calls
 
 
 # ---------------------------------------------------------------------------------------------------------- worker
@@ -164,6 +164,39 @@ def _step_timer():
     return StepTimer()
 
 
+def _settings(case: cases.TrainerCase, spec: TrainerPath, shape, steps: int, out_dir: str) -> dict:
+    """The config fields of one path: the shared ones, the case's, the case's dtype, then the path's own."""
+    settings = {
+        "output_dir": out_dir, "per_device_train_batch_size": shape["B"], "max_steps": steps,
+        "logging_steps": 1, "bf16": False, "report_to": "none", "save_strategy": "no", "seed": 0,
+        "disable_tqdm": True, **case.config,
+    }
+    if case.dtype != "float32":
+        # The model (and the reference model, loaded the same way) in the case's dtype, for every path alike;
+        # bf16 also turns on the trainers' autocast, as TRL's own bf16 default does.
+        settings["model_init_kwargs"] = {"dtype": case.dtype}
+        settings["bf16"] = case.dtype == "bfloat16"
+        # transformers refuses bf16=True without a bf16 GPU unless the run is declared CPU-only ("Your setup
+        # doesn't support bf16/gpu"); on a CUDA machine the trainers keep the GPU.
+        settings["use_cpu"] = not torch.cuda.is_available()
+    if spec.kernels is not None:
+        settings["kernels"] = spec.kernels
+    settings.update(spec.config)
+    return settings
+
+
+def _kernel_backends(trainer) -> dict | None:
+    """The kernel each fusedrl op ran on under this trainer's selection; None where this fusedrl (another commit)
+    has no such record. Informational only, so it never fails a measurement."""
+    try:
+        from fusedrl.ops.dispatch import kernel_backends, use_kernels
+
+        with use_kernels(**getattr(trainer, "_kernel_selection", {})):
+            return kernel_backends("cpu")
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+
+
 def measure(case: cases.TrainerCase, path: str, *, quick: bool) -> dict:
     torch.set_num_threads(NUM_THREADS)
     load_start = os.getloadavg()
@@ -178,21 +211,15 @@ def measure(case: cases.TrainerCase, path: str, *, quick: bool) -> dict:
     from fusedrl.cli.presets.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
-    dataset = long_prompt_dataset(shape["B"] * steps, shape["P"], tokenizer)
+    dataset = long_prompt_dataset(shape["B"] * steps, shape["P"], tokenizer, completion_tokens=shape.get("C"))
     trainer_kwargs = {}
     if case.trainer == "grpo":
         dataset, trainer_kwargs = grpo_inputs(dataset)
-    with tempfile.TemporaryDirectory() as tmp:
+    compact = _trl_compact_lm_head() if spec.trl_compact else contextlib.nullcontext([])
+    with tempfile.TemporaryDirectory() as tmp, compact as compact_calls:
         build_model(case.model, tokenizer, seed=0).save_pretrained(f"{tmp}/model")
         gc.collect()
-        settings = {
-            "output_dir": f"{tmp}/out", "per_device_train_batch_size": shape["B"], "max_steps": steps,
-            "logging_steps": 1, "bf16": False, "report_to": "none", "save_strategy": "no", "seed": 0,
-            "disable_tqdm": True, **case.config,
-        }
-        if spec.kernels is not None:
-            settings["kernels"] = spec.kernels
-        settings.update(spec.config)
+        settings = _settings(case, spec, shape, steps, f"{tmp}/out")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS: the peak below excludes building and saving the model
         rss_start_mb = _status_mb("VmRSS")
@@ -209,6 +236,9 @@ def measure(case: cases.TrainerCase, path: str, *, quick: bool) -> dict:
             warnings.simplefilter("ignore")
             trainer.train()
         peak_mb = _status_mb("VmHWM")
+    if spec.trl_compact and not compact_calls:
+        raise RuntimeError("trl_compact: TRL never called trl.trainer.utils._use_triton, so the compact switch this "
+                           "path forces is not where it was (TRL 1.16); the measurement would be plain TRL")
 
     marks = timer.marks
     ends = [timer.train_begin, *marks["end"]]
@@ -220,12 +250,7 @@ def measure(case: cases.TrainerCase, path: str, *, quick: bool) -> dict:
     split["other_s"] = [s - t - o for s, t, o in zip(step_s, split["training_step_s"], split["optimizer_s"])]
     metric = case.agreement_metric
     losses = [entry[metric] for entry in trainer.state.log_history if "loss" in entry and metric in entry]
-    backends = None
-    if spec.module.startswith("fusedrl"):
-        from fusedrl.ops.dispatch import kernel_backends, use_kernels
-
-        with use_kernels(**trainer._kernel_selection):
-            backends = kernel_backends("cpu")
+    fusedrl_package = importlib.import_module("fusedrl")
     return {
         "times_s": step_s[warmup:],
         "warmup_s": sum(step_s[:warmup]),
@@ -239,7 +264,11 @@ def measure(case: cases.TrainerCase, path: str, *, quick: bool) -> dict:
         "setup_s": setup_s,
         "num_steps": steps,
         "warmup_steps": warmup,
-        "kernel_backends": backends,
+        "model_dtype": str(trainer.model.dtype).removeprefix("torch."),
+        "kernel_backends": _kernel_backends(trainer) if spec.module.startswith("fusedrl") else None,
+        # Where `import fusedrl` resolved (the trainers of fusedrl paths; presets and data for every path).
+        "fusedrl_source": str(Path(fusedrl_package.__file__).resolve().parent),
+        "trl_compact_calls": len(compact_calls) if spec.trl_compact else None,
         "num_threads": torch.get_num_threads(),
         # 1-minute load averages at the start and end (2 cores: above ~2.5 other work shares the machine).
         "loadavg_1min": [load_start[0], os.getloadavg()[0]],
@@ -256,13 +285,16 @@ def _summarise(raw: dict) -> dict:
             "timed_steps": len(times), **raw}
 
 
-def run_case(case: cases.TrainerCase, *, quick: bool, run_worker: Callable[..., dict], log=print) -> dict:
-    """Every path of ``case`` through ``run_worker(case, path, quick)`` (run.py's fresh-process runner)."""
+def run_case(case: cases.TrainerCase, *, quick: bool, run_worker: Callable[..., dict], log=print,
+             only_paths: frozenset[str] | None = None) -> dict:
+    """Every path of ``case`` (those in ``only_paths`` when given) through ``run_worker(case, path, quick)``
+    (run.py's fresh-process runner)."""
     shape = case.quick_shape if quick else case.shape
     log(f"[{case.name}] {case.model} {' '.join(f'{k}={v}' for k, v in shape.items())} {case.dtype}")
     results: dict[str, dict] = {}
     for path in case.paths:
-        reason = PATHS[path].unavailable()
+        reason = "not selected (--paths)" if only_paths is not None and path not in only_paths else None
+        reason = reason or PATHS[path].unavailable()
         if reason:
             results[path] = {"skipped": reason}
             log(f"  {path:<18} skipped: {reason}")
@@ -301,55 +333,6 @@ def run_case(case: cases.TrainerCase, *, quick: bool, run_worker: Callable[..., 
         "paths": results,
         "targets": [report.evaluate(t, results) for t in case.targets],
     }
-
-
-def _measured_text(target: dict) -> str:
-    return f"not measured ({target['why']})" if target["measured"] is None else f"{target['measured']:.2f}x"
-
-
-def case_markdown(case: dict, mode: str) -> list[str]:
-    base = case["base"]
-    metric = case.get("agreement_metric", "loss")
-    shape = " ".join(f"{k}={v}" for k, v in case["shape"].items())
-    measured = [r for r in case["paths"].values() if "time_median_s" in r]
-    steps = measured[0]["num_steps"] if measured else "?"
-    warmup = measured[0]["warmup_steps"] if measured else "?"
-    lines = [
-        f"### {case['name']}: {case['model']} {shape} {case['dtype']}",
-        "",
-        case["description"] + ".",
-        "",
-        (f"{steps} optimizer steps per path, the first {warmup} untimed (compiles); time per step is the wall time "
-         "between consecutive steps' ends (data, forward, backward, optimizer, logging), median and min-max. "
-         "Peak RSS: the whole worker process's VmHWM from trainer construction to the end of training. "
-         "`split`: median seconds in forward + backward + clipping / AdamW / the rest (batch fetch, logging). "
-         f"`{metric}`: the first logged values; `diff` is the max abs difference from {base}'s "
-         f"(agreement: <= {case['loss_atol']:g}). `load`: 1-minute load average at the path's start and end."),
-        "",
-        (f"| path | steps/s | s/step (min-max) | time / {base} | peak RSS MB | peak / {base} | split s "
-         f"| {metric} | diff | other CPU | load |"),
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
-    ]
-    for path, r in case["paths"].items():
-        label = f"{path} ({case['labels'][path]})"
-        if "time_median_s" not in r:
-            reason = r.get("skipped") or f"FAILED: {r.get('error')}"
-            lines.append(f"| {label} | - | - | - | - | - | - | {reason} | - | - | - |")
-            continue
-        split = " / ".join(f"{v:.2f}" for v in r["split_median_s"].values())
-        diff = r.get("loss_max_abs_diff_vs_base")
-        diff = "-" if diff is None else f"{diff:.1e}" + ("" if r["losses_match_base"] else " NO")
-        lines.append(
-            f"| {label} | {r['steps_per_s']:.3f} | {r['time_median_s']:.2f} ({r['time_min_s']:.2f}-"
-            f"{r['time_max_s']:.2f}) | {r['time_vs_base']:.2f}x | {r['peak_mb']:,.0f} | {r['peak_vs_base']:.2f}x "
-            f"| {split} | {', '.join(f'{v:.6f}' for v in r['losses'])} | {diff} | {r['other_cpu_cores']:.2f} "
-            f"| {' / '.join(f'{v:.1f}' for v in r.get('loadavg_1min', []))} |"
-        )
-    if case["targets"]:
-        lines += ["", "Targets" + (" (set for the full sizes; quick sizes only indicate)" if mode == "quick" else "")
-                  + ":", ""]
-        lines += [f"- **{t['status']}**: {t['text']}: measured {_measured_text(t)}" for t in case["targets"]]
-    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> int:

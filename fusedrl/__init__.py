@@ -26,11 +26,15 @@ from fusedrl.ops.policy import (
 )
 from fusedrl.ops.preference import (
     KTOLoss,
+    LinearKTOLoss,
+    LinearORPOLoss,
     LinearPreferenceLoss,
     ORPOLoss,
     PreferenceLoss,
     kto_kl,
     kto_loss,
+    linear_kto_loss,
+    linear_orpo_loss,
     linear_preference_loss,
     orpo_loss,
     preference_loss,
@@ -47,6 +51,8 @@ __version__ = "0.1.0"
 __all__ = [
     "GAEResult",
     "KTOLoss",
+    "LinearKTOLoss",
+    "LinearORPOLoss",
     "LinearPolicyLoss",
     "LinearPreferenceLoss",
     "ORPOLoss",
@@ -61,6 +67,8 @@ __all__ = [
     "kl_penalty",
     "kto_kl",
     "kto_loss",
+    "linear_kto_loss",
+    "linear_orpo_loss",
     "linear_policy_loss",
     "linear_preference_loss",
     "linear_token_logprobs",

@@ -1,5 +1,5 @@
-"""The ``fusedrl`` command: ``demo``, ``bench``, ``aot`` and the trainers (``dpo``, ``orpo``, ``kto``, ``cpo``,
-``grpo``, ``rloo``, ``ppo``, ``online-dpo``)."""
+"""The ``fusedrl`` command: ``demo``, ``bench``, ``aot``, ``gpu-check`` and the trainers (``dpo``, ``orpo``, ``kto``,
+``cpo``, ``grpo``, ``rloo``, ``ppo``, ``online-dpo``)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,12 @@ def _aot(rest: list[str]) -> int:
     return aot.main(rest)
 
 
+def _gpu_check(rest: list[str]) -> int:
+    from fusedrl.cli import gpu_check
+
+    return gpu_check.main(rest)
+
+
 def _demo(rest: list[str]) -> int:
     """The main job on the embedded default: DPO on the bundled task, results table, metrics.json and a plot."""
     from fusedrl.cli import demo
@@ -61,6 +67,7 @@ COMMANDS = {
     "bench": (_bench, "kernel benchmarks side by side with TRL, Liger and torch (benchmarks/run.py --help)"),
     "aot": (_aot, "compile every Triton kernel for sm_80/sm_90 on this machine and report registers/spills/smem"),
     "demo": (_demo, "the main job on the embedded default"),
+    "gpu-check": (_gpu_check, "on a CUDA machine: tests/gpu and the benchmarks, one results file (else says so)"),
     **{
         name: (_trainer(name), f"train with {name.upper()} (--model, --dataset, --config, any config field)")
         for name in ("dpo", "orpo", "kto", "cpo", "grpo", "rloo", "ppo", "online-dpo")

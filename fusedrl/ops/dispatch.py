@@ -325,6 +325,16 @@ def _import(target: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+def _autocast_off(inputs: list) -> contextlib.AbstractContextManager:
+    """Autocast disabled on the device of the first tensor input. A custom op's implementation sets its own
+    precision (fp32 accumulation, outputs in the inputs' dtypes); left on, the caller's autocast turned the LM head's
+    matmuls bf16 against its fp32 ``out=`` buffers ("Expected out tensor to have dtype BFloat16" in the backward,
+    which the autograd engine runs under the autocast state of the ``backward()`` call). The public function decides
+    the input dtypes instead (``logprobs.linear_token_logprobs`` casts to the autocast dtype, as ``nn.Linear`` is)."""
+    device_type = next((t.device.type for t in inputs if isinstance(t, torch.Tensor)), "cpu")
+    return torch.autocast(device_type, enabled=False)
+
+
 def define_op(
     name: str,
     *,
@@ -362,10 +372,11 @@ def define_op(
 
     def implementation(*args):
         *inputs, backend = args
-        if backend == "compiled":
-            return compiled_fn()(*inputs)
-        if backend == "triton":
-            return run_with_fallback(op, _import(triton), compiled_fn(), *inputs)
+        with _autocast_off(inputs):
+            if backend == "compiled":
+                return compiled_fn()(*inputs)
+            if backend == "triton":
+                return run_with_fallback(op, _import(triton), compiled_fn(), *inputs)
         raise ValueError(f"fusedrl::{name}: backend {backend!r} has no kernel here; choose compiled or triton "
                          "(the reference runs outside the custom op)")
 

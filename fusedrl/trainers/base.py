@@ -17,7 +17,10 @@ work unchanged. The base owns no algorithm:
 - log-probs: the model (wrapped by DDP/FSDP as accelerate set it up) runs with ``logits_to_keep=1``; its final hidden
   states are caught on the decoder trunk (``runtime/hidden.py``) and ``linear_token_logprobs`` projects them through
   the LM head in chunks, so ``[N, T, V]`` logits never exist. ``head_inputs`` + ``loss_region`` let a trainer compile
-  head and loss as one graph (``compile=True``).
+  head and loss as one graph (``compile=True``); every shipped trainer puts its policy loss on a fused head+loss op
+  there (``fused=True`` of ``linear_preference_loss`` / ``linear_orpo_loss`` / ``linear_kto_loss`` /
+  ``linear_policy_loss``: 3 head passes, the metrics from the same tiles), and its reference (or old) log-probs on
+  one no-grad pass each.
 - runtime: compiled blocks, selective checkpointing and per-step memory statistics (``_setup_runtime``), activation
   offloading (``training_step``), atomic checkpoints, exact resume and non-finite step skipping
   (``runtime.resumable.ResumableTrainer``), sharded LM heads under FSDP2 / ZeRO-3 (``runtime.sharded_head``).
@@ -46,7 +49,15 @@ from fusedrl.runtime.offload import ActivationOffloader
 from fusedrl.runtime.resumable import ResumableTrainer
 from fusedrl.runtime.sharded_head import is_zero3_param, keep_root_unsharded, prepare_reference, whole_head
 from fusedrl.trainers.callbacks.sync_ref import SyncRefModelCallback
-from fusedrl.trainers.head import HeadInputs, TokenOutputs, head_logprobs, head_statistics, vocab_mean_logits
+from fusedrl.trainers.head import (
+    IGNORE_INDEX,
+    HeadInputs,
+    TokenOutputs,
+    head_logprobs,
+    head_statistics,
+    labelled_mean_logits,
+    vocab_mean_logits,
+)
 from fusedrl.trainers.metrics import TrainerMetrics
 from fusedrl.trainers.models import REF_ADAPTER, check_plain_head, disable_dropout, prepare_model
 
@@ -264,10 +275,13 @@ class FusedTrainer(TrainerMetrics, ResumableTrainer):
         statistics_mask: torch.Tensor | None = None,
         router_logits: bool = False,
         all_position_mean_logits: bool = False,
+        mean_logits: bool = False,
     ) -> HeadInputs:
         """Run ``model`` (policy, reference or wrapped) and return what its fused head needs: final hidden states
         ``[N, T - 1, H]`` in the head's dtype, the head's weight and bias, the shifted labels ``[N, T - 1]``, plus the
-        detached statistics asked for (see :meth:`token_logprobs`)."""
+        detached statistics asked for: ``statistics_mask`` as in :meth:`token_logprobs` but from a no-grad head pass
+        of their own (``head.head_statistics``); ``mean_logits`` asks for ``mean_logits`` alone (exact and almost
+        free), for a caller whose head op returns the other statistics from its own tiles."""
         extra = {"output_router_logits": True} if router_logits else {}
         # The final (normed) hidden states come from a hook on the decoder trunk (runtime/hidden.py): asking for
         # output_hidden_states would install transformers' capture hooks, which compiled blocks cannot trace.
@@ -281,9 +295,13 @@ class FusedTrainer(TrainerMetrics, ResumableTrainer):
         hidden_NTH = final.value[:, -length:-1].to(weight_VH.device, weight_VH.dtype)
         labels_NT = labels_NT[:, 1:].to(weight_VH.device)
         stats = {}
+        detached_bias = None if bias_V is None else bias_V.detach()
         if statistics_mask is not None:
-            stats = head_statistics(hidden_NTH.detach(), weight_VH.detach(),
-                                     None if bias_V is None else bias_V.detach(), labels_NT, statistics_mask)
+            stats = head_statistics(hidden_NTH.detach(), weight_VH.detach(), detached_bias, labels_NT,
+                                    statistics_mask)
+        elif mean_logits:
+            stats = {"mean_logits": labelled_mean_logits(hidden_NTH.detach(), weight_VH.detach(), detached_bias,
+                                                         labels_NT)}
         if all_position_mean_logits:
             full_NTH = final.value[:, -length:].detach().to(weight_VH.device, weight_VH.dtype)
             stats["mean_logits"] = vocab_mean_logits(full_NTH, weight_VH.detach(),
@@ -320,18 +338,26 @@ class FusedTrainer(TrainerMetrics, ResumableTrainer):
 
         labels_NT: ``[N, T]`` token ids with ``-100`` at positions that are not scored (prompt, padding); those cost
         no head compute. ``statistics_mask`` ``[N, T - 1]`` (bool) asks for ``mean_logits`` and, at its positions,
-        ``is_top1`` and ``log_sum_sq_probs`` (see ``head.head_statistics`` for their cost).
+        ``is_top1`` and ``log_sum_sq_probs``, from the log-probs' own logits tiles (no head pass of their own).
         ``router_logits`` asks a mixture-of-experts model for its load-balancing ``aux_loss``.
         ``all_position_mean_logits`` makes ``mean_logits`` ``[N, T]``: the vocabulary mean of the logits at every input
         position, padding and the last one included (TRL's ORPO/CPO average their ``logits/*`` metrics over those).
         """
-        head = self.head_inputs(model, model_inputs, labels_NT, statistics_mask=statistics_mask,
-                                router_logits=router_logits, all_position_mean_logits=all_position_mean_logits)
+        with_stats = statistics_mask is not None
+        head = self.head_inputs(model, model_inputs, labels_NT, mean_logits=with_stats, router_logits=router_logits,
+                                all_position_mean_logits=all_position_mean_logits)
         with self.head_region(head.hidden_NTH.device):
             result = self.loss_region(head_logprobs)(head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT,
-                                                      with_entropy)
-        logps, entropy = (result.logprobs, result.entropy.detach()) if with_entropy else (result, None)
-        return TokenOutputs(logps, entropy, aux_loss=head.aux_loss, **head.stats)
+                                                      with_entropy, with_stats)
+        if not (with_entropy or with_stats):
+            return TokenOutputs(result, aux_loss=head.aux_loss, **head.stats)
+        stats = dict(head.stats)
+        if with_stats:  # from the log-probs' own tiles, kept at the asked positions
+            scored_NT = statistics_mask & (head.labels_NT != IGNORE_INDEX)
+            stats["is_top1"] = result.is_top1 & scored_NT
+            stats["log_sum_sq_probs"] = torch.where(scored_NT, result.log_sum_sq_probs, 0.0)
+        entropy = result.entropy.detach() if with_entropy else None
+        return TokenOutputs(result.logprobs, entropy, aux_loss=head.aux_loss, **stats)
 
     # --- metrics --------------------------------------------------------------------------------------------------
     # --- resumable state (runtime/resumable.py) ---------------------------------------------------------------------

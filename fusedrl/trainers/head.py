@@ -1,6 +1,6 @@
 """What a trainer's fused LM head works on: the per-token outputs (:class:`TokenOutputs`), what one model forward hands
 the head (:class:`HeadInputs`), and TRL's detached side statistics of its head (mean logits, top-1, WPO's sum of
-squared probabilities).
+squared probabilities) for the paths that do not get them from a fused head+loss op.
 
 Legend: N sequences, T positions (``T - 1`` next-token positions), H hidden, V vocabulary, M labelled tokens.
 """
@@ -14,8 +14,6 @@ import torch
 from fusedrl.ops.logprobs import linear_token_logprobs
 
 IGNORE_INDEX = -100
-# Rows per no-grad statistics chunk: a [C, V] fp32 tile of about 32 MiB, the budget the fused op uses.
-_STATS_TILE_BYTES = 32 * 2**20
 
 
 class TokenOutputs(NamedTuple):
@@ -44,9 +42,11 @@ class HeadInputs(NamedTuple):
     stats: dict[str, torch.Tensor]
 
 
-def head_logprobs(hidden_NTH, weight_VH, bias_V, labels_NT, with_entropy: bool):
-    """The smallest loss region: the fused head alone (trainers with a loss tail compile head and tail together)."""
-    return linear_token_logprobs(hidden_NTH, weight_VH, labels_NT, bias=bias_V, with_entropy=with_entropy)
+def head_logprobs(hidden_NTH, weight_VH, bias_V, labels_NT, with_entropy: bool, with_stats: bool = False):
+    """The smallest loss region: the fused head alone (trainers with a loss tail compile head and tail together);
+    ``with_stats`` adds the top-1 flags and WPO's statistic of the same tiles."""
+    return linear_token_logprobs(hidden_NTH, weight_VH, labels_NT, bias=bias_V, with_entropy=with_entropy,
+                                 with_stats=with_stats)
 
 
 @torch.no_grad()
@@ -57,30 +57,23 @@ def vocab_mean_logits(hidden_MH, weight_VH, bias_V) -> torch.Tensor:
 
 
 @torch.no_grad()
-def head_statistics(hidden_NTH, weight_VH, bias_V, labels_NT, statistics_mask_NT) -> dict[str, torch.Tensor]:
-    """TRL's side outputs of its fused head, ``[N, T - 1]`` each, zero where not computed.
-
-    ``mean_logits`` (every labelled position) is exact and almost free: ``mean_v(h . w_v + b_v) = h . mean_v(w_v) +
-    mean(b)``. ``is_top1`` and ``log_sum_sq_probs`` (positions of ``statistics_mask_NT``) need the whole logits row:
-    TRL gets them from its log-prob pass, here they cost one extra no-grad head matmul over those tokens, one
-    ``[C, V]`` tile of about 32 MiB at a time.
-    """
+def labelled_mean_logits(hidden_NTH, weight_VH, bias_V, labels_NT) -> torch.Tensor:
+    """:func:`vocab_mean_logits` at the labelled positions, fp32 ``[N, T - 1]``, 0 elsewhere: exact and almost free,
+    so every trainer takes TRL's ``logits/*`` metrics from it rather than from logits tiles."""
     labelled_NT = labels_NT != IGNORE_INDEX
-    scored_NT = statistics_mask_NT & labelled_NT
     mean_logits_M = vocab_mean_logits(hidden_NTH[labelled_NT], weight_VH, bias_V)
+    return labels_NT.new_zeros(labels_NT.shape, dtype=torch.float32).masked_scatter(labelled_NT, mean_logits_M)
 
-    hidden_MH, labels_M = hidden_NTH[scored_NT], labels_NT[scored_NT]
-    chunk = max(16, _STATS_TILE_BYTES // (4 * weight_VH.shape[0]))
-    is_top1, log_sum_sq = [hidden_MH.new_zeros(0, dtype=torch.bool)], [hidden_MH.new_zeros(0, dtype=torch.float32)]
-    for start in range(0, hidden_MH.shape[0], chunk):
-        logits_CV = torch.nn.functional.linear(hidden_MH[start:start + chunk], weight_VH, bias_V).float()
-        is_top1.append(logits_CV.argmax(-1) == labels_M[start:start + chunk])
-        log_sum_sq.append(torch.logsumexp(2.0 * logits_CV, -1) - 2.0 * torch.logsumexp(logits_CV, -1))
-    is_top1_M, log_sum_sq_M = torch.cat(is_top1), torch.cat(log_sum_sq)
-    zeros_NT = labels_NT.new_zeros(labels_NT.shape, dtype=torch.float32)
-    return {
-        "mean_logits": zeros_NT.masked_scatter(labelled_NT, mean_logits_M),
-        "is_top1": torch.zeros_like(scored_NT).masked_scatter(scored_NT, is_top1_M),
-        "log_sum_sq_probs": zeros_NT.masked_scatter(scored_NT, log_sum_sq_M),
-    }
 
+@torch.no_grad()
+def head_statistics(hidden_NTH, weight_VH, bias_V, labels_NT, statistics_mask_NT) -> dict[str, torch.Tensor]:
+    """TRL's side outputs of its fused head, ``[N, T - 1]`` each, zero where not computed: ``mean_logits`` (every
+    labelled position, :func:`labelled_mean_logits`) and, at the positions of ``statistics_mask_NT``, ``is_top1`` and
+    ``log_sum_sq_probs``. Those two need whole logits rows: here they cost a no-grad head pass of their own over
+    those tokens; a trainer's log-prob or loss op returns them from its own tiles instead
+    (``FusedTrainer.token_logprobs(statistics_mask=...)``, the fused head+loss ops)."""
+    scored_NT = statistics_mask_NT & (labels_NT != IGNORE_INDEX)
+    out = linear_token_logprobs(hidden_NTH, weight_VH, labels_NT.masked_fill(~scored_NT, IGNORE_INDEX), bias=bias_V,
+                                ignore_index=IGNORE_INDEX, with_stats=True)
+    return {"mean_logits": labelled_mean_logits(hidden_NTH, weight_VH, bias_V, labels_NT), "is_top1": out.is_top1,
+            "log_sum_sq_probs": out.log_sum_sq_probs}

@@ -73,8 +73,8 @@ def test_loss_region_has_no_graph_breaks(tmp_path):
     head = trainer.head_inputs(trainer.model, model_inputs, labels)
     ref = torch.zeros(1)
     explanation = torch._dynamo.explain(_dpo_region)(
-        head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT, completion_mask[:, 1:].bool(), ref, ref,
-        completion_mask.sum(-1).float(), None, trainer.args)
+        head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT, ref, ref, completion_mask.sum(-1).float(),
+        trainer.args)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 

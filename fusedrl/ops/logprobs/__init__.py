@@ -13,6 +13,13 @@ The custom ops have fake implementations and autograd (each backward is a custom
 ``torch.compile(fullgraph=True)`` region captures a call as one opaque node per direction (no graph break). The
 backend is chosen when a call is traced or run (``dispatch.traced_backend``); a compiled graph keeps the backend it
 was traced with.
+
+The per-token op pays 4 head passes per step (its upstream gradient is unknown in the forward). The losses whose
+gradient w.r.t. a token's log-prob is known once its pair / sequence is done take the fused head+loss path at 3
+(``fused.py``, the driver the ``linear_logprobs`` backends share with ``ops/preference/fused_head.py``,
+``ops/preference/linear_kto.py`` and ``ops/policy/fused_head.py``). ``with_stats=True``
+(``fusedrl::linear_token_logprobs_stats``) returns the top-1 flags and ``log sum p^2`` of the forward's own tiles, so
+the unfused path needs no pass of its own for them.
 Benchmarks: ``benchmarks/ops/logprobs.py``.
 """
 
@@ -24,7 +31,11 @@ import torch
 
 from fusedrl.ops import checks, dispatch
 from fusedrl.ops.logprobs import compiled
-from fusedrl.ops.logprobs.reference import linear_token_logprobs_reference, token_logprobs_reference
+from fusedrl.ops.logprobs.reference import (
+    linear_token_logprobs_reference,
+    linear_token_statistics_reference,
+    token_logprobs_reference,
+)
 
 dispatch.register_op("logprobs", "per-token log-prob (and entropy) gathered from given logits")
 dispatch.register_op("linear_logprobs", "per-token log-prob (and entropy) from hidden states and an LM head")
@@ -37,6 +48,17 @@ class TokenLogprobs(NamedTuple):
 
     logprobs: torch.Tensor
     entropy: torch.Tensor
+
+
+class TokenLogprobsWithStats(NamedTuple):
+    """:class:`TokenLogprobs` plus the detached metrics of the same logits tiles (``linear_token_logprobs(...,
+    with_stats=True)``): bool ``is_top1`` (the label is the argmax) and fp32 ``log_sum_sq_probs``
+    (``log sum_v p_v^2``, WPO's statistic), shaped like the labels, False / 0 where the label is ignored."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    is_top1: torch.Tensor
+    log_sum_sq_probs: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,23 +196,51 @@ _linear_token_logprobs_op = dispatch.define_op(
 )
 
 
-def linear_token_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    with_entropy: bool = False,
-) -> torch.Tensor | TokenLogprobs:
-    """Per-token log-probs (and entropy) of ``hidden @ weight.T + bias`` without ever holding ``[N, V]`` logits.
+def _fake_linear_token_logprobs_stats(hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy):
+    out = hidden.new_empty(labels.shape, dtype=torch.float32)
+    return (out, torch.empty_like(out), torch.empty_like(out), labels.new_empty(labels.shape, dtype=torch.bool),
+            torch.empty_like(out))
 
-    hidden: ``[..., H]``; weight: ``[V, H]`` (the LM head); bias: ``[V]`` or None; labels: ``[...]`` int64
-    (already shifted; ``ignore_index`` marks prompt and padding positions, which cost no compute).
-    Returns fp32 logprobs ``[...]``, or ``TokenLogprobs(logprobs, entropy)`` when ``with_entropy``.
-    Gradients flow to hidden, weight and bias in their own dtypes.
-    """
+
+def _linear_stats_setup(ctx, inputs, output):
+    _linear_setup(ctx, inputs, output[:3])
+    ctx.mark_non_differentiable(*output[3:])
+
+
+def _linear_stats_backward(ctx, grad_logprobs, grad_entropy, grad_lse, *_stats):
+    return _linear_backward(ctx, grad_logprobs, grad_entropy, grad_lse)
+
+
+# The forward with the metrics of its tiles (fused.linear_logprobs_stats_fwd): a loss that cannot take the fused
+# head+loss path (it couples the batch) still gets its top-1 and WPO statistics without a head pass of their own.
+_linear_token_logprobs_stats_op = dispatch.define_op(
+    "linear_token_logprobs_stats", op="linear_logprobs", compiled=compiled.linear_token_logprobs_stats_fwd,
+    triton=f"{_TRITON}:linear_token_logprobs_stats_fwd", fake=_fake_linear_token_logprobs_stats,
+    backward=_linear_stats_backward, setup_context=_linear_stats_setup,
+)
+
+
+def _autocast_head(hidden, weight, bias):
+    """hidden, weight and bias cast to the autocast dtype when autocast is on for their device, as autocast casts an
+    ``nn.Linear``'s inputs (float64 excepted), so the head's matmuls run in bf16 there and the backward recomputes the
+    same bf16 tiles whatever the autocast state of the ``backward()`` call. The custom ops themselves run with autocast
+    off (``dispatch.define_op``); the casts' backward returns each gradient in its input's dtype."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(dtype)
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def checked_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, *,
+                 temperature: float, ignore_index: int):
+    """``(hidden, weight, bias)`` cast for autocast (:func:`_autocast_head`) and checked as an LM head's inputs with
+    their labels; every op from hidden states (this module's, the fused head+loss ops) starts with it."""
+    hidden, weight, bias = _autocast_head(hidden, weight, bias)
     checks.check_float("hidden", hidden)
     checks.check_float("weight", weight, min_dim=2)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -207,16 +257,50 @@ def linear_token_logprobs(
     checks.check_labels(labels, hidden.shape[:-1], hidden.device, against="hidden.shape")
     checks.check_temperature(temperature)
     checks.check_label_range(labels, weight.shape[0], ignore_index)
+    return hidden, weight, bias
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    with_entropy: bool = False,
+    with_stats: bool = False,
+) -> torch.Tensor | TokenLogprobs:
+    """Per-token log-probs (and entropy) of ``hidden @ weight.T + bias`` without ever holding ``[N, V]`` logits.
+
+    hidden: ``[..., H]``; weight: ``[V, H]`` (the LM head); bias: ``[V]`` or None; labels: ``[...]`` int64
+    (already shifted; ``ignore_index`` marks prompt and padding positions, which cost no compute).
+    Returns fp32 logprobs ``[...]``, or ``TokenLogprobs(logprobs, entropy)`` when ``with_entropy``, or with
+    ``with_stats`` :class:`TokenLogprobsWithStats` (the top-1 flags and ``log sum p^2`` of the same logits tiles;
+    entropy zeros unless ``with_entropy``).
+    Gradients flow to hidden, weight and bias in their own dtypes. Inside an autocast region the head computes in the
+    autocast dtype, as ``nn.Linear`` would (fp32 accumulation across chunks; outputs stay fp32).
+    """
+    hidden, weight, bias = checked_head(hidden, weight, bias, labels, temperature=temperature,
+                                        ignore_index=ignore_index)
     backend = dispatch.traced_backend("linear_logprobs", hidden.device)
+    stats = (None, None)
     if backend == "reference":
         logprobs, entropy = linear_token_logprobs_reference(
             hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
             with_entropy=with_entropy,
         )
+        if with_stats:
+            stats = linear_token_statistics_reference(hidden, weight, labels, bias=bias, temperature=temperature,
+                                                      ignore_index=ignore_index)
     else:
-        logprobs_N, entropy_N, _ = _linear_token_logprobs_op(
-            hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1).long(), 1.0 / temperature,
-            ignore_index, with_entropy, backend,
-        )
-        logprobs, entropy = logprobs_N.view(labels.shape), entropy_N.view(labels.shape)
+        op = _linear_token_logprobs_stats_op if with_stats else _linear_token_logprobs_op
+        outs = op(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1).long(), 1.0 / temperature,
+                  ignore_index, with_entropy, backend)
+        logprobs, entropy = outs[0].view(labels.shape), outs[1].view(labels.shape)
+        if with_stats:
+            stats = (outs[3].view(labels.shape), outs[4].view(labels.shape))
+    if with_stats:
+        return TokenLogprobsWithStats(logprobs, entropy if with_entropy else torch.zeros_like(logprobs.detach()),
+                                      *stats)
     return TokenLogprobs(logprobs, entropy) if with_entropy else logprobs

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fusedrl.ops.compiler import compile_kernel
-from fusedrl.ops.logprobs import chunked
+from fusedrl.ops.logprobs import chunked, fused
 
 
 # One plain function per flag combination: torch.compile keeps one cache (and one recompile budget of 8) per
@@ -129,6 +129,25 @@ def rows_bwd(
     return variant(*map(_plain, tensors), inv_temperature, ignore_index)
 
 
+def _stats(logits_CV, labels_C, lse_C, inv_temperature):
+    scaled_CV = logits_CV.float() * inv_temperature
+    # argmax returns the first maximal index, as TRL's top-1 accuracy (and the softmax of a tie) would pick.
+    is_top1_C = scaled_CV.argmax(-1) == labels_C
+    # log sum_v p_v^2 = logsumexp(2 s) - 2 lse; shifting by the row max keeps exp(2 s) finite at |s| = 1e4.
+    max_C = scaled_CV.amax(-1)
+    max_C = torch.where(torch.isfinite(max_C), max_C, torch.zeros_like(max_C))
+    sum_sq_C = (2.0 * (scaled_CV - max_C.unsqueeze(-1))).exp().sum(-1)
+    return is_top1_C, 2.0 * max_C + sum_sq_C.log() - 2.0 * lse_C
+
+
+def rows_stats(
+    logits_CV: torch.Tensor, labels_C: torch.Tensor, lse_C: torch.Tensor, inv_temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The metrics of a tile that need the whole row: bool ``is_top1_C`` (argmax == label) and fp32
+    ``log_sum_sq_probs_C = log sum_v p_v^2`` (WPO's statistic), given the tile's ``lse_C`` from :func:`rows_fwd`."""
+    return compile_kernel(_stats)(_plain(logits_CV), _plain(labels_C), _plain(lse_C), inv_temperature)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entry points of the custom ops (their annotated signatures are the ops' schemas, see dispatch.define_op)
 
@@ -168,3 +187,14 @@ def linear_token_logprobs_bwd(
     return chunked.linear_logprobs_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy,
                                        inv_temperature=inv_temperature, ignore_index=ignore_index,
                                        needs_input_grad=needs_input_grad, rows_bwd=rows_bwd)
+
+
+def linear_token_logprobs_stats_fwd(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    inv_temperature: float, ignore_index: int, with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`linear_token_logprobs_fwd` and, from the same tiles, bool ``is_top1_N`` and fp32
+    ``log_sum_sq_probs_N`` (``fused.linear_logprobs_stats_fwd``); same backward."""
+    return fused.linear_logprobs_stats_fwd(hidden, weight, bias, labels, inv_temperature=inv_temperature,
+                                           ignore_index=ignore_index, with_entropy=with_entropy,
+                                           rows=fused.RowFunctions(rows_fwd, rows_bwd, rows_stats))

@@ -57,3 +57,28 @@ def linear_token_logprobs_reference(
     return token_logprobs_reference(
         logits, labels, temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy
     )
+
+
+@torch.no_grad()
+def token_statistics_reference(
+    logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The metrics of the logits rows, detached: bool ``is_top1`` (the label is the first maximal logit, as
+    ``torch.argmax``) and fp32 ``log sum_v p_v^2`` (WPO's statistic), shaped like ``labels``, False / 0 where the label
+    is ``ignore_index``."""
+    scaled = logits.float() / temperature
+    valid = labels != ignore_index
+    is_top1 = (scaled.argmax(-1) == labels) & valid
+    log_sum_sq = torch.logsumexp(2.0 * scaled, -1) - 2.0 * torch.logsumexp(scaled, -1)
+    return is_top1, torch.where(valid, log_sum_sq, torch.zeros_like(log_sum_sq))
+
+
+def linear_token_statistics_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: torch.Tensor | None = None,
+    temperature: float = 1.0, ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_statistics_reference` of ``hidden @ weight.T (+ bias)`` in fp32."""
+    logits = hidden.detach().float() @ weight.detach().float().T
+    if bias is not None:
+        logits = logits + bias.detach().float()
+    return token_statistics_reference(logits, labels, temperature=temperature, ignore_index=ignore_index)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedrl.ops.logprobs import chunked
+from fusedrl.ops.logprobs import chunked, fused
 
 
 @triton.jit
@@ -121,6 +121,44 @@ def _logprobs_bwd_kernel(
     tl.store(grad_logits_ptr + row * num_vocab + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _logprobs_stats_kernel(
+    logits_ptr,  # [C, V] fp32/bf16/fp16; rows ``stride_row`` elements apart, columns contiguous
+    labels_ptr,  # [C] int64
+    lse_ptr,  # [C] fp32 from the forward
+    is_top1_ptr,  # [C] int8 out: 1 where the first maximal logit is the label's
+    log_sum_sq_ptr,  # [C] fp32 out: log sum_j p_j^2 = logsumexp(2 s) - 2 lse
+    stride_row,  # elements between two rows of logits
+    num_vocab,  # V
+    inv_temperature,  # 1 / T, fp32
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    cols = tl.arange(0, BLOCK_V)
+    best = float("-inf")
+    best_index = 0
+    running_max = float("-inf")
+    sum_sq = 0.0
+    for start in range(0, num_vocab, BLOCK_V):
+        mask = start + cols < num_vocab
+        scaled = tl.load(row_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+        block_best, block_index = tl.max(scaled, 0, return_indices=True, return_indices_tie_break_left=True)
+        # Strictly greater: on a tie across blocks the earlier block keeps it, so this is torch.argmax's first index.
+        best_index = tl.where(block_best > best, start + block_index, best_index)
+        best = tl.maximum(best, block_best)
+        # The forward kernel's online rescaling, for sum_j e^(2 (s_j - m)).
+        new_max = tl.maximum(running_max, block_best)
+        new_shift = tl.where(tl.abs(new_max) < float("inf"), new_max, 0.0)
+        old_shift = tl.where(tl.abs(running_max) < float("inf"), running_max, new_shift)
+        sum_sq = sum_sq * tl.exp(2.0 * (old_shift - new_shift)) + tl.sum(tl.exp(2.0 * (scaled - new_shift)), 0)
+        running_max = new_max
+    shift = tl.where(tl.abs(running_max) < float("inf"), running_max, 0.0)
+    label = tl.load(labels_ptr + row)
+    tl.store(is_top1_ptr + row, tl.where(best_index == label, 1, 0).to(tl.int8))
+    tl.store(log_sum_sq_ptr + row, 2.0 * shift + tl.log(sum_sq) - 2.0 * tl.load(lse_ptr + row))
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     block_v: int
@@ -200,6 +238,23 @@ def _launch_bwd(
     return grad_CV
 
 
+def _launch_stats(
+    logits_CV: torch.Tensor, labels_C: torch.Tensor, lse_C: torch.Tensor, inv_temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits_CV = _columns_contiguous(logits_CV)
+    num_rows, num_vocab = logits_CV.shape
+    is_top1_C = torch.zeros(num_rows, dtype=torch.int8, device=logits_CV.device)
+    log_sum_sq_C = torch.empty(num_rows, dtype=torch.float32, device=logits_CV.device)
+    if num_rows == 0:
+        return is_top1_C.bool(), log_sum_sq_C
+    config = launch_config(num_vocab)
+    _logprobs_stats_kernel[(num_rows,)](
+        logits_CV, labels_C.contiguous(), lse_C.float().contiguous(), is_top1_C, log_sum_sq_C,
+        logits_CV.stride(0), num_vocab, float(inv_temperature), BLOCK_V=config.block_v, num_warps=config.num_warps,
+    )
+    return is_top1_C.bool(), log_sum_sq_C
+
+
 def rows_fwd(
     logits_CV: torch.Tensor,
     labels_C: torch.Tensor,
@@ -226,6 +281,14 @@ def rows_bwd(
     :func:`rows_fwd` and the upstream fp32 gradients (None means zero); ignored rows get zero gradient."""
     return _launch_bwd(logits_CV, labels_C, lse_C, entropy_C, grad_logprobs_C, grad_entropy_C, inv_temperature,
                        ignore_index)
+
+
+def rows_stats(
+    logits_CV: torch.Tensor, labels_C: torch.Tensor, lse_C: torch.Tensor, inv_temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool ``is_top1_C`` (first argmax == label) and fp32 ``log_sum_sq_probs_C`` of a tile, one pass over each row;
+    ``lse_C`` is :func:`rows_fwd`'s. Same results as ``compiled.rows_stats``."""
+    return _launch_stats(logits_CV, labels_C, lse_C, inv_temperature)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,3 +331,14 @@ def linear_token_logprobs_bwd(
     return chunked.linear_logprobs_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy,
                                        inv_temperature=inv_temperature, ignore_index=ignore_index,
                                        needs_input_grad=needs_input_grad, rows_bwd=rows_bwd)
+
+
+def linear_token_logprobs_stats_fwd(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    inv_temperature: float, ignore_index: int, with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`linear_token_logprobs_fwd` and, from the same tiles, bool ``is_top1_N`` and fp32
+    ``log_sum_sq_probs_N`` (``fused.linear_logprobs_stats_fwd``); same backward."""
+    return fused.linear_logprobs_stats_fwd(hidden, weight, bias, labels, inv_temperature=inv_temperature,
+                                           ignore_index=ignore_index, with_entropy=with_entropy,
+                                           rows=fused.RowFunctions(rows_fwd, rows_bwd, rows_stats))

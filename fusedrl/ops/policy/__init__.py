@@ -26,14 +26,17 @@ Benchmarks: ``benchmarks/ops/policy.py``.
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import torch
 
 from fusedrl.ops import dispatch
-from fusedrl.ops.logprobs import linear_token_logprobs
-from fusedrl.ops.policy import compiled, reference
+from fusedrl.ops.logprobs import checked_head, linear_token_logprobs
+from fusedrl.ops.policy import compiled, fused_head, reference
 from fusedrl.ops.policy.checks import check_policy_request, check_ratio_kl_request, check_value_request
+from fusedrl.ops.policy.fused_head import row_metrics as _row_metrics
+from fusedrl.ops.policy.fused_head import row_scale as _row_scale
 
 dispatch.register_op("policy_loss", "GRPO/PPO clipped policy loss (+ KL) on per-token log-probs")
 
@@ -112,20 +115,6 @@ _policy_rows_op = dispatch.define_op(
 # per-token log-probs -> loss
 
 
-def _row_scale(mask_BT: torch.Tensor, loss_type: str, max_completion_length, num_items_in_batch) -> torch.Tensor:
-    """The aggregation as a per-row token weight (``compiled.py`` docstring): the custom op's ``row_scale``."""
-    num_rows = mask_BT.shape[0]
-    counts_B = mask_BT.sum(-1)
-    if loss_type == "grpo":
-        return 1.0 / (num_rows * counts_B.clamp(min=1.0))
-    if loss_type == "dr_grpo":
-        return torch.full_like(counts_B, 1.0 / (num_rows * max_completion_length))
-    if loss_type == "dapo" and num_items_in_batch is not None:
-        normaliser = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask_BT.device)
-        return (1.0 / normaliser).expand(num_rows).contiguous()
-    return (1.0 / counts_B.sum().clamp(min=1.0)).expand(num_rows).contiguous()  # bnpo; dapo on this call's tokens
-
-
 def policy_loss(
     logps_BT: torch.Tensor,
     old_logps_BT: torch.Tensor | None,
@@ -189,21 +178,15 @@ def policy_loss(
         None if ref is None else ref.contiguous(), float(beta), float(epsilon_low), float(epsilon_high),
         float("inf") if delta is None else float(delta), sequence, kl_estimator, backend,
     )
-    with torch.no_grad():
-        counts_B = mask.sum(-1)
-        total = counts_B.sum().clamp(min=1.0)
-        if sequence and advantages.dim() == 1:  # one clip flag per sequence (count / length): share of sequences
-            low, high = ((x / counts_B.clamp(min=1.0)).mean() for x in (low_B, high_B))
-        else:
-            low, high = low_B.sum() / total, high_B.sum() / total
-        kl = None if ref is None else kl_B.sum() / total
-        entropy = None if entropy_BT is None else (entropy_BT.detach().float() * mask).sum() / total
-    # low and high are exclusive (they need A < 0 and A > 0), so the region share is their sum.
-    return PolicyLoss(loss_B.sum(), kl, low, high, low + high, entropy)
+    return PolicyLoss(loss_B.sum(), *_row_metrics(mask, kl_B, low_B, high_B, sequence and advantages.dim() == 1,
+                                                  ref is not None, entropy_BT))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # hidden states + LM head -> loss
+
+_POLICY_DEFAULTS = {name: p.default for name, p in inspect.signature(policy_loss).parameters.items()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def linear_policy_loss(
@@ -217,6 +200,9 @@ def linear_policy_loss(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     compute_entropy: bool = True,
+    sum_log_probs: bool = False,
+    ratio_weighted: bool = False,
+    fused: bool = False,
     **loss_options,
 ) -> LinearPolicyLoss:
     """:func:`policy_loss` straight from the completion positions' last hidden states, never holding
@@ -226,20 +212,65 @@ def linear_policy_loss(
     bias: ``[V]`` or None; completion_ids_BT: ``[B, T]`` int64; mask_BT: ``[B, T]``; masked positions get label -100
     and cost no head compute. ``temperature`` divides the logits, as TRL's sampling temperature does.
     ``compute_entropy=False`` skips the entropy (then the ``entropy`` metric is None; top-entropy masking needs it).
+    ``sum_log_probs``: the loss sees one log-prob per row, the sum over its masked tokens (RLOO's sequence ratio);
+    ``old_logps_BT`` is then ``[B, 1]`` (summed likewise) and the loss's mask is ones ``[B, 1]``.
+    ``ratio_weighted``: the ``beta`` KL term is TRL's ratio-weighted one (:func:`ratio_weighted_kl`, GRPO's
+    ``use_bias_correction_kl``), and the ``kl`` metric its masked mean; needs ``ref_logps_BT``.
     Every other keyword is :func:`policy_loss`'s (``ref_logps_BT``, ``beta``, ``loss_type``, ...).
     Gradients flow to hidden, weight and bias.
+
+    ``fused=True``: the loss's gradient is formed in the forward (3 head passes instead of 4; ``fused_head.py``, and
+    ``fusedrl/ops/logprobs/fused.py`` for the memory it costs) and only ``loss`` is differentiable (``logps`` and
+    ``entropy`` come back detached). It runs when the ``linear_logprobs`` and ``policy_loss`` backends are
+    ``compiled`` / ``triton`` and ``top_entropy_quantile`` is 1 (the top-entropy mask is a quantile over the whole
+    batch); otherwise this computes the unfused path, whose ``loss`` and ``logps`` are differentiable.
     """
     if not isinstance(mask_BT, torch.Tensor) or mask_BT.shape != completion_ids_BT.shape:
         got = tuple(mask_BT.shape) if isinstance(mask_BT, torch.Tensor) else type(mask_BT).__name__
         raise ValueError(f"mask_BT must be a tensor shaped like completion_ids_BT "
                          f"{tuple(getattr(completion_ids_BT, 'shape', ()))}, got {got}")
     with_entropy = compute_entropy or loss_options.get("top_entropy_quantile", 1.0) < 1.0
+    ratio_weighted = ratio_weighted and loss_options.get("beta", 0.0) != 0.0
+    if ratio_weighted and (sum_log_probs or loss_options.get("ref_logps_BT") is None):
+        raise ValueError("ratio_weighted=True weights a per-token KL term: it needs ref_logps_BT and per-token "
+                         "log-probs (sum_log_probs=False)")
     labels_BT = completion_ids_BT.masked_fill(~mask_BT.bool(), -100)
+    if fused and loss_options.get("top_entropy_quantile", 1.0) >= 1.0:
+        head_backend = dispatch.traced_backend("linear_logprobs", hidden_BTH.device)
+        loss_backend = dispatch.traced_backend("policy_loss", hidden_BTH.device)
+        if "reference" not in (head_backend, loss_backend):
+            hidden_BTH, weight_VH, bias = checked_head(hidden_BTH, weight_VH, bias, labels_BT,
+                                                       temperature=temperature, ignore_index=-100)
+            # policy_loss's checks (and error messages) on a placeholder of the log-probs the head would give.
+            placeholder = hidden_BTH.new_zeros(labels_BT.shape[0], 1 if sum_log_probs else labels_BT.shape[1],
+                                               dtype=torch.float32)
+            check_policy_request(placeholder, old_logps_BT, advantages,
+                                 torch.ones_like(placeholder) if sum_log_probs else mask_BT,
+                                 **{**_POLICY_DEFAULTS, **loss_options, "entropy_BT": None})
+            return LinearPolicyLoss(*fused_head.fused_policy_loss(
+                hidden_BTH, weight_VH, bias, labels_BT, mask_BT, old_logps_BT, advantages, temperature=temperature,
+                with_entropy=with_entropy, sum_tokens=sum_log_probs, ratio_kl=ratio_weighted,
+                head_backend=head_backend, loss_backend=loss_backend, options={**_POLICY_DEFAULTS, **loss_options}))
     out = linear_token_logprobs(hidden_BTH, weight_VH, labels_BT, bias=bias, temperature=temperature,
                                 with_entropy=with_entropy)
     # The entropy only selects tokens and feeds a metric: no gradient flows through it.
     logps_BT, entropy_BT = (out.logprobs, out.entropy.detach()) if with_entropy else (out, None)
-    out = policy_loss(logps_BT, old_logps_BT, advantages, mask_BT, entropy_BT=entropy_BT, **loss_options)
+    if sum_log_probs:
+        logps_B1 = (logps_BT * mask_BT).sum(-1, keepdim=True)
+        out = policy_loss(logps_B1, old_logps_BT, advantages, torch.ones_like(logps_B1), **loss_options)
+        if entropy_BT is not None:  # the token mean over the mask, as policy_loss's entropy metric
+            mask = mask_BT.float()
+            out = out._replace(entropy=(entropy_BT.float() * mask).sum() / mask.sum().clamp(min=1.0))
+    elif ratio_weighted:
+        beta = loss_options.get("beta", 0.0)
+        out = policy_loss(logps_BT, old_logps_BT, advantages, mask_BT, entropy_BT=entropy_BT,
+                          **{**loss_options, "beta": 0.0})
+        kl = ratio_weighted_kl(logps_BT, old_logps_BT, loss_options["ref_logps_BT"], mask_BT, **{
+            key: loss_options[key] for key in ("importance_sampling_level", "kl_estimator", "loss_type",
+                                               "max_completion_length", "num_items_in_batch") if key in loss_options})
+        out = out._replace(loss=out.loss + beta * kl.loss, kl=kl.kl)  # TRL logs the ratio-weighted KL as `kl`
+    else:
+        out = policy_loss(logps_BT, old_logps_BT, advantages, mask_BT, entropy_BT=entropy_BT, **loss_options)
     entropy = torch.zeros_like(logps_BT.detach()) if entropy_BT is None else entropy_BT
     return LinearPolicyLoss(out.loss, logps_BT, entropy, out.kl, out.clip_ratio_low, out.clip_ratio_high,
                             out.clip_ratio_region, out.entropy)

@@ -161,5 +161,8 @@ def policy_rows(
         # d = 0: a zero KL term. A copy, not logps itself: Dynamo guards on argument aliasing (a second graph).
         ref = logps.clone() if ref is None else ref
         params = scalar_params(beta, epsilon_low, epsilon_high, delta, logps.device)
+        # Its length 4 stays static: else dynamic shapes give a batch of B = 4 rows the same symbolic size (duck
+        # sizing) and unbind() specialises it, so every other B recompiled.
+        torch._dynamo.mark_static(params, 0)
         fn = compile_kernel(sequence_level_rows if sequence else token_level_rows)
         return fn(logps, old, adv, mask, row_scale, keep, ref, params, kl_estimator)

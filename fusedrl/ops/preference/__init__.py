@@ -6,8 +6,9 @@ Legend: B pairs, N unpaired examples, T next-token positions, H hidden, V vocabu
 
 Public functions (the trainers reach the losses only through these, so ``kernels="preference=..."`` decides what a
 trainer runs): :func:`preference_loss` (DPO, CPO/SimPO/AlphaPO), :func:`orpo_loss`, :func:`kto_loss` and
-:func:`kto_kl` (``losses.py``), :func:`linear_preference_loss` (``linear.py``); the sequence helpers of
-``sequence.py``; the loss-type names and checks the trainer configs use (``registry.py``, ``reference/``).
+:func:`kto_kl` (``losses.py``), :func:`linear_preference_loss` and :func:`linear_orpo_loss` (``linear.py``, each
+with a fused head+loss mode: ``fused_head.py``), :func:`linear_kto_loss` (``linear_kto.py``, likewise); the sequence
+helpers of ``sequence.py``; the loss-type names and checks the trainer configs use (``registry.py``, ``reference/``).
 
 Backends of the ``preference`` op, for every request that is separable per pair or per example (DPO ``sigmoid hinge
 ipo exo_pair robust discopop nca_pair bco_pair sppo_hard apo_zero apo_down sigmoid_norm``, any f-divergence they
@@ -26,7 +27,13 @@ Benchmarks: ``benchmarks/ops/preference.py``.
 """
 
 from fusedrl.ops import dispatch
-from fusedrl.ops.preference.linear import LinearPreferenceLoss, linear_preference_loss
+from fusedrl.ops.preference.linear import (
+    LinearORPOLoss,
+    LinearPreferenceLoss,
+    linear_orpo_loss,
+    linear_preference_loss,
+)
+from fusedrl.ops.preference.linear_kto import LinearKTOLoss, linear_kto_loss
 from fusedrl.ops.preference.losses import (
     KTOLoss,
     ORPOLoss,
@@ -63,6 +70,8 @@ __all__ = [
     "F_DIVERGENCE_LOSS_TYPES",
     "KTO_LOSS_TYPES",
     "KTOLoss",
+    "LinearKTOLoss",
+    "LinearORPOLoss",
     "LinearPreferenceLoss",
     "ORPOLoss",
     "PreferenceLoss",
@@ -71,6 +80,8 @@ __all__ = [
     "kto_kl",
     "kto_loss",
     "ld_sequence_logps",
+    "linear_kto_loss",
+    "linear_orpo_loss",
     "linear_preference_loss",
     "log_sum_sq_probs",
     "needed_inputs",

@@ -21,7 +21,7 @@ from fusedrl.ops.preference.reference import (
 )
 
 FAMILIES = ("dpo", "cpo")
-_COMPUTED_BY_LINEAR = ("chosen_lengths", "rejected_lengths", "chosen_nll")
+_COMPUTED_BY_LINEAR = ("chosen_nll",)
 
 
 def _check_pair_tensor(name: str, tensor: torch.Tensor | None, like: torch.Tensor) -> None:

@@ -91,27 +91,60 @@ def _coupled_reason(loss_types: list[str]) -> str:
             "per-pair Triton kernel cannot fuse")
 
 
-def _pair_call(formula, loss_types, family, backend, chosen, rejected, ref_chosen, ref_rejected, *, beta,
-               label_smoothing, loss_weights, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
-               chosen_lengths, rejected_lengths, pair_weights, simpo_gamma, alpha):
-    (loss_type,) = loss_types
+class PairRequest(NamedTuple):
+    """One per-pair loss type as the arguments of the ``fusedrl::pair_preference_losses`` custom op
+    (``compiled.pair_preference_losses`` after its tensors); ``length_scaled``: the scores are divided by the
+    completion lengths (DPO ``ipo`` / ``sigmoid_norm``)."""
+
+    formula: str
+    score: str
+    beta: float
+    label_smoothing: float
+    discopop_tau: float
+    margin: float
+    score_alpha: float
+    loss_weight: float
+    length_scaled: bool
+
+
+def pair_request(loss_type: str, family: str, *, beta: float, label_smoothing: float, loss_weight: float,
+                 f_divergence_type: str, f_alpha_divergence_coef: float, discopop_tau: float, simpo_gamma: float,
+                 alpha: float) -> PairRequest | None:
+    """The per-pair custom op's arguments for ``loss_type`` of ``family`` ("dpo" / "cpo"), or None when that type
+    is not separable per pair (``aot``, ``sft``, registered losses)."""
+    formula = _PAIR_FORMULAS[family].get(loss_type)
+    if formula is None:
+        return None
     if family == "cpo":
         score, score_alpha = ("alphapo", alpha) if alpha != 0.0 else ("reverse_kl", 0.0)
     elif f_divergence_type == "alpha_divergence" and abs(f_alpha_divergence_coef - 1.0) < 1e-6:
         score, score_alpha = "reverse_kl", 0.0  # the a -> 1 limit, as reference.dpo.f_divergence_scores
     else:
         score, score_alpha = f_divergence_type, f_alpha_divergence_coef
-    scaled = family == "dpo" and loss_type in _LENGTH_LOSS_TYPES
+    return PairRequest(
+        formula, score, float(beta),
+        # TRL's DPO "sigmoid" / "sigmoid_norm" take no label smoothing (its cDPO is "robust").
+        0.0 if family == "dpo" and formula == "logistic" else float(label_smoothing),
+        float(discopop_tau), float(simpo_gamma) if loss_type == "simpo" else 0.0, float(score_alpha),
+        float(loss_weight), family == "dpo" and loss_type in _LENGTH_LOSS_TYPES,
+    )
+
+
+def _pair_call(loss_types, family, backend, chosen, rejected, ref_chosen, ref_rejected, *, beta,
+               label_smoothing, loss_weights, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
+               chosen_lengths, rejected_lengths, pair_weights, simpo_gamma, alpha):
+    (loss_type,) = loss_types
+    request = pair_request(loss_type, family, beta=beta, label_smoothing=label_smoothing,
+                           loss_weight=1.0 if loss_weights is None else loss_weights[0],
+                           f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+                           discopop_tau=discopop_tau, simpo_gamma=simpo_gamma, alpha=alpha)
+    scaled = request.length_scaled
     return fused.pair_losses_op(
         chosen.float(), rejected.float(), _float(ref_chosen), _float(ref_rejected),
         1.0 / chosen_lengths.float().clamp(min=1.0) if scaled else None,
         1.0 / rejected_lengths.float().clamp(min=1.0) if scaled else None,
         None if pair_weights is None else pair_weights.detach().float(),
-        formula, score, float(beta),
-        # TRL's DPO "sigmoid" / "sigmoid_norm" take no label smoothing (its cDPO is "robust").
-        0.0 if family == "dpo" and formula == "logistic" else float(label_smoothing),
-        float(discopop_tau), float(simpo_gamma) if loss_type == "simpo" else 0.0, float(score_alpha),
-        1.0 if loss_weights is None else float(loss_weights[0]), backend,
+        *request[:-1], backend,
     )[:3]
 
 
@@ -163,7 +196,7 @@ def preference_loss(
                                       triton_unsupported=None if formula else _coupled_reason(loss_types))
     if formula is not None and backend != "reference":
         losses, chosen_rewards, rejected_rewards = _pair_call(
-            formula, loss_types, family, backend, chosen_logps, rejected_logps, ref_chosen_logps,
+            loss_types, family, backend, chosen_logps, rejected_logps, ref_chosen_logps,
             ref_rejected_logps, beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
             f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
             discopop_tau=discopop_tau, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,

@@ -58,6 +58,21 @@ def ld_sequence_logps(token_logps_NT: torch.Tensor, mask_NT: torch.Tensor, *, ld
     return (logps_NT * shared_NT).sum(-1) + ld_alpha * (logps_NT * tail_NT).sum(-1)
 
 
+def sequence_weights(mask_NT: torch.Tensor, *, average: bool = False, ld_alpha: float | None = None) -> torch.Tensor:
+    """fp32 ``[N, T]`` coefficients ``a`` with ``sequence log-prob = sum_t a_t logp_t``: the mask (sums), the mask
+    over its count (``average``; an all-masked row gives NaN, as :func:`sequence_logps`), or LD-DPO's 1 on the first
+    ``min(len_chosen, len_rejected)`` completion tokens and ``ld_alpha`` after them (:func:`ld_sequence_logps`;
+    ``[chosen; rejected]`` rows). The fused head multiplies each token's gradient by its coefficient."""
+    mask = mask_NT.float()
+    if ld_alpha is not None:
+        position_NT = mask.cumsum(-1)
+        length_chosen_B, length_rejected_B = mask.sum(-1).chunk(2)
+        shared_B = torch.minimum(length_chosen_B, length_rejected_B)
+        shared_N1 = torch.cat([shared_B, shared_B]).unsqueeze(-1)
+        return torch.where(position_NT <= shared_N1, 1.0, ld_alpha) * mask
+    return mask / mask.sum(-1, keepdim=True) if average else mask
+
+
 def log_sum_sq_probs(logits_NTV: torch.Tensor) -> torch.Tensor:
     """``log(sum_v p_v^2)`` per position ``[N, T]`` from logits ``[N, T, V]`` (``p = softmax``), detached.
 

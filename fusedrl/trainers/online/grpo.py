@@ -34,7 +34,7 @@ from accelerate.utils import gather, gather_object, is_peft_model, set_seed
 
 from fusedrl.ops.advantages import group_advantages
 from fusedrl.ops.logprobs import linear_token_logprobs
-from fusedrl.ops.policy import linear_policy_loss, ratio_weighted_kl
+from fusedrl.ops.policy import linear_policy_loss
 from fusedrl.runtime.hidden import final_hidden_states
 from fusedrl.trainers.base import FusedTrainer
 from fusedrl.trainers.callbacks.sync_ref import SyncRefModelCallback
@@ -60,24 +60,18 @@ logger = logging.getLogger("fusedrl")
 def _grpo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_logps_BC, advantages_B, ref_logps_BC,
                  normaliser, args: GRPOConfig):
     """The loss region (compiled whole with ``compile=True``): completion hidden states -> fused head -> TRL's
-    GRPO loss (``linear_policy_loss``), plus TRL's ratio-weighted KL (``ratio_weighted_kl``) when
-    ``use_bias_correction_kl`` (then the fused loss gets beta 0 and the weighted term is added from its log-probs)."""
-    corrected_kl = args.beta != 0.0 and args.use_bias_correction_kl
-    out = linear_policy_loss(
+    GRPO loss (``linear_policy_loss(fused=True)``: loss, gradient, entropy and clip counts from one pass over each
+    logits tile, 3 head passes), with TRL's ratio-weighted KL when ``use_bias_correction_kl``. The top-entropy
+    mask (a quantile over the batch) takes the unfused path."""
+    return linear_policy_loss(
         hidden_BCH, weight_VH, completion_ids_BC, mask_BC, old_logps_BC, advantages_B, bias=bias_V,
-        temperature=args.temperature, ref_logps_BT=ref_logps_BC, beta=0.0 if corrected_kl else args.beta,
-        epsilon_low=args.epsilon, epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
-        delta=args.delta, importance_sampling_level=args.importance_sampling_level, loss_type=args.loss_type,
+        temperature=args.temperature, ref_logps_BT=ref_logps_BC, beta=args.beta,
+        ratio_weighted=args.use_bias_correction_kl, epsilon_low=args.epsilon,
+        epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high, delta=args.delta,
+        importance_sampling_level=args.importance_sampling_level, loss_type=args.loss_type,
         max_completion_length=args.max_completion_length, num_items_in_batch=normaliser,
-        top_entropy_quantile=args.top_entropy_quantile,
+        top_entropy_quantile=args.top_entropy_quantile, fused=True,
     )
-    if corrected_kl:
-        kl = ratio_weighted_kl(out.logps, old_logps_BC, ref_logps_BC, mask_BC,
-                               importance_sampling_level=args.importance_sampling_level, loss_type=args.loss_type,
-                               max_completion_length=args.max_completion_length, num_items_in_batch=normaliser)
-        # TRL logs the ratio-weighted KL as `kl` too.
-        out = out._replace(loss=out.loss + args.beta * kl.loss, kl=kl.kl)
-    return out
 
 
 class GRPOTrainer(FusedTrainer):

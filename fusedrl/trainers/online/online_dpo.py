@@ -13,11 +13,12 @@ One step, for a batch of B prompts:
    (``judge(prompts, completion_pairs) -> [0 | 1 | -1]``, ``fusedrl.trainers.online.judges``, or an object with TRL's
    ``.judge`` method) the judged index wins and a tie (-1) drops the pair from the loss;
 3. one policy forward over the 2B rows ``[chosen; rejected]`` (prompt + completion, left-truncated to ``max_length``),
-   log-probs from hidden states (``token_logprobs``, no ``[2B, T, V]`` logits), summed over each completion; the
-   same for the reference;
-4. the DPO loss of ``loss_type`` (``sigmoid`` or ``ipo``) through ``fusedrl.ops.preference.preference_loss`` (on
-   the ``preference`` backend of ``kernels``), DPO's own formulas: online DPO's ``ipo`` is on sums, so unit lengths
-   are passed (the DPO trainer's ``ipo`` averages per token); the mean over the ranked pairs.
+   log-probs from hidden states (no ``[2B, T, V]`` logits), summed over each completion; the same for the reference
+   (one no-grad head pass);
+4. the DPO loss of ``loss_type`` (``sigmoid`` or ``ipo``), DPO's own formulas: online DPO's ``ipo`` is on sums, so
+   unit lengths are passed (the DPO trainer's ``ipo`` averages per token); the mean over the ranked pairs. Steps 3
+   (policy) and 4 are one ``linear_preference_loss(fused=True)`` call, 3 head passes (the ``preference`` backend
+   of ``kernels`` for the loss).
 
 TRL-named metrics: objective/{kl,entropy,non_score_reward,rlhf_reward,scores,scores_margin}, rewards/{chosen,rejected,
 accuracies,margins}, logps/{chosen,rejected}, val/contain_eos_token, beta; fusedrl adds val/judge_ties (judge only).
@@ -31,7 +32,7 @@ import torch
 from datasets import IterableDataset
 from transformers import set_seed
 
-from fusedrl.ops.preference import preference_loss, sequence_logps
+from fusedrl.ops.preference import LinearPreferenceLoss, linear_preference_loss, sequence_logps
 from fusedrl.trainers.base import FusedTrainer
 from fusedrl.trainers.data.validation import check_prompt_dataset
 from fusedrl.trainers.head import IGNORE_INDEX
@@ -146,18 +147,20 @@ class OnlineDPOTrainer(FusedTrainer):
         model_inputs = {key: inputs[key] for key in _MODEL_KEYS}
         labels, ranked_B = inputs["labels"], inputs["ranked"]
         mask_NT = labels[:, 1:] != IGNORE_INDEX
-        policy = self.token_logprobs(model, model_inputs, labels, with_entropy=True)
+        head = self.head_inputs(model, model_inputs, labels)
         with self.reference_context() as reference:
             ref = self.token_logprobs(reference, model_inputs, labels)
-        chosen, rejected = sequence_logps(policy.logps, mask_NT).chunk(2)
         ref_chosen, ref_rejected = sequence_logps(ref.logps, mask_NT).chunk(2)
-        units = torch.ones_like(chosen)  # ipo on sums, as TRL's online DPO (DPO's ipo divides by the lengths)
-        out = preference_loss(chosen, rejected, ref_chosen, ref_rejected, loss_type=self.args.loss_type,
-                              beta=self.beta, chosen_lengths=units, rejected_lengths=units)
+        # The mean over the ranked pairs, (sum_i w_i l_i) / max(sum w, 1), as per-pair weights of the pair mean.
         weights_B = ranked_B.float()
-        loss = (out.losses * weights_B).sum() / weights_B.sum().clamp(min=1.0)
-        self._record_metrics(inputs, policy.logps.detach(), ref.logps, mask_NT, out, chosen, rejected)
-        return loss
+        pair_weights_B = weights_B * (weights_B.shape[0] / weights_B.sum().clamp(min=1.0))
+        with self.head_region(head.hidden_NTH.device):
+            out = self.loss_region(_online_dpo_region)(head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT,
+                                                       ref_chosen, ref_rejected, pair_weights_B,
+                                                       self.args.loss_type, self.beta)
+        self._record_metrics(inputs, out.token_logps.detach(), ref.logps, mask_NT, out, out.chosen_logps,
+                             out.rejected_logps)
+        return out.loss
 
     def _record_metrics(self, inputs, logps_NT, ref_logps_NT, mask_NT, out, chosen, rejected) -> None:
         mode, beta = self._mode(), self.beta
@@ -184,3 +187,15 @@ class OnlineDPOTrainer(FusedTrainer):
         self.record(mode, "val/contain_eos_token", self.gathered_mean(inputs["contain_eos"].float()))
         self.record(mode, "beta", beta)
         self.record_num_tokens(mode, inputs["attention_mask"])
+
+
+def _online_dpo_region(hidden_NTH, weight_VH, bias_V, labels_NT, ref_chosen_B, ref_rejected_B, pair_weights_B,
+                       loss_type: str, beta: float) -> LinearPreferenceLoss:
+    """The loss region (compiled whole with ``compile=True``): policy hidden states -> fused head -> summed
+    completion log-probs -> the DPO loss weighted over the ranked pairs (``linear_preference_loss(fused=True)``)."""
+    units = torch.ones_like(ref_chosen_B)  # ipo on sums, as TRL's online DPO (DPO's ipo divides by the lengths)
+    return linear_preference_loss(
+        hidden_NTH, weight_VH, labels_NT, bias=bias_V, ref_chosen_logps=ref_chosen_B, ref_rejected_logps=ref_rejected_B,
+        loss_type=loss_type, beta=beta, chosen_lengths=units, rejected_lengths=units, pair_weights=pair_weights_B,
+        fused=True,
+    )

@@ -95,10 +95,13 @@ def ppo_targets(scores_B, logps_BC, ref_logps_BC, values_BC, mask_BC, *, kl_coef
 def _ppo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_logps_BC, advantages_BC, values_BC,
                 old_values_BC, returns_BC, args: PPOConfig):
     """The loss region (compiled whole with ``compile=True``): completion hidden states -> fused head -> clipped
-    policy loss, plus the clipped value loss weighted by ``vf_coef``. Returns ``(loss, policy, vf_loss)``."""
+    policy loss (``linear_policy_loss(fused=True)``: loss, gradient, entropy and clip counts from one pass over each
+    logits tile, 3 head passes), plus the clipped value loss weighted by ``vf_coef``. Returns
+    ``(loss, policy, vf_loss)``."""
     policy = linear_policy_loss(
         hidden_BCH, weight_VH, completion_ids_BC, mask_BC, old_logps_BC, advantages_BC, bias=bias_V,
-        temperature=args.temperature, epsilon_low=args.cliprange, epsilon_high=args.cliprange, loss_type="bnpo")
+        temperature=args.temperature, epsilon_low=args.cliprange, epsilon_high=args.cliprange, loss_type="bnpo",
+        fused=True)
     vf_loss = value_loss(values_BC, old_values_BC, returns_BC, mask_BC, clip_range_value=args.cliprange_value)
     return policy.loss + args.vf_coef * vf_loss, policy, vf_loss
 

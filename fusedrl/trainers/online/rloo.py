@@ -23,9 +23,7 @@ import torch
 from accelerate.utils import gather
 
 from fusedrl.ops.advantages import rloo_advantages
-from fusedrl.ops.logprobs import linear_token_logprobs
-from fusedrl.ops.policy import kl_penalty, policy_loss
-from fusedrl.trainers.head import IGNORE_INDEX
+from fusedrl.ops.policy import kl_penalty, linear_policy_loss
 from fusedrl.trainers.online.grpo import GRPOTrainer
 from fusedrl.trainers.online.rloo_config import RLOOConfig
 from fusedrl.trainers.online.sampling import zero_std_groups
@@ -34,15 +32,15 @@ from fusedrl.trainers.online.sampling import zero_std_groups
 def _rloo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_logps_BC, advantages_B,
                  args: RLOOConfig):
     """The loss region (compiled whole with ``compile=True``): completion hidden states -> fused head -> the clipped
-    objective on summed log-probs, one "token" per sequence, averaged over sequences (``grpo`` aggregation)."""
-    labels_BC = completion_ids_BC.masked_fill(mask_BC == 0, IGNORE_INDEX)
-    token = linear_token_logprobs(hidden_BCH, weight_VH, labels_BC, bias=bias_V, temperature=args.temperature,
-                                  with_entropy=True)
-    logps_B1 = (token.logprobs * mask_BC).sum(-1, keepdim=True)
+    objective on summed log-probs, one "token" per sequence, averaged over sequences (``grpo`` aggregation), with the
+    entropy from the same tiles (``linear_policy_loss(sum_log_probs=True, fused=True)``: 3 head passes). Returns the
+    loss and the summed old log-probs."""
     old_B1 = (old_logps_BC * mask_BC).sum(-1, keepdim=True)
-    out = policy_loss(logps_B1, old_B1, advantages_B, torch.ones_like(logps_B1), epsilon_low=args.epsilon,
-                      epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high, loss_type="grpo")
-    return token, logps_B1, old_B1, out
+    out = linear_policy_loss(hidden_BCH, weight_VH, completion_ids_BC, mask_BC, old_B1, advantages_B, bias=bias_V,
+                             temperature=args.temperature, sum_log_probs=True, epsilon_low=args.epsilon,
+                             epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
+                             loss_type="grpo", fused=True)
+    return out, old_B1
 
 
 class RLOOTrainer(GRPOTrainer):
@@ -77,15 +75,16 @@ class RLOOTrainer(GRPOTrainer):
         hidden_BCH, aux_loss = self._completion_hidden(model, inputs, router_logits=self.aux_loss_enabled)
         weight_VH, bias_V = self._lm_head(model)
         with self.head_region(hidden_BCH.device):
-            token, logps_B1, old_B1, out = self.loss_region(_rloo_region)(
+            out, old_B1 = self.loss_region(_rloo_region)(
                 hidden_BCH.to(weight_VH.dtype), weight_VH, bias_V, inputs["completion_ids"], mask_BC,
                 inputs["old_per_token_logps"], inputs["advantages"], args)
         loss = out.loss
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss
             self.record(mode, "aux_loss", self.gathered_mean(aux_loss))
-        self._record_sequence_metrics(mode, token.entropy.detach(), mask_BC, logps_B1.detach(), old_B1,
-                                      inputs["advantages"], out)
+        logps_B1 = (out.logps.detach() * mask_BC).sum(-1, keepdim=True)
+        self._record_sequence_metrics(mode, out.entropy.detach(), mask_BC, logps_B1, old_B1, inputs["advantages"],
+                                      out)
         return loss
 
     @torch.no_grad()

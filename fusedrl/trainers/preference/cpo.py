@@ -3,10 +3,11 @@
 CPO (https://arxiv.org/abs/2401.08417) is DPO without the reference model: the preference term compares the policy's
 own chosen and rejected log-probs, and a behaviour-cloning NLL on the chosen completions (weight ``cpo_alpha``)
 keeps the policy near the preferred data. ``loss_type`` picks the preference term (``fusedrl.ops.preference.
-preference_loss`` with ``family="cpo"``, on the ``preference`` backend of ``kernels``): ``sigmoid`` and ``hinge`` on
-summed completion log-probs, ``ipo`` and ``simpo`` (SimPO, https://arxiv.org/abs/2405.14734, margin
-``simpo_gamma``) on length-averaged ones; ``alpha != 0`` swaps log p for the AlphaPO reward ``(1 - p^-alpha) /
-alpha`` in any of them, and ``loss_type="alphapo"`` is SimPO with that reward and no NLL.
+linear_preference_loss`` with ``family="cpo"``, fused with the LM head: 3 head passes; the ``preference`` backend of
+``kernels``): ``sigmoid`` and ``hinge`` on summed completion log-probs, ``ipo`` and ``simpo`` (SimPO,
+https://arxiv.org/abs/2405.14734, margin ``simpo_gamma``) on length-averaged ones; ``alpha != 0`` swaps log p for the
+AlphaPO reward ``(1 - p^-alpha) / alpha`` in any of them, and ``loss_type="alphapo"`` is SimPO with that reward and no
+NLL.
 
 The data path, batch layout and step skeleton are ORPO's (``fusedrl.trainers.preference.orpo.ReferenceFreeTrainer``: TRL's
 ORPO and CPO sources are copies apart from the loss), including the deliberate differences listed there. One step:
@@ -24,7 +25,7 @@ import logging
 
 import torch
 
-from fusedrl.ops.preference import CPO_LOSS_TYPES, preference_loss, sequence_logps, token_mean_nll
+from fusedrl.ops.preference import CPO_LOSS_TYPES, LinearPreferenceLoss, linear_preference_loss
 from fusedrl.trainers.preference.cpo_config import CPOConfig
 from fusedrl.trainers.preference.orpo import ReferenceFreeTrainer
 
@@ -53,18 +54,23 @@ class CPOTrainer(ReferenceFreeTrainer):
     def scored_rows(self, inputs):
         return inputs["completion_mask"]
 
-    def pair_loss(self, logps_NT, inputs):
+    def head_loss(self, head, inputs):
         args = self.args
-        mask_NT = inputs["completion_mask"][:, 1:]
-        num_pairs = logps_NT.shape[0] // 2
-        average = args.loss_type in _AVERAGED_LOSS_TYPES
-        chosen, rejected = sequence_logps(logps_NT, mask_NT, average=average).chunk(2)
-        nll = None if args.cpo_alpha == 0 else token_mean_nll(logps_NT[:num_pairs], mask_NT[:num_pairs])
-        out = preference_loss(chosen, rejected, family="cpo", loss_type=args.loss_type, beta=args.beta,
-                              label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma, alpha=args.alpha,
-                              cpo_alpha=args.cpo_alpha, chosen_nll=nll)
+        out = self.loss_region(_cpo_region)(head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT, args)
         # TRL logs nll_loss = 0 when cpo_alpha == 0 (it does not compute the NLL then).
-        nll_loss = torch.zeros((), device=chosen.device) if nll is None else nll.detach().float().reshape(())
+        nll_loss = torch.zeros_like(out.chosen_nll) if args.cpo_alpha == 0 else out.chosen_nll.detach()
         metrics = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
-                   "chosen_logps": chosen.detach(), "rejected_logps": rejected.detach(), "nll_loss": nll_loss}
+                   "chosen_logps": out.chosen_logps.detach(), "rejected_logps": out.rejected_logps.detach(),
+                   "nll_loss": nll_loss.float().reshape(())}
         return out.loss, metrics
+
+
+def _cpo_region(hidden_NTH, weight_VH, bias_V, labels_NT, args: CPOConfig) -> LinearPreferenceLoss:
+    """The loss region (compiled whole with ``compile=True``): completion hidden states -> fused head -> sums or
+    means per row and the chosen NLL -> the preference term plus ``cpo_alpha`` x NLL, 3 head passes
+    (``linear_preference_loss(family="cpo", fused=True)``)."""
+    return linear_preference_loss(
+        hidden_NTH, weight_VH, labels_NT, bias=bias_V, family="cpo", loss_type=args.loss_type, beta=args.beta,
+        label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma, alpha=args.alpha,
+        cpo_alpha=args.cpo_alpha, average_log_prob=args.loss_type in _AVERAGED_LOSS_TYPES, fused=True,
+    )

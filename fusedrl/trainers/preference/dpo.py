@@ -4,7 +4,8 @@
 tokenization, batch layout, data order, loss reduction and logged names, so with the same model, data, seed and
 config the logged losses match TRL's to fp32 precision (tests/trainers/test_dpo_trainer.py runs both). What differs is how the
 log-probs are made: TRL patches the model's forward with a chunked head; fusedrl asks the unpatched model for its
-final hidden states and projects them with ``linear_token_logprobs`` (selectable kernels, no ``[N, T, V]`` logits).
+final hidden states and projects them with ``linear_preference_loss`` (selectable kernels, no ``[N, T, V]`` logits;
+head, loss and metrics from one pass over each logits tile: 3 head passes for the policy, 1 for the reference).
 
 One step, for a batch of B pairs laid out as 2B rows ``[chosen; rejected]`` (``preference_data.PreferenceCollator``):
 
@@ -13,8 +14,10 @@ One step, for a batch of B pairs laid out as 2B rows ``[chosen; rejected]`` (``p
    ``ld_alpha``), split into chosen and rejected halves;
 3. the same for the reference: a precomputed column, or a no-grad forward of the reference (see ``base``);
 4. the loss of every ``loss_type`` on those ``[B]`` vectors, weighted by ``loss_weights``, averaged over pairs
-   (``fusedrl.ops.preference.preference_loss``, on the ``preference`` backend of ``kernels``), plus the MoE router
-   loss;
+   (the ``preference`` backend of ``kernels``), plus the MoE router loss; steps 1, 2 and 4 are one
+   ``linear_preference_loss(fused=True)`` call, which forms the gradient in its forward for every loss type
+   separable per pair (``aot``, ``aot_unpaired``, registered losses and ``sft`` with WPO weights take the unfused
+   path);
 5. TRL's metrics: rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected}, logits/{chosen,rejected},
    entropy, mean_token_accuracy, num_tokens (and aux_loss for MoE).
 """
@@ -22,7 +25,6 @@ One step, for a batch of B pairs laid out as 2B rows ``[chosen; rejected]`` (``p
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
 
 import torch
 from accelerate.utils import is_peft_model
@@ -30,18 +32,14 @@ from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
-from fusedrl.ops.logprobs import linear_token_logprobs
 from fusedrl.ops.preference import (
     F_DIVERGENCE_LOSS_TYPES,
-    PreferenceLoss,
+    LinearPreferenceLoss,
     check_registered_request,
     dpo_loss_types,
     ld_sequence_logps,
-    needed_inputs,
-    preference_loss,
+    linear_preference_loss,
     sequence_logps,
-    token_mean_nll,
-    wpo_pair_weights,
 )
 from fusedrl.trainers.base import FusedTrainer
 from fusedrl.trainers.head import IGNORE_INDEX, TokenOutputs
@@ -53,17 +51,6 @@ logger = logging.getLogger("fusedrl")
 
 _NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
 _REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-
-
-def _dpo_loss(args: DPOConfig, chosen, rejected, ref_chosen, ref_rejected, **terms) -> PreferenceLoss:
-    """The trainer's one call into the preference losses: the ``preference`` op on TRL's ``DPOConfig`` fields (any
-    ``loss_type``, MPO lists and names registered with ``fusedrl.register_preference_loss`` included)."""
-    return preference_loss(
-        chosen, rejected, ref_chosen, ref_rejected, loss_type=args.loss_type, beta=args.beta,
-        loss_weights=args.loss_weights, label_smoothing=args.label_smoothing,
-        f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
-        discopop_tau=args.discopop_tau, **terms,
-    )
 
 
 def _check_config(args: DPOConfig) -> None:
@@ -97,33 +84,22 @@ def _sequence_logps(logps_NT: torch.Tensor, mask_NT: torch.Tensor, ld_alpha: flo
     return ld_sequence_logps(logps_NT, mask_NT, ld_alpha=ld_alpha)
 
 
-class _DPORegion(NamedTuple):
-    loss: torch.Tensor
-    logps: torch.Tensor
-    entropy: torch.Tensor
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    out: PreferenceLoss
-
-
-def _dpo_region(hidden_NTH, weight_VH, bias_V, labels_NT, mask_NT, ref_chosen, ref_rejected, lengths_N,
-                log_sum_sq_probs_NT, args: DPOConfig) -> _DPORegion:
+def _dpo_region(hidden_NTH, weight_VH, bias_V, labels_NT, ref_chosen, ref_rejected, lengths_N,
+                args: DPOConfig) -> LinearPreferenceLoss:
     """The loss region (compiled whole with ``compile=True``): policy hidden states -> fused head -> sequence
-    log-probs -> the loss of every ``loss_type``, averaged over pairs. Steps 1, 2 and 4 of the module docstring.
-
-    lengths_N: unshifted completion lengths (ipo / sigmoid_norm average over them, as TRL counts);
-    log_sum_sq_probs_NT: detached head statistic for WPO weighting (``use_weighting``), else None.
-    """
-    result = linear_token_logprobs(hidden_NTH, weight_VH, labels_NT, bias=bias_V, with_entropy=True)
-    chosen, rejected = _sequence_logps(result.logprobs, mask_NT, args.ld_alpha).chunk(2)
-    num_pairs = chosen.shape[0]
-    terms = {"chosen_lengths": lengths_N[:num_pairs], "rejected_lengths": lengths_N[num_pairs:]}
-    if "sft" in args.loss_type or "chosen_nll" in needed_inputs(args.loss_type):
-        terms["chosen_nll"] = token_mean_nll(result.logprobs[:num_pairs], mask_NT[:num_pairs])
-    if log_sum_sq_probs_NT is not None:
-        terms["pair_weights"] = wpo_pair_weights(result.logprobs, log_sum_sq_probs_NT, mask_NT)
-    out = _dpo_loss(args, chosen, rejected, ref_chosen, ref_rejected, **terms)
-    return _DPORegion(out.loss, result.logprobs, result.entropy, chosen, rejected, out)
+    log-probs -> the loss of every ``loss_type``, averaged over pairs, with the per-token metrics from the same tiles
+    (``linear_preference_loss(fused=True)``: 3 head passes; a request coupling the batch takes the unfused path).
+    Steps 1, 2 and 4 of the module docstring. lengths_N: unshifted completion lengths (ipo / sigmoid_norm average
+    over them, as TRL counts)."""
+    num_pairs = labels_NT.shape[0] // 2
+    return linear_preference_loss(
+        hidden_NTH, weight_VH, labels_NT, bias=bias_V, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+        loss_type=args.loss_type, beta=args.beta, loss_weights=args.loss_weights,
+        label_smoothing=args.label_smoothing, f_divergence_type=args.f_divergence_type,
+        f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
+        chosen_lengths=lengths_N[:num_pairs], rejected_lengths=lengths_N[num_pairs:], ld_alpha=args.ld_alpha,
+        use_weighting=args.use_weighting, with_metrics=True, fused=True,
+    )
 
 
 class DPOTrainer(FusedTrainer):
@@ -238,31 +214,26 @@ class DPOTrainer(FusedTrainer):
         mask_NT = completion_mask[:, 1:].bool()
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, IGNORE_INDEX)
         model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        num_pairs = labels.shape[0] // 2
-        statistics_mask = mask_NT.clone()
-        if not self.args.use_weighting:  # mean_token_accuracy only looks at the chosen completions
-            statistics_mask[num_pairs:] = False
-        head = self.head_inputs(model, model_inputs, labels, statistics_mask=statistics_mask,
-                                router_logits=self.aux_loss_enabled)
+        head = self.head_inputs(model, model_inputs, labels, mean_logits=True, router_logits=self.aux_loss_enabled)
         if self.args.precompute_ref_log_probs:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
             ref_chosen, ref_rejected = self._reference_logps(model_inputs, labels, mask_NT)
         with self.head_region(head.hidden_NTH.device):
-            region = self.loss_region(_dpo_region)(
-                head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT, mask_NT, ref_chosen, ref_rejected,
-                completion_mask.sum(-1).float(), head.stats.get("log_sum_sq_probs") if self.args.use_weighting
-                else None, self.args,
+            out = self.loss_region(_dpo_region)(
+                head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT, ref_chosen, ref_rejected,
+                completion_mask.sum(-1).float(), self.args,
             )
-        policy = TokenOutputs(region.logps, region.entropy.detach(), aux_loss=head.aux_loss, **head.stats)
-        loss = region.loss
+        policy = TokenOutputs(out.token_logps, out.entropy, head.stats["mean_logits"], out.is_top1,
+                              aux_loss=head.aux_loss)
+        loss = out.loss
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * policy.aux_loss
             self.record(mode, "aux_loss", self.gathered_mean(policy.aux_loss))
-        self._record_metrics(mode, inputs, policy, mask_NT, region.out, region.chosen, region.rejected)
+        self._record_metrics(mode, inputs, policy, mask_NT, out, out.chosen_logps, out.rejected_logps)
         return loss
 
-    def _record_metrics(self, mode, inputs, policy, mask_NT, out: PreferenceLoss, chosen, rejected) -> None:
+    def _record_metrics(self, mode, inputs, policy, mask_NT, out: LinearPreferenceLoss, chosen, rejected) -> None:
         chosen_mask, rejected_mask = mask_NT.chunk(2)
         chosen_logits, rejected_logits = policy.mean_logits.chunk(2)
         self.record(mode, "entropy", self.masked_mean(policy.entropy, mask_NT))

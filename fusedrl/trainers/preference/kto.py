@@ -14,8 +14,9 @@ One step, for N examples (``preference_data.UnpairedCollator``; a paired dataset
 3. the same for the reference (a precomputed column, or no-grad forwards of the reference, see ``base``);
 4. ``z = max(0, mean(policy - reference log-probs of the mismatched pairs))`` (``fusedrl.ops.preference.kto_kl``,
    averaged over processes, detached), and the weighted per-example losses, averaged over the N examples
-   (``fusedrl.ops.preference.kto_loss``; both on the ``preference`` backend of ``kernels``), plus the MoE router
-   loss;
+   (``fusedrl.ops.preference.linear_kto_loss``; both on the ``preference`` backend of ``kernels``), plus the MoE
+   router loss; steps 2 and 4 are one fused head+loss call (3 head passes), since given ``z`` each example's loss
+   depends on its own row;
 5. TRL's metrics: kl, entropy, num_tokens, logits/{chosen,rejected}, rewards/{chosen,rejected,margins},
    logps/{chosen,rejected} (a label absent from the batch logs nothing for it, as in TRL), and aux_loss for MoE.
 
@@ -35,9 +36,9 @@ from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
-from fusedrl.ops.preference import KTO_LOSS_TYPES, kto_kl, kto_loss, sequence_logps
+from fusedrl.ops.preference import KTO_LOSS_TYPES, LinearKTOLoss, kto_kl, linear_kto_loss, sequence_logps
 from fusedrl.trainers.base import FusedTrainer
-from fusedrl.trainers.head import IGNORE_INDEX
+from fusedrl.trainers.head import IGNORE_INDEX, TokenOutputs
 from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.preference.data import UnpairedCollator, prepare_unpaired_dataset
 from fusedrl.trainers.preference.kto_config import KTOConfig
@@ -45,6 +46,17 @@ from fusedrl.trainers.preference.kto_config import KTOConfig
 logger = logging.getLogger("fusedrl")
 
 _REF_COLUMNS = ("ref_logps", "ref_KL_logps")
+
+
+def _kto_region(hidden_NTH, weight_VH, bias_V, labels_NT, ref_logps_N, desirable_N, kl,
+                args: KTOConfig) -> LinearKTOLoss:
+    """The loss region (compiled whole with ``compile=True``): policy hidden states -> fused head -> summed
+    completion log-probs -> KTO's per-example losses against ``kl`` (3 head passes, the entropy from the same
+    tiles: ``linear_kto_loss(fused=True)``)."""
+    return linear_kto_loss(hidden_NTH, weight_VH, labels_NT, ref_logps=ref_logps_N, desirable=desirable_N, kl=kl,
+                           bias=bias_V, loss_type=args.loss_type, beta=args.beta,
+                           desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
+                           with_entropy=True, fused=True)
 
 
 def _check_config(args: KTOConfig) -> None:
@@ -200,23 +212,21 @@ class KTOTrainer(FusedTrainer):
             with torch.no_grad():  # TRL's z is detached, so the policy side of it needs no graph either
                 kl_logps = self._sequence_logps(model, inputs, "KL_")
         model_inputs, labels, mask_NT = self._sequences(inputs)
-        # An all-False statistics mask asks for mean_logits (for logits/*) at no extra head cost.
-        policy = self.token_logprobs(model, model_inputs, labels, with_entropy=True,
-                                     statistics_mask=torch.zeros_like(mask_NT), router_logits=self.aux_loss_enabled)
-        logps = sequence_logps(policy.logps, mask_NT)
+        head = self.head_inputs(model, model_inputs, labels, mean_logits=True, router_logits=self.aux_loss_enabled)
         if self.args.precompute_ref_log_probs:
             ref_logps, ref_kl_logps = inputs["ref_logps"], inputs.get("ref_KL_logps")
         else:
             ref_logps, ref_kl_logps = self._reference_logps(inputs)
         if self.calculate_kl:
             kl = self.accelerator.gather_for_metrics(kto_kl(kl_logps, ref_kl_logps).reshape(1)).mean()
-        out = kto_loss(logps, ref_logps, labels_N, loss_type=self.args.loss_type, beta=self.args.beta,
-                       desirable_weight=self.args.desirable_weight, undesirable_weight=self.args.undesirable_weight,
-                       kl=kl)
+        with self.head_region(head.hidden_NTH.device):
+            out = self.loss_region(_kto_region)(head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT,
+                                                ref_logps, labels_N, kl, self.args)
         loss = out.loss  # TRL's reduction, a nanmean: a NaN example does not poison the batch
         if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * policy.aux_loss
-        self._record_metrics(mode, inputs, policy, mask_NT, labels_N, logps.detach(), out)
+            loss = loss + self.router_aux_loss_coef * head.aux_loss
+        policy = TokenOutputs(out.token_logps, out.entropy, head.stats["mean_logits"], aux_loss=head.aux_loss)
+        self._record_metrics(mode, inputs, policy, mask_NT, labels_N, out.logps.detach(), out)
         if self.aux_loss_enabled:
             self.record(mode, "aux_loss", self.gathered_mean(policy.aux_loss))
         return loss

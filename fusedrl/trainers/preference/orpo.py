@@ -14,7 +14,8 @@ older experimental one, which CPO shares (:class:`ReferenceFreeTrainer`, also us
 
 One ORPO step: per-token log-probs of the chosen rows' whole sequences (the NLL is over prompt and completion, as in
 TRL) and of the rejected rows' completions; mean completion log-probs per row; ``loss = nll + mean(-beta *
-logsig(log_odds))``; TRL's metrics: rewards/{chosen,rejected,accuracies,margins}, logps/*, logits/*, nll_loss,
+logsig(log_odds))``, all in one ``linear_orpo_loss(fused=True)`` call (3 head passes: the gradient is formed in the
+forward); TRL's metrics: rewards/{chosen,rejected,accuracies,margins}, logps/*, logits/*, nll_loss,
 log_odds_ratio, log_odds_chosen.
 
 Deliberate differences from TRL: a row whose prompt alone fills ``max_length`` is dropped (TRL keeps it with an empty
@@ -34,10 +35,10 @@ import torch
 from datasets import IterableDataset
 from transformers import set_seed
 
-from fusedrl.ops.preference import orpo_loss, sequence_logps, token_mean_nll
+from fusedrl.ops.preference import LinearORPOLoss, linear_orpo_loss
 from fusedrl.trainers.base import FusedTrainer
 from fusedrl.trainers.config import FusedConfig
-from fusedrl.trainers.head import IGNORE_INDEX, TokenOutputs
+from fusedrl.trainers.head import IGNORE_INDEX, HeadInputs
 from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.preference.data import ANSWER_PAIR_COLUMNS, PreferenceCollator, prepare_answer_pair_dataset
 from fusedrl.trainers.preference.orpo_config import ORPOConfig
@@ -51,7 +52,7 @@ _DEFAULT_MAX_LENGTH = 512
 class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
     """What TRL 1.16's experimental ORPO and CPO trainers share (their sources are copies apart from the loss):
     construction, data, the one policy forward per step, metrics. Subclasses set ``config_class``/``method`` and
-    implement :meth:`scored_rows` and :meth:`pair_loss`.
+    implement :meth:`scored_rows` and :meth:`head_loss`.
     """
 
     config_class: type[FusedConfig] = FusedConfig
@@ -141,10 +142,11 @@ class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
         """``[2B, T]`` 0/1 mask of the tokens whose log-probs the loss needs."""
 
     @abc.abstractmethod
-    def pair_loss(self, logps_NT: torch.Tensor, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """The loss from per-token log-probs ``[2B, T - 1]``, and its TRL metrics as detached tensors (means are
-        taken after gathering): rewards and log-probs ``[B]`` (keys ``chosen_rewards``, ``rejected_rewards``,
-        ``chosen_logps``, ``rejected_logps``), then method-specific scalars under their TRL names."""
+    def head_loss(self, head: HeadInputs, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """The loss from the final hidden states and the LM head (``head``; its fused head+loss op makes 3 head
+        passes), and its TRL metrics as detached tensors (means are taken after gathering): rewards and log-probs
+        ``[B]`` (keys ``chosen_rewards``, ``rejected_rewards``, ``chosen_logps``, ``rejected_logps``), then
+        method-specific scalars under their TRL names. Runs inside :meth:`head_region`."""
 
     def logits_positions(self, mean_logits_NT: torch.Tensor) -> torch.Tensor:
         """The positions TRL's ``logits/*`` average over (all of them for CPO; ORPO drops the last)."""
@@ -155,12 +157,13 @@ class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
             raise ValueError(f"return_outputs=True needs logits, which {type(self).__name__} never builds")
         labels = inputs["input_ids"].masked_fill(self.scored_rows(inputs) == 0, IGNORE_INDEX)
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        policy: TokenOutputs = self.token_logprobs(model, model_inputs, labels, all_position_mean_logits=True,
-                                                   router_logits=self.aux_loss_enabled)
-        loss, metrics = self.pair_loss(policy.logps, inputs)
+        head = self.head_inputs(model, model_inputs, labels, all_position_mean_logits=True,
+                                router_logits=self.aux_loss_enabled)
+        with self.head_region(head.hidden_NTH.device):
+            loss, metrics = self.head_loss(head, inputs)
         if self.aux_loss_enabled:
-            loss = loss + self.aux_loss_coef * policy.aux_loss
-        self._record_metrics(self._mode(), metrics, self.logits_positions(policy.mean_logits))
+            loss = loss + self.aux_loss_coef * head.aux_loss
+        self._record_metrics(self._mode(), metrics, self.logits_positions(head.stats["mean_logits"]))
         return loss
 
     def _record_metrics(self, mode: str, metrics: dict[str, torch.Tensor], mean_logits_NT: torch.Tensor) -> None:
@@ -195,12 +198,18 @@ class ORPOTrainer(ReferenceFreeTrainer):
     def logits_positions(self, mean_logits_NT):
         return mean_logits_NT[:, :-1]
 
-    def pair_loss(self, logps_NT, inputs):
-        num_pairs = logps_NT.shape[0] // 2
-        chosen, rejected = sequence_logps(logps_NT, inputs["completion_mask"][:, 1:], average=True).chunk(2)
-        nll = token_mean_nll(logps_NT[:num_pairs], inputs["attention_mask"][:num_pairs, 1:])
-        out = orpo_loss(chosen, rejected, chosen_nll=nll, beta=self.args.beta)
+    def head_loss(self, head, inputs):
+        out = self.loss_region(_orpo_region)(head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT,
+                                             inputs["completion_mask"][:, 1:], self.args.beta)
         metrics = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
-                   "chosen_logps": chosen.detach(), "rejected_logps": rejected.detach(), "nll_loss": nll.detach(),
-                   "log_odds_ratio": out.log_odds_ratio.mean(), "log_odds_chosen": out.log_odds_chosen.mean()}
+                   "chosen_logps": out.chosen_logps.detach(), "rejected_logps": out.rejected_logps.detach(),
+                   "nll_loss": out.chosen_nll.detach(), "log_odds_ratio": out.log_odds_ratio.mean(),
+                   "log_odds_chosen": out.log_odds_chosen.mean()}
         return out.loss, metrics
+
+
+def _orpo_region(hidden_NTH, weight_VH, bias_V, labels_NT, completion_mask_NT, beta: float) -> LinearORPOLoss:
+    """The loss region (compiled whole with ``compile=True``): hidden states -> fused head -> mean completion
+    log-probs and the chosen NLL -> ORPO's loss, 3 head passes (``linear_orpo_loss(fused=True)``)."""
+    return linear_orpo_loss(hidden_NTH, weight_VH, labels_NT, completion_mask=completion_mask_NT, bias=bias_V,
+                            beta=beta, fused=True)

@@ -1,0 +1,246 @@
+"""The fused LM head + loss driver: every logits tile computed once, for losses whose gradient w.r.t. a token's
+log-prob is known as soon as the tokens of its group (a pair, a sequence) are done.
+
+Legend: K labelled tokens (ordered by group), G groups, C tokens of one tile, V vocabulary, H hidden.
+
+The per-token op (``chunked.py``) pays four ``C x V x H`` matmuls per tile because its upstream gradient arrives only
+in the backward: forward, then recompute, grad_hidden and grad_weight. A loss that is a sum of per-group terms (the
+DPO family per pair, ORPO/CPO/KTO per sequence, GRPO/RLOO/PPO per row with a known normaliser) knows
+``d loss / d logp`` of a group's tokens once that group's row statistics exist. So, per chunk of whole groups:
+
+1. for each tile of ``chunk_tokens(V)`` tokens: ``logits = h W^T (+ b)`` (pass 1), the row statistics (``rows_fwd``:
+   logp, entropy, lse) and, if asked, the metrics (``rows_stats``: top-1 flag, ``log sum_v p_v^2``); the tile is kept;
+2. the caller's ``loss_fn`` turns the chunk's statistics into its loss terms and ``d loss / d logp`` per token;
+3. for each kept tile: ``rows_bwd`` -> gradient tile; ``grad_hidden = grad W`` (pass 2); ``grad_weight += grad^T h``
+   (pass 3, fp32 accumulation), then the tile is freed.
+The caller returns the ``[K, H]`` / ``[V, H]`` / ``[V]`` gradients from its forward and its backward only scales them
+by the incoming gradient: 3 passes, the floor of a bare ``hidden @ weight.T`` forward and backward.
+
+Memory/compute trade-off: a chunk's tiles are all alive between steps 1 and 3, so chunks are cut at group boundaries
+to hold at most :data:`KEEP_BYTES` of logits (256 MiB: 2048 tokens at V = 32000 in fp32, 8192 in bf16), against one
+32 MiB tile for the per-token op; the ``[V, H]`` fp32 weight gradient lives from the forward to the backward (the
+per-token op allocates it in the backward). A single group larger than the budget (say a pair of 2 x 2048-token
+completions at V = 152k) keeps its first tiles up to the budget and recomputes the others in step 3: one more pass
+over those tokens only, which is the per-token op's cost for them; logged once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+
+from fusedrl.ops.logprobs.chunked import RowsBwd, RowsFwd, _add_matmul, _logits_tile, chunk_tokens
+
+logger = logging.getLogger("fusedrl")
+
+# Logits bytes a chunk may keep alive between its forward and its backward-in-forward (module docstring). Read at
+# every call, so a test can lower it to exercise the recompute path.
+KEEP_BYTES = 256 * 2**20
+
+RowsStats = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+_logged_recompute: set[str] = set()
+
+
+class RowFunctions(NamedTuple):
+    """One backend's row functions (``compiled.py`` or ``triton.py``): ``rows_fwd``, ``rows_bwd``, ``rows_stats``."""
+
+    fwd: RowsFwd
+    bwd: RowsBwd
+    stats: RowsStats
+
+
+class Chunk(NamedTuple):
+    """What ``loss_fn`` sees of one chunk: tokens ``[start, end)`` of the K ordered tokens, the whole groups
+    ``[first_group, end_group)``, and their fp32 ``[C]`` statistics (``log_sum_sq_probs`` None unless asked)."""
+
+    start: int
+    end: int
+    first_group: int
+    end_group: int
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    log_sum_sq_probs: torch.Tensor | None
+
+
+# loss_fn(chunk) -> (d loss / d logp, d loss / d entropy or None), fp32 [end - start] each.
+LossFn = Callable[[Chunk], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+class FusedHead(NamedTuple):
+    """fp32 ``[K]`` statistics in the tokens' order (``lse``: the backward's; ``is_top1`` bool and
+    ``log_sum_sq_probs`` None unless asked);
+    gradients None where not asked: ``grad_hidden_KH`` in the hidden dtype, ``grad_weight_VH`` / ``grad_bias_V``
+    accumulated in fp32."""
+
+    logprobs_K: torch.Tensor
+    entropy_K: torch.Tensor
+    lse_K: torch.Tensor
+    is_top1_K: torch.Tensor | None
+    log_sum_sq_probs_K: torch.Tensor | None
+    grad_hidden_KH: torch.Tensor | None
+    grad_weight_VH: torch.Tensor | None
+    grad_bias_V: torch.Tensor | None
+
+
+def chunk_groups(group_ends: Sequence[int], max_tokens: int) -> list[tuple[int, int, int, int]]:
+    """``(first_group, end_group, start, end)`` of consecutive whole groups holding at most ``max_tokens`` tokens
+    each (a group larger than that alone; groups without tokens ride along, so every group is in a chunk).
+    ``group_ends``: cumulative token counts, one per group."""
+    chunks, first, start = [], 0, 0
+    for group, end in enumerate(group_ends):
+        if end - start > max_tokens and group > first:
+            chunks.append((first, group, start, group_ends[group - 1]))
+            first, start = group, group_ends[group - 1]
+    if first < len(group_ends):  # the last groups, even without a token: their losses are still terms of the loss
+        chunks.append((first, len(group_ends), start, group_ends[-1]))
+    return chunks
+
+
+def _log_recompute(reason: str) -> None:
+    if reason not in _logged_recompute:
+        _logged_recompute.add(reason)
+        logger.warning("fusedrl: %s; its tiles beyond the budget are recomputed in the fused head's backward (one "
+                       "more head pass over those tokens)", reason)
+
+
+def fused_head(
+    hidden_KH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    labels_K: torch.Tensor,
+    group_ends: Sequence[int],
+    loss_fn: LossFn,
+    *,
+    inv_temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+    with_stats: bool,
+    needs_input_grad: Sequence[bool],
+    rows: RowFunctions,
+) -> FusedHead:
+    """Steps 1-3 of the module docstring over the labelled tokens ``hidden_KH`` / ``labels_K`` (already compacted and
+    ordered so that each group's tokens are contiguous; ``group_ends[g]`` is the end of group g). ``loss_fn`` runs
+    once per chunk, in token order, whatever ``needs_input_grad`` (hidden, weight, bias) says; with no gradient asked
+    no tile is kept and step 3 is skipped."""
+    num_tokens, num_vocab = labels_K.shape[0], weight_VH.shape[0]
+    needs_hidden, needs_weight, needs_bias = needs_input_grad
+    needs_bias = needs_bias and bias_V is not None
+    any_grad = needs_hidden or needs_weight or needs_bias
+    device = hidden_KH.device
+    logprobs_K = torch.zeros(num_tokens, dtype=torch.float32, device=device)
+    entropy_K, lse_K = torch.zeros_like(logprobs_K), torch.zeros_like(logprobs_K)
+    is_top1_K = torch.zeros(num_tokens, dtype=torch.bool, device=device) if with_stats else None
+    log_sum_sq_K = torch.zeros_like(logprobs_K) if with_stats else None
+    grad_hidden_KH = torch.empty_like(hidden_KH) if needs_hidden else None
+    grad_weight_VH = torch.zeros(weight_VH.shape, dtype=torch.float32, device=device) if needs_weight else None
+    grad_bias_V = torch.zeros(num_vocab, dtype=torch.float32, device=device) if needs_bias else None
+
+    tile = chunk_tokens(num_vocab)
+    tile_bytes_per_token = num_vocab * hidden_KH.element_size()  # logits come out in the hidden dtype
+    max_tokens = max(1, KEEP_BYTES // tile_bytes_per_token)
+    for first_group, end_group, start, end in chunk_groups(group_ends, max_tokens):
+        kept: list[torch.Tensor | None] = []
+        for s in range(start, end, tile):
+            e = min(s + tile, end)
+            logits_CV = _logits_tile(hidden_KH[s:e], weight_VH, bias_V)
+            logprobs_K[s:e], entropy_K[s:e], lse_K[s:e] = rows.fwd(logits_CV, labels_K[s:e], inv_temperature,
+                                                                   ignore_index, with_entropy)
+            if with_stats:
+                is_top1_K[s:e], log_sum_sq_K[s:e] = rows.stats(logits_CV, labels_K[s:e], lse_K[s:e],
+                                                               inv_temperature)
+            keep = any_grad and (e - start) <= max_tokens
+            kept.append(logits_CV if keep else None)
+            del logits_CV
+        chunk = Chunk(start, end, first_group, end_group, logprobs_K[start:end], entropy_K[start:end],
+                      None if log_sum_sq_K is None else log_sum_sq_K[start:end])
+        grad_logprobs_C, grad_entropy_C = loss_fn(chunk)
+        if not any_grad:
+            continue
+        if None in kept:
+            _log_recompute(f"a group (pair or sequence) of more than {max_tokens} tokens at V={num_vocab} exceeds the "
+                           f"fused head's {KEEP_BYTES / 2**20:g} MiB tile budget")
+        for index, s in enumerate(range(start, end, tile)):
+            e = min(s + tile, end)
+            logits_CV = kept[index] if kept[index] is not None else _logits_tile(hidden_KH[s:e], weight_VH, bias_V)
+            kept[index] = None  # freed as soon as its gradient is formed
+            grad_CV = rows.bwd(
+                logits_CV, labels_K[s:e], lse_K[s:e], entropy_K[s:e], grad_logprobs_C[s - start:e - start],
+                None if grad_entropy_C is None else grad_entropy_C[s - start:e - start], inv_temperature,
+                ignore_index,
+            )
+            del logits_CV
+            if grad_hidden_KH is not None:
+                torch.mm(grad_CV, weight_VH.to(grad_CV.dtype), out=grad_hidden_KH[s:e])
+            if grad_weight_VH is not None:
+                _add_matmul(grad_weight_VH, grad_CV.T, hidden_KH[s:e])
+            if grad_bias_V is not None:
+                grad_bias_V.add_(grad_CV.sum(0, dtype=torch.float32))
+            del grad_CV
+    return FusedHead(logprobs_K, entropy_K, lse_K, is_top1_K, log_sum_sq_K, grad_hidden_KH, grad_weight_VH,
+                     grad_bias_V)
+
+
+def needs_gradients(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> list[bool]:
+    """Which of hidden, weight and bias a fused op must form a gradient for in its forward (none under
+    ``no_grad``; a frozen head, as with LoRA, skips the ``[V, H]`` weight gradient and its pass)."""
+    grad_on = torch.is_grad_enabled()
+    return [grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+            grad_on and bias is not None and bias.requires_grad]
+
+
+class GroupLayout(NamedTuple):
+    """The labelled tokens of ``[N, T]`` rows ordered group by group: ``index_K`` (flat positions in ``N * T``),
+    ``row_K``, and ``group_ends`` (cumulative token counts, a Python list: the chunking is host-side)."""
+
+    index_K: torch.Tensor
+    row_K: torch.Tensor
+    group_ends: list[int]
+
+
+def group_layout(mask_NT: torch.Tensor, row_order_N: torch.Tensor, rows_per_group: int) -> GroupLayout:
+    """Rows taken in ``row_order_N``, every ``rows_per_group`` consecutive ones a group (e.g. a pair's chosen and
+    rejected rows); within a row, positions in order. One host sync (the group sizes)."""
+    num_cols = mask_NT.shape[1]
+    cols_T = torch.arange(num_cols, device=mask_NT.device)
+    flat_NT = row_order_N.unsqueeze(1) * num_cols + cols_T
+    index_K = flat_NT[mask_NT.index_select(0, row_order_N)]
+    counts_G = mask_NT.sum(-1).index_select(0, row_order_N).view(-1, rows_per_group).sum(-1)
+    return GroupLayout(index_K, torch.div(index_K, num_cols, rounding_mode="floor"),
+                       counts_G.cumsum(0).tolist())
+
+
+def scatter_rows(values_K: torch.Tensor | None, index_K: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
+    """``values_K`` put back at their flat positions of a zero ``shape`` tensor (its dtype)."""
+    if values_K is None:
+        return None
+    out = values_K.new_zeros(shape.numel())
+    return out.index_copy_(0, index_K, values_K).view(shape)
+
+
+def linear_logprobs_stats_fwd(
+    hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    labels_N: torch.Tensor,
+    *,
+    inv_temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+    rows: RowFunctions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``chunked.linear_logprobs_fwd`` plus the metrics of the same tiles: fp32 ``(logprobs_N, entropy_N, lse_N,
+    log_sum_sq_probs_N)`` and bool ``is_top1_N`` (in that order: ``(logprobs, entropy, lse, is_top1,
+    log_sum_sq_probs)``), 0 / False where the label is ignored. One head pass, no gradient: the forward of the
+    per-token op when a caller needs the metrics too (its backward is the per-token op's)."""
+    index_K = (labels_N != ignore_index).nonzero().squeeze(1)
+    out = fused_head(hidden_NH.index_select(0, index_K), weight_VH, bias_V, labels_N.index_select(0, index_K),
+                     [index_K.shape[0]], lambda chunk: (chunk.logprobs, None), inv_temperature=inv_temperature,
+                     ignore_index=ignore_index, with_entropy=with_entropy, with_stats=True,
+                     needs_input_grad=(False, False, False), rows=rows)
+    shape = labels_N.shape
+    return (scatter_rows(out.logprobs_K, index_K, shape), scatter_rows(out.entropy_K, index_K, shape),
+            scatter_rows(out.lse_K, index_K, shape), scatter_rows(out.is_top1_K, index_K, shape),
+            scatter_rows(out.log_sum_sq_probs_K, index_K, shape))
