@@ -4,7 +4,7 @@ Legend: N tokens, H hidden, V vocabulary, C tokens of one chunk, K tokens whose 
 
 The drivers take a backend's row functions (``compiled.rows_fwd``/``rows_bwd`` or ``triton.rows_fwd``/``rows_bwd``,
 same arguments and results) as arguments, so both backends run the same chunking, label compaction and matmul code;
-``compiled.py`` and ``triton.py`` each wrap the four drivers into the entry points of the custom ops.
+``fused.entry_points`` wraps the drivers into the entry points of the custom ops, once for each backend.
 
 ``linear_logprobs_*`` never hold ``[N, V]`` logits: each chunk of C tokens holds one ``[C, V]`` tile. Only the K
 tokens with a label take part (prompt and padding positions are dropped before any matmul; in preference and RL

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fusedrl.ops.compiler import compile_kernel
-from fusedrl.ops.logprobs import chunked, fused
+from fusedrl.ops.logprobs import fused
 
 
 # One plain function per flag combination: torch.compile keeps one cache (and one recompile budget of 8) per
@@ -152,49 +152,10 @@ def rows_stats(
 # Entry points of the custom ops (their annotated signatures are the ops' schemas, see dispatch.define_op)
 
 
-def token_logprobs_fwd(
-    logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float, ignore_index: int, with_entropy: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 ``(logprobs_N, entropy_N, lse_N)`` of logits ``[N, V]`` and int64 labels ``[N]``."""
-    return chunked.logprobs_fwd(logits, labels, inv_temperature=inv_temperature, ignore_index=ignore_index,
-                                with_entropy=with_entropy, rows_fwd=rows_fwd)
-
-
-def token_logprobs_bwd(
-    grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
-    labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, inv_temperature: float, ignore_index: int,
-) -> torch.Tensor:
-    """Gradient ``[N, V]`` w.r.t. logits, in their dtype; ``lse``/``entropy`` are the forward's fp32 ``[N]``."""
-    return chunked.logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, lse, entropy,
-                                inv_temperature=inv_temperature, ignore_index=ignore_index, rows_bwd=rows_bwd)
-
-
-def linear_token_logprobs_fwd(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-    inv_temperature: float, ignore_index: int, with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 ``(logprobs_N, entropy_N, lse_N)`` of ``hidden [N, H] @ weight [V, H].T (+ bias [V])``."""
-    return chunked.linear_logprobs_fwd(hidden, weight, bias, labels, inv_temperature=inv_temperature,
-                                       ignore_index=ignore_index, with_entropy=with_entropy, rows_fwd=rows_fwd)
-
-
-def linear_token_logprobs_bwd(
-    grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
-    weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
-    inv_temperature: float, ignore_index: int, needs_input_grad: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of hidden, weight and bias in their dtypes; an empty tensor for one ``needs_input_grad`` omits."""
-    return chunked.linear_logprobs_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy,
-                                       inv_temperature=inv_temperature, ignore_index=ignore_index,
-                                       needs_input_grad=needs_input_grad, rows_bwd=rows_bwd)
-
-
-def linear_token_logprobs_stats_fwd(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-    inv_temperature: float, ignore_index: int, with_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`linear_token_logprobs_fwd` and, from the same tiles, bool ``is_top1_N`` and fp32
-    ``log_sum_sq_probs_N`` (``fused.linear_logprobs_stats_fwd``); same backward."""
-    return fused.linear_logprobs_stats_fwd(hidden, weight, bias, labels, inv_temperature=inv_temperature,
-                                           ignore_index=ignore_index, with_entropy=with_entropy,
-                                           rows=fused.RowFunctions(rows_fwd, rows_bwd, rows_stats))
+(
+    token_logprobs_fwd,
+    token_logprobs_bwd,
+    linear_token_logprobs_fwd,
+    linear_token_logprobs_bwd,
+    linear_token_logprobs_stats_fwd,
+) = fused.entry_points(lambda: fused.RowFunctions(rows_fwd, rows_bwd, rows_stats))

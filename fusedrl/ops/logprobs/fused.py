@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from fusedrl.ops.logprobs import chunked
 from fusedrl.ops.logprobs.chunked import RowsBwd, RowsFwd, _add_matmul, _logits_tile, chunk_tokens
 
 logger = logging.getLogger("fusedrl")
@@ -244,3 +245,65 @@ def linear_logprobs_stats_fwd(
     return (scatter_rows(out.logprobs_K, index_K, shape), scatter_rows(out.entropy_K, index_K, shape),
             scatter_rows(out.lse_K, index_K, shape), scatter_rows(out.is_top1_K, index_K, shape),
             scatter_rows(out.log_sum_sq_probs_K, index_K, shape))
+
+
+class EntryPoints(NamedTuple):
+    """The custom ops' entry points of one backend (see ``dispatch.define_op``: their annotated signatures are the
+    schemas), all running the shared chunk drivers on that backend's row functions."""
+
+    token_logprobs_fwd: Callable
+    token_logprobs_bwd: Callable
+    linear_token_logprobs_fwd: Callable
+    linear_token_logprobs_bwd: Callable
+    linear_token_logprobs_stats_fwd: Callable
+
+
+def entry_points(rows: Callable[[], RowFunctions]) -> EntryPoints:
+    """The five entry points over ``rows()``, called at every launch, so that a backend module's row functions are
+    looked up when used (the fallback tests replace them with a failing launch)."""
+
+    def token_logprobs_fwd(
+        logits: torch.Tensor, labels: torch.Tensor, inv_temperature: float, ignore_index: int, with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fp32 ``(logprobs_N, entropy_N, lse_N)`` of logits ``[N, V]`` and int64 labels ``[N]``."""
+        return chunked.logprobs_fwd(logits, labels, inv_temperature=inv_temperature, ignore_index=ignore_index,
+                                    with_entropy=with_entropy, rows_fwd=rows().fwd)
+
+    def token_logprobs_bwd(
+        grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
+        labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, inv_temperature: float, ignore_index: int,
+    ) -> torch.Tensor:
+        """Gradient ``[N, V]`` w.r.t. logits, in their dtype; ``lse``/``entropy`` are the forward's fp32 ``[N]``."""
+        return chunked.logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, lse, entropy,
+                                    inv_temperature=inv_temperature, ignore_index=ignore_index, rows_bwd=rows().bwd)
+
+    def linear_token_logprobs_fwd(
+        hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+        inv_temperature: float, ignore_index: int, with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fp32 ``(logprobs_N, entropy_N, lse_N)`` of ``hidden [N, H] @ weight [V, H].T (+ bias [V])``."""
+        return chunked.linear_logprobs_fwd(hidden, weight, bias, labels, inv_temperature=inv_temperature,
+                                           ignore_index=ignore_index, with_entropy=with_entropy, rows_fwd=rows().fwd)
+
+    def linear_token_logprobs_bwd(
+        grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
+        weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, lse: torch.Tensor,
+        entropy: torch.Tensor, inv_temperature: float, ignore_index: int, needs_input_grad: list[bool],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients of hidden, weight and bias in their dtypes; an empty tensor for one ``needs_input_grad``
+        omits."""
+        return chunked.linear_logprobs_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+                                           inv_temperature=inv_temperature, ignore_index=ignore_index,
+                                           needs_input_grad=needs_input_grad, rows_bwd=rows().bwd)
+
+    def linear_token_logprobs_stats_fwd(
+        hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+        inv_temperature: float, ignore_index: int, with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``linear_token_logprobs_fwd`` and, from the same tiles, bool ``is_top1_N`` and fp32
+        ``log_sum_sq_probs_N``; same backward."""
+        return linear_logprobs_stats_fwd(hidden, weight, bias, labels, inv_temperature=inv_temperature,
+                                         ignore_index=ignore_index, with_entropy=with_entropy, rows=rows())
+
+    return EntryPoints(token_logprobs_fwd, token_logprobs_bwd, linear_token_logprobs_fwd, linear_token_logprobs_bwd,
+                       linear_token_logprobs_stats_fwd)
