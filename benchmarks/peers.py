@@ -329,16 +329,26 @@ INPUTS["preference"] = preference_inputs
 PREFERENCE_BETA = 0.1
 
 
-def fusedrl_preference(x: PreferenceInputs) -> None:
-    """``fusedrl.linear_preference_loss`` (DPO sigmoid), compiled backends for the LM head and the loss."""
+def _fusedrl_preference(x: PreferenceInputs, fused: bool) -> None:
     import fusedrl
 
     with fusedrl.use_kernels(linear_logprobs="compiled", preference="compiled"):
         out = fusedrl.linear_preference_loss(
             x.hidden_NTH, x.weight_VH, x.labels_NT, ref_hidden=x.ref_hidden_NTH, ref_weight=x.ref_weight_VH,
-            loss_type="sigmoid", beta=PREFERENCE_BETA,
+            loss_type="sigmoid", beta=PREFERENCE_BETA, fused=fused,
         )
         out.loss.backward()
+
+
+def fusedrl_preference(x: PreferenceInputs) -> None:
+    """``fusedrl.linear_preference_loss`` (DPO sigmoid), compiled backends, ``fused=True`` as the trainers run it:
+    each logits tile's gradient is taken in forward (3 policy head passes)."""
+    _fusedrl_preference(x, fused=True)
+
+
+def fusedrl_preference_recompute(x: PreferenceInputs) -> None:
+    """The same with ``fused=False``: per-token log-probs whose backward recomputes each tile (4 passes)."""
+    _fusedrl_preference(x, fused=False)
 
 
 def liger_preference(x: PreferenceInputs) -> None:
@@ -382,7 +392,8 @@ def floor_preference(x: PreferenceInputs) -> None:
 
 
 PATHS["preference"] = {
-    "fusedrl": PathSpec(fusedrl_preference, "fusedrl compiled"),
+    "fusedrl": PathSpec(fusedrl_preference, "fusedrl compiled, fused head+loss"),
+    "fusedrl_recompute": PathSpec(fusedrl_preference_recompute, "fusedrl compiled, recompute backward (fused=False)"),
     "liger": PathSpec(liger_preference, "Liger LigerFusedLinearDPOLoss"),
     "naive": PathSpec(naive_preference, "naive TRL-style full logits"),
     "floor": PathSpec(floor_preference, "floor: 3 + 1 GEMM passes over the labelled rows"),

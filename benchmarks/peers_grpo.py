@@ -62,15 +62,26 @@ def grpo_inputs(shape: Mapping[str, int], dtype: torch.dtype) -> GRPOInputs:
     )
 
 
-def fusedrl_grpo(x: GRPOInputs) -> None:
-    """``fusedrl.linear_policy_loss`` with the compiled backends (explicit request: raises rather than falling back);
-    entropies on, as TRL's trainer computes them for its logged ``entropy``."""
+def _fusedrl_grpo(x: GRPOInputs, fused: bool) -> None:
     import fusedrl
 
     with fusedrl.use_kernels(linear_logprobs="compiled", policy_loss="compiled"):
         out = fusedrl.linear_policy_loss(x.hidden_BTH, x.weight_VH, x.completion_ids_BT, x.mask_BT, x.old_logps_BT,
-                                         x.advantages_B, epsilon_low=EPSILON, epsilon_high=EPSILON, loss_type="dapo")
+                                         x.advantages_B, epsilon_low=EPSILON, epsilon_high=EPSILON, loss_type="dapo",
+                                         fused=fused)
         out.loss.backward()
+
+
+def fusedrl_grpo(x: GRPOInputs) -> None:
+    """``fusedrl.linear_policy_loss`` with the compiled backends (explicit request: raises rather than falling back)
+    and ``fused=True`` as the trainers run it (3 head passes); entropies on, as TRL's trainer computes them for its
+    logged ``entropy``."""
+    _fusedrl_grpo(x, fused=True)
+
+
+def fusedrl_grpo_recompute(x: GRPOInputs) -> None:
+    """The same with ``fused=False``: per-token log-probs whose backward recomputes each tile (4 passes)."""
+    _fusedrl_grpo(x, fused=False)
 
 
 def trl_grpo(x: GRPOInputs) -> None:
@@ -118,7 +129,8 @@ def floor_grpo(x: GRPOInputs) -> None:
 
 peers.INPUTS["grpo"] = grpo_inputs
 peers.PATHS["grpo"] = {
-    "fusedrl": peers.PathSpec(fusedrl_grpo, "fusedrl compiled"),
+    "fusedrl": peers.PathSpec(fusedrl_grpo, "fusedrl compiled, fused head+loss"),
+    "fusedrl_recompute": peers.PathSpec(fusedrl_grpo_recompute, "fusedrl compiled, recompute backward (fused=False)"),
     "trl": peers.PathSpec(trl_grpo, "TRL-style: full logits + selective_log_softmax"),
     "liger": peers.PathSpec(liger_grpo, "Liger LigerFusedLinearGRPOLoss"),
     "floor": peers.PathSpec(floor_grpo, "floor: 3 GEMM passes over the completion tokens"),

@@ -18,7 +18,7 @@ CASES: tuple[Case, ...] = (
         inputs="grpo",
         shape={"B": 16, "T": 1024, "H": 1024, "V": 32000},
         quick_shape={"B": 4, "T": 256, "H": 512, "V": 8000},
-        paths=("fusedrl", "trl", "liger", "floor"),
+        paths=("fusedrl", "fusedrl_recompute", "trl", "liger", "floor"),
         base="fusedrl",
         description=(
             "GRPO loss (dapo, epsilon 0.2, beta 0, token-level ratios, given old log-probs) from the completion "

@@ -18,7 +18,7 @@ CASES: tuple[Case, ...] = (
         inputs="preference",
         shape={"B": 8, "T": 512, "H": 1024, "V": 32000},
         quick_shape={"B": 4, "T": 256, "H": 512, "V": 8000},
-        paths=("fusedrl", "liger", "naive", "floor"),
+        paths=("fusedrl", "fusedrl_recompute", "liger", "naive", "floor"),
         base="fusedrl",
         description=(
             "DPO sigmoid (beta 0.1) from hidden states [2B, T, H]: policy LM head fwd+bwd (grad hidden, weight) and "

@@ -123,6 +123,22 @@ def logprobs_specs(num_vocab: int = REPRESENTATIVE_VOCAB) -> list[KernelSpec]:
             # Logits in and their gradient out; label, lse, entropy and the two upstream gradients in once per row.
             minimum_bytes_per_unit=2 * logits + label + 4 * row_scalar,
         ))
+        specs.append(KernelSpec(
+            name=f"logprobs_stats[{dtype}]",
+            kernel=triton_rows._logprobs_stats_kernel,
+            signature={
+                "logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "lse_ptr": "*fp32", "is_top1_ptr": "*i8",
+                "log_sum_sq_ptr": "*fp32", "stride_row": "i32", "num_vocab": "i32", "inv_temperature": "fp32",
+                "BLOCK_V": "constexpr",
+            },
+            constexprs={"BLOCK_V": config.block_v},
+            num_warps=config.num_warps,
+            divisible_by_16=("logits_ptr", "labels_ptr", "lse_ptr", "is_top1_ptr", "log_sum_sq_ptr", "stride_row",
+                             "num_vocab"),
+            geometry=Geometry("token", elements_per_unit=num_vocab, units_per_program=1, sweep_loops=1),
+            # The logits, label and lse in; the top-1 flag (int8) and WPO's log sum of squared probabilities out.
+            minimum_bytes_per_unit=logits + label + row_scalar + 1 + row_scalar,
+        ))
     return specs
 
 

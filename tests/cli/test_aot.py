@@ -61,6 +61,9 @@ EXPECTED_MODELLED = {
     # Logits in, gradient out; each of the 8 programs of a row re-reads label, lse, entropy and two gradients.
     "logprobs_bwd[bf16]": 2 * _V + 2 * _V + _TILES * (8 + 4 * 4),
     "logprobs_bwd[fp32]": 4 * _V + 4 * _V + _TILES * (8 + 4 * 4),
+    # One sweep over the logits; label and lse in, the int8 top-1 flag and the fp32 log sum of squares out.
+    "logprobs_stats[bf16]": 2 * _V + 8 + 4 + 1 + 4,
+    "logprobs_stats[fp32]": 4 * _V + 8 + 4 + 1 + 4,
     # fp32 per pair: policy (+ reference) (+ weight) log-probs in, five results out.
     "preference_fwd[sigmoid]": 4 * (4 + 5),
     "preference_fwd[discopop,alpha_divergence,wpo]": 4 * (5 + 5),

@@ -441,6 +441,25 @@ def test_no_grad_and_frozen_head_skip_their_passes(monkeypatch):
     assert_close(hidden.grad, expected.grad, name="grad hidden")
 
 
+def test_backward_scales_the_saved_gradients_once():
+    """The saved gradients are scaled by the incoming gradient in place (no second [V, H] buffer): a loss scaled by
+    0.25 gives 0.25x the unscaled gradients, and a second backward through the same graph raises autograd's in-place
+    error rather than scaling them twice."""
+    *tensors, labels = _head_inputs(SHAPES[2], pairs=True)
+    ref = {"ref_chosen_logps": torch.zeros(2), "ref_rejected_logps": torch.zeros(2)}
+    grads = []
+    for factor in (1.0, 0.25):
+        leaves = _leaves(tensors[:2])
+        with fusedrl.use_kernels(all="compiled"):
+            out = fusedrl.linear_preference_loss(*leaves, labels, fused=True, **ref)
+        (factor * out.loss).backward(retain_graph=True)
+        grads.append(_grads(leaves))
+    for unscaled, scaled in zip(*grads):
+        assert_close(scaled, 0.25 * unscaled, name="scaled gradient")
+    with pytest.raises(RuntimeError, match="inplace"):
+        out.loss.backward()
+
+
 def _region(hidden, weight, labels, old, adv):
     pair = fusedrl.linear_preference_loss(hidden, weight, labels, ref_chosen_logps=old[:2, 0],
                                           ref_rejected_logps=old[2:, 0], fused=True, with_metrics=True)

@@ -166,19 +166,27 @@ def _ancestors(event):
         parent = parent.cpu_parent
 
 
-def count_head_passes(trainer) -> dict[str, int]:
-    """Head matmuls of ``trainer.train()`` (one step), split into the rollout's and the step's."""
+def head_matmuls(trainer) -> list[tuple[str, list[str]]]:
+    """Head matmuls of ``trainer.train()`` (one step): ``("rollout" | "step", operand dtypes)`` each."""
     with _marked(trainer), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof, \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()
-    counts = {"rollout": 0, "step": 0}
+    matmuls = []
     for event in prof.events():
         if event.name not in MATMULS or not any(VOCAB in shape for shape in event.input_shapes):
             continue
         ancestors = set(_ancestors(event))
         if _MODEL_HEAD not in ancestors:
-            counts["rollout" if _ROLLOUT in ancestors else "step"] += 1
+            matmuls.append(("rollout" if _ROLLOUT in ancestors else "step", [d for d in event.input_dtypes if d]))
+    return matmuls
+
+
+def count_head_passes(trainer) -> dict[str, int]:
+    """Head matmuls of one step, counted apart for the rollout and the step."""
+    counts = {"rollout": 0, "step": 0}
+    for where, _ in head_matmuls(trainer):
+        counts[where] += 1
     return counts
 
 
@@ -186,6 +194,18 @@ def count_head_passes(trainer) -> dict[str, int]:
 def test_one_step_makes_the_floor_of_head_passes(name, tmp_path):
     _, rollout, step = TRAINERS[name]
     assert count_head_passes(_build(name, tmp_path)) == {"rollout": rollout, "step": step}
+
+
+def test_mixed_precision_runs_the_head_in_bf16(tmp_path):
+    """``bf16=True`` with fp32 master weights (autocast): every head pass of a DPO step, the reference's included,
+    multiplies bf16 operands (the ops accumulate in fp32 inside), as autocast runs the model's other linear layers."""
+    trainer = DPOTrainer(model=tiny_llama(vocab_size=VOCAB), args=DPOConfig(**base_settings(
+        tmp_path, max_steps=1, kernels="all=compiled", bf16=True, use_cpu=True)), train_dataset=standard_pairs(),
+        processing_class=presets.build_tokenizer())
+    assert trainer.model.lm_head.weight.dtype == torch.float32
+    matmuls = head_matmuls(trainer)
+    assert len(matmuls) == 3 + 1
+    assert all(dtypes and set(dtypes) == {"c10::BFloat16"} for _, dtypes in matmuls), matmuls
 
 
 def test_unfused_path_makes_more_passes(tmp_path):

@@ -100,7 +100,7 @@ def _run(rows: head.RowFunctions, hidden, weight, bias, labels, old, advantages,
     rows_B = torch.arange(num_rows, device=device)
     # The whole batch as one group when its tiles fit: the tiles, and so the log-probs, are then exactly those of
     # linear_token_logprobs on the same labels (the old and reference log-probs' pass). Else row by row.
-    whole = int(labelled_BT.sum()) * weight.shape[0] * hidden.element_size() <= head.KEEP_BYTES
+    whole = int(labelled_BT.sum()) * weight.shape[0] * hidden.element_size() <= head.keep_bytes(weight)
     layout = head.group_layout(labelled_BT, rows_B, num_rows if whole else 1)
     hidden_KH = hidden.reshape(num_rows * num_cols, -1).index_select(0, layout.index_K)
     labels_K = labels.reshape(-1).index_select(0, layout.index_K)
@@ -197,24 +197,14 @@ def _fake(hidden, weight, bias, labels, old, advantages, mask, scale_B, ref, bet
             grad_like(needs_input_grad[1], weight), grad_like(needs_input_grad[2], bias))
 
 
-def _setup(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*output[-3:])
-
-
 def _backward(ctx, grad_loss, *_unused):
-    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    return (grad_hidden * grad_loss.to(grad_hidden.dtype) if needs[0] else None,
-            grad_weight * grad_loss.to(grad_weight.dtype) if needs[1] else None,
-            grad_bias * grad_loss.to(grad_bias.dtype) if needs[2] and grad_bias.numel() else None,
-            *([None] * 18))  # 21 inputs: only hidden, weight and bias have gradients
+    return head.scaled_head_gradients(ctx, grad_loss, num_inputs=21)  # only hidden, weight and bias have gradients
 
 
 linear_policy_rows_op = dispatch.define_op(
     "linear_policy_loss_rows", op="linear_logprobs", compiled=linear_policy_rows_compiled,
     triton="fusedrl.ops.policy.fused_head:linear_policy_rows_triton", fake=_fake, backward=_backward,
-    setup_context=_setup,
+    setup_context=head.save_head_gradients,
 )
 
 

@@ -61,14 +61,14 @@ def _pair_loss_fn(loss_backend: str):
                                                     *args)
 
 
-def _layout(mask_NT: torch.Tensor, num_vocab: int, element_size: int) -> tuple[head.GroupLayout, bool]:
+def _layout(mask_NT: torch.Tensor, weight_VH: torch.Tensor, element_size: int) -> tuple[head.GroupLayout, bool]:
     """The batch as one group in row order when its tiles fit the budget: then the tiles are exactly those of
     ``linear_token_logprobs`` on the same labels (the reference's pass), so a policy equal to its reference gives
     bitwise equal log-probs and exactly zero rewards, as TRL's. Else pair by pair (chosen row, rejected row).
     Returns the layout and whether it is the single group."""
     num_rows = mask_NT.shape[0]
     rows_N = torch.arange(num_rows, device=mask_NT.device)
-    if int(mask_NT.sum()) * num_vocab * element_size <= head.KEEP_BYTES:
+    if int(mask_NT.sum()) * weight_VH.shape[0] * element_size <= head.keep_bytes(weight_VH):
         return head.group_layout(mask_NT, rows_N, num_rows), True
     half = num_rows // 2
     return head.group_layout(mask_NT, torch.stack([rows_N[:half], rows_N[half:]], 1).flatten(), 2), False
@@ -83,7 +83,7 @@ def _run(
     num_pairs = num_rows // 2
     device = hidden.device
     mask_NT = labels != ignore_index
-    layout, whole_batch = _layout(mask_NT, weight.shape[0], hidden.element_size())
+    layout, whole_batch = _layout(mask_NT, weight, hidden.element_size())
     hidden_KH = hidden.reshape(num_rows * num_cols, -1).index_select(0, layout.index_K)
     labels_K = labels.reshape(-1).index_select(0, layout.index_K)
     # The tokens of the sequence log-probs: the labelled ones, or a subset (ORPO: the completion, while its NLL
@@ -229,24 +229,14 @@ def _fake(hidden, weight, bias, labels, seq_mask, average, ld_alpha, ref_chosen,
             grad_like(needs_input_grad[2], bias))
 
 
-def _setup(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*output[-3:])
-
-
 def _backward(ctx, grad_loss, *_unused):
-    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    return (grad_hidden * grad_loss.to(grad_hidden.dtype) if needs[0] else None,
-            grad_weight * grad_loss.to(grad_weight.dtype) if needs[1] else None,
-            grad_bias * grad_loss.to(grad_bias.dtype) if needs[2] and grad_bias.numel() else None,
-            *([None] * 23))  # 26 inputs: only hidden, weight and bias have gradients
+    return head.scaled_head_gradients(ctx, grad_loss, num_inputs=26)  # only hidden, weight and bias have gradients
 
 
 linear_pair_losses_op = dispatch.define_op(
     "linear_pair_preference_losses", op="linear_logprobs", compiled=linear_pair_losses_compiled,
     triton="fusedrl.ops.preference.fused_head:linear_pair_losses_triton", fake=_fake, backward=_backward,
-    setup_context=_setup,
+    setup_context=head.save_head_gradients,
 )
 
 

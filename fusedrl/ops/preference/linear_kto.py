@@ -59,7 +59,7 @@ def _run(rows: head.RowFunctions, hidden, weight, bias, labels, ref_logps, desir
     rows_N = torch.arange(num_rows, device=device)
     # One group in row order when the tiles fit: then the log-probs are exactly linear_token_logprobs' (the
     # reference's pass). Else row by row.
-    whole = int(mask_NT.sum()) * weight.shape[0] * hidden.element_size() <= head.KEEP_BYTES
+    whole = int(mask_NT.sum()) * weight.shape[0] * hidden.element_size() <= head.keep_bytes(weight)
     layout = head.group_layout(mask_NT, rows_N, num_rows if whole else 1)
     hidden_KH = hidden.reshape(num_rows * num_cols, -1).index_select(0, layout.index_K)
     labels_K = labels.reshape(-1).index_select(0, layout.index_K)
@@ -136,24 +136,14 @@ def _fake(hidden, weight, bias, labels, ref_logps, desirable, kl, beta, desirabl
             grad_like(needs_input_grad[1], weight), grad_like(needs_input_grad[2], bias))
 
 
-def _setup(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*output[-3:])
-
-
 def _backward(ctx, grad_loss, *_unused):
-    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    return (grad_hidden * grad_loss.to(grad_hidden.dtype) if needs[0] else None,
-            grad_weight * grad_loss.to(grad_weight.dtype) if needs[1] else None,
-            grad_bias * grad_loss.to(grad_bias.dtype) if needs[2] and grad_bias.numel() else None,
-            *([None] * 11))  # 14 inputs: only hidden, weight and bias have gradients
+    return head.scaled_head_gradients(ctx, grad_loss, num_inputs=14)  # only hidden, weight and bias have gradients
 
 
 linear_unpaired_losses_op = dispatch.define_op(
     "linear_unpaired_preference_losses", op="linear_logprobs", compiled=linear_unpaired_losses_compiled,
     triton="fusedrl.ops.preference.linear_kto:linear_unpaired_losses_triton", fake=_fake, backward=_backward,
-    setup_context=_setup,
+    setup_context=head.save_head_gradients,
 )
 
 
