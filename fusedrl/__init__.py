@@ -8,6 +8,7 @@ from fusedrl.ops.advantages import (
     reinforce_pp_advantages,
     rloo_advantages,
 )
+from fusedrl.ops.ddim import DDIMStepOutput, ddim_step_logprob
 from fusedrl.ops.dispatch import configure_kernels, kernel_backends, use_kernels
 from fusedrl.ops.gae import GAEResult, gae
 from fusedrl.ops.logprobs import (
@@ -49,6 +50,7 @@ from fusedrl.ops.preference.registry import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DDIMStepOutput",
     "GAEResult",
     "KTOLoss",
     "LinearKTOLoss",
@@ -60,6 +62,7 @@ __all__ = [
     "PreferenceLoss",
     "TokenLogprobs",
     "configure_kernels",
+    "ddim_step_logprob",
     "dpo_loss_types",
     "gae",
     "group_advantages",

@@ -266,8 +266,65 @@ def policy_specs(num_cols: int = REPRESENTATIVE_COMPLETION) -> list[KernelSpec]:
     return specs
 
 
+REPRESENTATIVE_LATENT = 4 * 64 * 64  # elements of a Stable Diffusion latent (512-pixel images)
+
+
+def ddim_specs(num_cols: int = REPRESENTATIVE_LATENT) -> list[KernelSpec]:
+    """The DDIM step kernels: the forward as DDPO samples (bf16 latents, draw, no gradient) and as it trains (fp32,
+    score a stored sample, d log_prob / d model_output written), and the backward in its heaviest variant (clipped
+    v-prediction, upstream gradients of both outputs, both input gradients: AlignProp's chain). Unit: a latent
+    element. Minimum: each [B, N] input read once and output written once, plus per sample its two alphas (and the
+    log-prob or its upstream gradient)."""
+    from fusedrl.ops.ddim import triton as triton_ddim
+
+    block, num_warps = triton_ddim.launch_config(num_cols)
+    num_blocks = triton.cdiv(num_cols, block)
+    per_block = Geometry("element", elements_per_unit=1, units_per_program=block, sweep_loops=0)
+    # The torch sum of the [B, num_blocks] fp32 partial log-probs: read them, write [B].
+    partial_sum = ExtraPass(4 * (num_blocks + 1) / num_cols, "torch sum of the per-block partial log-probs")
+    per_sample = (2 * 4 + 4) / num_cols  # two fp32 alphas in, one fp32 log-prob (or its gradient) per sample
+    specs = []
+    for label, dtype, size, draw in (("bf16,draw", "bf16", 2, True), ("fp32,score,grad", "fp32", 4, False)):
+        specs.append(KernelSpec(
+            name=f"ddim_fwd[{label}]",
+            kernel=triton_ddim._ddim_fwd_kernel,
+            signature={"model_ptr": f"*{dtype}", "sample_ptr": f"*{dtype}", "target_ptr": f"*{dtype}",
+                       "alphas_ptr": "*fp32", "prev_ptr": f"*{dtype}", "partial_ptr": "*fp32", "grad_ptr": "*fp32",
+                       "num_cols": "i32", "num_blocks": "i32", "eta": "fp32", "clip_range": "fp32",
+                       "inv_cols": "fp32", **{name: "constexpr" for name in ("PREDICTION", "CLIP", "DRAW",
+                                                                             "WRITE_GRAD", "BLOCK_N")}},
+            constexprs={"PREDICTION": triton_ddim.PREDICTION_CODES["epsilon"], "CLIP": False, "DRAW": draw,
+                        "WRITE_GRAD": not draw, "BLOCK_N": block},
+            num_warps=num_warps,
+            divisible_by_16=("model_ptr", "sample_ptr", "target_ptr", "alphas_ptr", "prev_ptr", "partial_ptr",
+                             "grad_ptr", "num_cols", "num_blocks"),
+            geometry=per_block,
+            # Model output, sample and noise (or the scored sample) in; the draw (or the fp32 gradient) out.
+            minimum_bytes_per_unit=3 * size + (size if draw else 4) + per_sample,
+            extra_passes=(partial_sum,),
+        ))
+    pointers = ("grad_prev_ptr", "grad_lp_ptr", "model_ptr", "sample_ptr", "prev_ptr", "alphas_ptr",
+                "grad_model_ptr", "grad_sample_ptr")
+    specs.append(KernelSpec(
+        name="ddim_bwd[fp32,v,clip]",
+        kernel=triton_ddim._ddim_bwd_kernel,
+        signature={**{name: "*fp32" for name in pointers}, "num_cols": "i32", "eta": "fp32", "clip_range": "fp32",
+                   "inv_cols": "fp32", **{name: "constexpr" for name in ("PREDICTION", "CLIP", "HAS_GRAD_PREV",
+                                                                         "SAMPLE_GRAD", "BLOCK_N")}},
+        constexprs={"PREDICTION": triton_ddim.PREDICTION_CODES["v_prediction"], "CLIP": True, "HAS_GRAD_PREV": True,
+                    "SAMPLE_GRAD": True, "BLOCK_N": block},
+        num_warps=num_warps,
+        divisible_by_16=(*pointers, "num_cols"),
+        geometry=per_block,
+        # prev's upstream gradient, model output, sample and prev in; both input gradients out.
+        minimum_bytes_per_unit=4 * (4 + 2) + per_sample,
+    ))
+    return specs
+
+
 # One factory per kernel file.
-SPEC_FACTORIES: list[Callable[[], list[KernelSpec]]] = [logprobs_specs, preference_specs, gae_specs, policy_specs]
+SPEC_FACTORIES: list[Callable[[], list[KernelSpec]]] = [logprobs_specs, preference_specs, gae_specs, policy_specs,
+                                                        ddim_specs]
 
 
 def all_specs() -> list[KernelSpec]:

@@ -16,7 +16,7 @@ import torch
 F = TypeVar("F", bound=Callable)
 
 
-def compile_options() -> dict:
+def compile_options(*, exact_casts: bool = False) -> dict:
     """The arguments of every ``torch.compile`` call, with the reason for each.
 
     - ``fullgraph=True``: a graph break would silently fall back to eager for part of the region and lose the fusion
@@ -27,12 +27,19 @@ def compile_options() -> dict:
       runs within noise of the static-shape code (26-34 ms both).
     - ``mode`` left at the default: ``reduce-overhead`` records CUDA graphs, which need static shapes and would
       re-record for every length; ``max-autotune`` benchmarks GEMM configurations for minutes per shape.
+    - ``exact_casts`` (``emulate_precision_casts``): inside one fused kernel Inductor keeps ``x.to(bf16).float()``
+      in fp32 and skips the rounding. An op that scores the value it rounds for storage asks for the rounding (the
+      DDIM step's bf16 draw: scored unrounded, its log-prob was 1e-2 off the log-prob of the stored sample, and
+      DDPO's clip range is 1e-4); the others keep the default.
     """
-    return {"fullgraph": True, "dynamic": True}
+    options: dict = {"fullgraph": True, "dynamic": True}
+    if exact_casts:
+        options["options"] = {"emulate_precision_casts": True}
+    return options
 
 
 @functools.cache
-def compile_kernel(fn: F) -> F:
+def compile_kernel(fn: F, *, exact_casts: bool = False) -> F:
     """Compile one tensor-math function of an op, cached per function so every caller shares one
     compiled artifact and its recompile budget (torch's limit is 8 graphs per code object)."""
-    return torch.compile(fn, **compile_options())
+    return torch.compile(fn, **compile_options(exact_casts=exact_casts))

@@ -54,6 +54,7 @@ def test_registers_fit_the_hardware(aot_rows: list[aot.AotRow]) -> None:
 
 # Hand counts from the kernel sources (fusedrl/ops/<op>/triton.py), per unit. V = 32000 (8 tiles of 4096), T = 1024.
 _V, _T, _TILES = aot.REPRESENTATIVE_VOCAB, aot.REPRESENTATIVE_COMPLETION, 8
+_LATENT = aot.REPRESENTATIVE_LATENT  # 4 x 64 x 64
 EXPECTED_MODELLED = {
     # One sweep over the logits, the int64 label, the target logit a second time, three fp32 results.
     "logprobs_fwd[bf16]": 2 * _V + 8 + 2 + 3 * 4,
@@ -77,6 +78,13 @@ EXPECTED_MODELLED = {
     "policy_fwd[token,k3,keep,adv_BT]": 4 * 7 + 4 * 6 / _T,
     # The kernel skips old (no per-token ratio) and reads the row's ratio; the torch pre-pass adds 31 B per token.
     "policy_fwd[sequence,k3,keep,adv_BT]": 4 * 6 + 4 * 7 / _T + 31,
+    # Per latent element: model output, sample and noise in, the draw out (bf16); per program of 1024 elements two
+    # fp32 alphas in and the block's partial log-prob out; the torch sum reads 16 partials and writes one per sample.
+    "ddim_fwd[bf16,draw]": 2 * 4 + 12 / 1024 + 4 * 17 / _LATENT,
+    # The scored sample instead of noise, the fp32 gradient instead of the draw.
+    "ddim_fwd[fp32,score,grad]": 4 * 4 + 12 / 1024 + 4 * 17 / _LATENT,
+    # prev's upstream gradient, model output, sample, prev in, two gradients out; alphas and grad log-prob per program.
+    "ddim_bwd[fp32,v,clip]": 4 * 6 + 12 / 1024,
 }
 
 
@@ -91,12 +99,13 @@ def test_traffic_model_matches_hand_count(aot_rows: list[aot.AotRow]) -> None:
 def test_traffic_model_is_near_minimum(aot_rows: list[aot.AotRow]) -> None:
     """A MODEL, not a measurement. Nothing moves less than the op's minimum (each input read once, each output
     written once); every kernel itself stays within 0.2% of it (at V=32000 the logits rows re-read a few per-row
-    scalars). Only GSPO's torch pre-pass (31 B per token, outside the kernel) takes a path above: 55.03 / 28.02."""
+    scalars). Only GSPO's torch pre-pass (31 B per token, outside the kernel) takes a path above: 55.03 / 28.02.
+    The DDIM forward's torch sum of its per-block partial log-probs adds 0.004 B per latent element."""
     for row in aot_rows:
         assert row.modelled_bytes_per_unit >= row.minimum_bytes_per_unit * (1 - 1e-12), row
         kernel_bytes = row.modelled_bytes_per_unit - row.extra_bytes_per_unit
         assert kernel_bytes <= 1.002 * row.minimum_bytes_per_unit, row
-        assert bool(row.extra_bytes_per_unit) == row.kernel.startswith("policy_fwd[sequence"), row
+        assert bool(row.extra_bytes_per_unit) == row.kernel.startswith(("policy_fwd[sequence", "ddim_fwd")), row
 
 
 def test_table_lists_every_row(aot_rows: list[aot.AotRow]) -> None:
