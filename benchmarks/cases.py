@@ -14,7 +14,7 @@ modules have their own).
 
 from __future__ import annotations
 
-from benchmarks.ops import ddim, gae, logprobs, policy, preference
+from benchmarks.ops import ddim, gae, logprobs, multi_lora, policy, preference
 from benchmarks.spec import Case, Target, TrainerCase
 
 __all__ = ["CASES", "START_COMMIT", "Case", "Target", "TrainerCase", "by_name", "select"]
@@ -196,7 +196,7 @@ TRAINER_CASES: tuple[TrainerCase, ...] = (
 )
 
 CASES: tuple[Case | TrainerCase, ...] = (
-    *logprobs.CASES, *preference.CASES, *gae.CASES, *policy.CASES, *ddim.CASES, *TRAINER_CASES,
+    *logprobs.CASES, *preference.CASES, *gae.CASES, *policy.CASES, *ddim.CASES, *multi_lora.CASES, *TRAINER_CASES,
 )
 
 

@@ -17,6 +17,7 @@ from fusedrl.ops.logprobs import (
     token_logprobs,
     token_logprobs_and_entropy,
 )
+from fusedrl.ops.multi_lora import multi_lora_linear
 from fusedrl.ops.policy import (
     LinearPolicyLoss,
     PolicyLoss,
@@ -78,6 +79,7 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "multi_lora_linear",
     "orpo_loss",
     "policy_loss",
     "preference_loss",

@@ -322,9 +322,98 @@ def ddim_specs(num_cols: int = REPRESENTATIVE_LATENT) -> list[KernelSpec]:
     return specs
 
 
+# Joint training of 4 adapters, 2 sequences of 1024 tokens each; Llama-7B's 4096-wide projections; PEFT's r = 16.
+REPRESENTATIVE_LORA = {"rows": 8192, "adapters": 4, "features": 4096, "rank": 16}
+
+
+def _lora_spec(kernel, name: str, pointers: dict[str, str], ints: dict[str, int], blocks: dict[str, Any],
+               geometry: Geometry, minimum: float, extra: tuple[ExtraPass, ...] = ()) -> KernelSpec:
+    """A multi-LoRA kernel spec with its int arguments specialised as the JIT does: a 1 becomes a constexpr, a
+    multiple of 16 is marked divisible (every pointer is 16-byte aligned)."""
+    from fusedrl.ops.multi_lora import triton as lora
+
+    types = {**pointers, **{arg: "constexpr" if value == 1 else "i32" for arg, value in ints.items()},
+             **dict.fromkeys(blocks, "constexpr")}
+    return KernelSpec(
+        name=name, kernel=kernel, signature={arg: types[arg] for arg in kernel.arg_names},
+        constexprs={**{arg: 1 for arg, value in ints.items() if value == 1}, **blocks}, num_warps=lora.NUM_WARPS,
+        divisible_by_16=(*pointers, *(arg for arg, value in ints.items() if value != 1 and value % 16 == 0)),
+        geometry=geometry, minimum_bytes_per_unit=minimum, extra_passes=extra,
+    )
+
+
+def multi_lora_specs(shape: dict[str, int] = REPRESENTATIVE_LORA) -> list[KernelSpec]:
+    """The segmented multi-LoRA kernels as a training step runs them: shrink (x @ A_k.T forward, dL/dy @ B_k
+    backward), expand (into y forward, into dx backward) and the per-adapter reduction (grad_A, grad_B), each
+    direction a variant of its own (its unit weight stride is a constexpr), on bf16 activations and adapters
+    (autocast); the forward pair and grad_A also in fp32 (IEEE dot: another code path). Rows spread evenly over the
+    adapters, I = O = H. Unit: a row of the layer. Minimum: the kernel's [N, H] rows read (and written) once, its
+    [N, R] fp32 rows and the int32 row index once, each adapter's weights (or fp32 gradient) once per call. The tiles
+    re-read each adapter's weight tile per row tile and the [N, R] rows per feature tile (L2 hits on a GPU, counted
+    here). Outside the model: the base matmuls (cuBLAS) and the grouping's torch ops (a stable sort of the [N] ids,
+    [K] and [G] tables)."""
+    from fusedrl.ops.multi_lora import triton as lora
+
+    num_rows, num_adapters, num_features, rank = (shape[k] for k in ("rows", "adapters", "features", "rank"))
+    splits = lora.num_splits(num_rows, num_adapters)
+    rows_per_program = num_rows // num_adapters // splits  # a reduction program's share of its adapter's rows
+    tables = dict.fromkeys(("order_ptr", "tile_adapter_ptr", "tile_start_ptr", "tile_end_ptr"), "*i32")
+    weight_size = rank * num_features
+    row_rank = 4 * rank + 4  # a row's fp32 [R] entries and its int32 index in the grouping
+    specs = []
+    for dtype, size, variants in (("bf16", 2, ("fwd", "bwd")), ("fp32", 4, ("fwd",))):
+        config = lora.launch_config(rank, exact=dtype == "fp32")
+        blocks = {"BLOCK_M": lora.BLOCK_M, "BLOCK_R": config.block_r, "DOT_PRECISION": config.dot_precision}
+        weights_once = num_adapters * weight_size * size / num_rows
+        for direction in variants:
+            forward = direction == "fwd"
+            specs.append(_lora_spec(
+                lora._lora_shrink_kernel, f"multi_lora_shrink_{direction}[{dtype}]",
+                {"in_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "scaling_ptr": "*fp32", **tables,
+                 "out_ptr": "*fp32"},
+                {"num_cols": num_features, "rank": rank, "stride_wk": weight_size,
+                 "stride_wr": num_features if forward else 1, "stride_wh": 1 if forward else rank},
+                {**blocks, "BLOCK_H": config.block_k},
+                Geometry("row", 0, units_per_program=lora.BLOCK_M, sweep_loops=0,
+                         loop_trips=num_features // config.block_k),
+                size * num_features + row_rank + weights_once + 4 * num_adapters / num_rows,
+                (ExtraPass(4 * rank, "zero fill of hidden [N, R] fp32 (base-only rows stay 0)"),) if forward else (),
+            ))
+            specs.append(_lora_spec(
+                lora._lora_expand_kernel, f"multi_lora_expand_{direction}[{dtype}]",
+                {"in_ptr": "*fp32", "weight_ptr": f"*{dtype}", **tables, "out_ptr": f"*{dtype}"},
+                {"num_cols": num_features, "rank": rank, "stride_wk": weight_size,
+                 "stride_wh": rank if forward else 1, "stride_wr": 1 if forward else num_features},
+                {**blocks, "BLOCK_N": config.block_n},
+                Geometry("row", 0, units_per_program=lora.BLOCK_M * config.block_n / num_features, sweep_loops=0,
+                         loop_trips=config.block_r // 16),
+                2 * size * num_features + row_rank + weights_once,
+            ))
+        # Per gradient element: the S fp32 partials read and their sum written, then the cast to the adapters'
+        # dtype (none for fp32).
+        per_element = (4 * (splits + 1) if splits > 1 else 0) + (4 + size if size != 4 else 0)
+        summed = ExtraPass(per_element * num_adapters * weight_size / num_rows,
+                           f"torch sum of the {splits} split partials and the cast to the adapters' dtype")
+        for gradient in ("A", "B") if dtype == "bf16" else ("A",):
+            specs.append(_lora_spec(
+                lora._lora_grad_kernel, f"multi_lora_grad_{gradient}[{dtype}]",
+                {"small_ptr": "*fp32", "big_ptr": f"*{dtype}", "order_ptr": "*i32", "seg_start_ptr": "*i32",
+                 "seg_count_ptr": "*i32", "out_ptr": "*fp32"},
+                {"num_cols": num_features, "rank": rank, "stride_split": num_adapters * weight_size,
+                 "stride_ok": weight_size, "stride_or": num_features if gradient == "A" else 1,
+                 "stride_oh": 1 if gradient == "A" else rank},
+                {**blocks, "BLOCK_H": config.block_n},
+                Geometry("row", 0, units_per_program=rows_per_program * config.block_n / num_features,
+                         sweep_loops=0, loop_trips=rows_per_program // lora.BLOCK_M),
+                size * num_features + row_rank + 4 * num_adapters * weight_size / num_rows,
+                (summed,),
+            ))
+    return specs
+
+
 # One factory per kernel file.
 SPEC_FACTORIES: list[Callable[[], list[KernelSpec]]] = [logprobs_specs, preference_specs, gae_specs, policy_specs,
-                                                        ddim_specs]
+                                                        ddim_specs, multi_lora_specs]
 
 
 def all_specs() -> list[KernelSpec]:

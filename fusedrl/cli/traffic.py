@@ -22,12 +22,18 @@ class Geometry:
     """How a kernel's accesses map onto units. ``elements_per_unit``: elements one sweep moves per unit (V for a
     row of logits, 1 when each vector lane is one unit); ``units_per_program``: units one program covers (scalar
     accesses are once per program); ``sweep_loops``: the ``scf.for`` loops that make up the sweep (0: the grid
-    covers it), where every vector access must sit."""
+    covers it), where every vector access must sit.
+
+    ``loop_trips`` > 0 prices tiles instead (kernels that load tiles of several tensors, like the segmented LoRA
+    matmuls of ops/multi_lora): every access moves all its lanes on each of its ``loop_trips ** loops`` executions
+    per program (every loop of the kernel runs ``loop_trips`` times and no lane is masked in the representative
+    case), and ``elements_per_unit`` / ``sweep_loops`` are unused."""
 
     unit: str
     elements_per_unit: int
     units_per_program: float
     sweep_loops: int
+    loop_trips: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,9 @@ def kernel_accesses(ttir: str) -> list[Access]:
 def modelled_bytes_per_unit(accesses: Sequence[Access], geometry: Geometry) -> float:
     """Bytes per unit of the kernel's accesses; raises on an access the geometry cannot price (a vector access
     outside the sweep or in a loop around it: a re-read whose count is unknown; a scalar access inside a loop)."""
+    if geometry.loop_trips:
+        per_program = sum(a.element_bytes * a.lanes * geometry.loop_trips**a.loops for a in accesses)
+        return per_program / geometry.units_per_program
     total = 0.0
     for access in accesses:
         if access.lanes > 1:

@@ -85,6 +85,25 @@ EXPECTED_MODELLED = {
     "ddim_fwd[fp32,score,grad]": 4 * 4 + 12 / 1024 + 4 * 17 / _LATENT,
     # prev's upstream gradient, model output, sample, prev in, two gradients out; alphas and grad log-prob per program.
     "ddim_bwd[fp32,v,clip]": 4 * 6 + 12 / 1024,
+    # Multi-LoRA at N = 8192 rows, K = 4 adapters of 2048 rows, H = 4096 features, R = 16; per tile of 64 rows.
+    # Shrink: 4 int32 scalars (tile entry, scaling), the 64 int32 row indices and the [64, 16] fp32 result once; per
+    # each of the 64 steps of 64 features the [64, 64] x tile and the adapter's [64, 16] weight tile. The forward's
+    # zero fill of hidden adds 64 B per row outside the kernel.
+    "multi_lora_shrink_fwd[bf16]": (16 + 256 + 4096 + 64 * (2 * 64 * 64 + 2 * 64 * 16)) / 64 + 4 * 16,
+    "multi_lora_shrink_bwd[bf16]": (16 + 256 + 4096 + 64 * (2 * 64 * 64 + 2 * 64 * 16)) / 64,
+    "multi_lora_shrink_fwd[fp32]": (16 + 256 + 4096 + 64 * (4 * 64 * 64 + 4 * 64 * 16)) / 64 + 4 * 16,
+    # Expand, per program of 64 rows x 128 features (2 rows' worth; 64 in fp32: 1): 3 int32 scalars, the row
+    # indices, the [64, 16] fp32 rows, the [16, 128] weight tile, the output tile read and written.
+    "multi_lora_expand_fwd[bf16]": (12 + 256 + 4096 + 2 * 16 * 128 + 2 * 2 * 64 * 128) / 2,
+    "multi_lora_expand_bwd[bf16]": (12 + 256 + 4096 + 2 * 16 * 128 + 2 * 2 * 64 * 128) / 2,
+    "multi_lora_expand_fwd[fp32]": 12 + 256 + 4096 + 4 * 16 * 64 + 2 * 4 * 64 * 64,
+    # Reduction, per program of 1024 rows (its adapter's half: 2 splits) x 128 features (32 rows' worth; 64 in fp32:
+    # 16): 2 int32 scalars and the [16, 128] fp32 partial once; per each of 16 steps of 64 rows the row indices, the
+    # [64, 16] fp32 rows and the [64, 128] tile. Outside: the sum of the 2 fp32 partials (12 B per gradient element)
+    # and the bf16 cast (4 + 2), K R H = 262144 elements over 8192 rows.
+    "multi_lora_grad_A[bf16]": (8 + 4 * 16 * 128 + 16 * (256 + 4096 + 2 * 64 * 128)) / 32 + 18 * 32,
+    "multi_lora_grad_B[bf16]": (8 + 4 * 16 * 128 + 16 * (256 + 4096 + 2 * 64 * 128)) / 32 + 18 * 32,
+    "multi_lora_grad_A[fp32]": (8 + 4 * 16 * 64 + 16 * (256 + 4096 + 4 * 64 * 64)) / 16 + 12 * 32,
 }
 
 
@@ -100,12 +119,17 @@ def test_traffic_model_is_near_minimum(aot_rows: list[aot.AotRow]) -> None:
     """A MODEL, not a measurement. Nothing moves less than the op's minimum (each input read once, each output
     written once); every kernel itself stays within 0.2% of it (at V=32000 the logits rows re-read a few per-row
     scalars). Only GSPO's torch pre-pass (31 B per token, outside the kernel) takes a path above: 55.03 / 28.02.
-    The DDIM forward's torch sum of its per-block partial log-probs adds 0.004 B per latent element."""
+    The DDIM forward's torch sum of its per-block partial log-probs adds 0.004 B per latent element.
+    The multi-LoRA kernels are tiled matmuls: each tile of 64 rows re-reads its adapter's weight tile and each
+    feature tile re-reads the [N, R] fp32 rows (L2 hits on a GPU; the model counts them), 1.24-1.27x the minimum
+    (the hand counts above); their rows are checked against that instead of 0.2%."""
     for row in aot_rows:
         assert row.modelled_bytes_per_unit >= row.minimum_bytes_per_unit * (1 - 1e-12), row
         kernel_bytes = row.modelled_bytes_per_unit - row.extra_bytes_per_unit
-        assert kernel_bytes <= 1.002 * row.minimum_bytes_per_unit, row
-        assert bool(row.extra_bytes_per_unit) == row.kernel.startswith(("policy_fwd[sequence", "ddim_fwd")), row
+        tiled = row.kernel.startswith("multi_lora")
+        assert kernel_bytes <= (1.27 if tiled else 1.002) * row.minimum_bytes_per_unit, row
+        assert bool(row.extra_bytes_per_unit) == row.kernel.startswith(
+            ("policy_fwd[sequence", "ddim_fwd", "multi_lora_shrink_fwd", "multi_lora_grad")), row
 
 
 def test_table_lists_every_row(aot_rows: list[aot.AotRow]) -> None:
@@ -151,3 +175,11 @@ def test_modelled_bytes_price_sweeps_and_refuse_unknown_trip_counts() -> None:
         "      scf.yield", "      %w = tt.load %p : !tt.ptr<i64> loc(#loc9)\n      scf.yield"))
     with pytest.raises(ValueError, match="scalar load inside a loop"):
         modelled_bytes_per_unit(in_loop, row)
+
+
+def test_modelled_bytes_price_tiles() -> None:
+    """Tile pricing (``loop_trips``, the multi-LoRA kernels): every access moves all its lanes on each execution and
+    a loop body runs ``loop_trips`` times. Per program of 2 units: the label (8), the result (4) and the bool tile
+    (32 x 64 x 1) once, the bf16 tile (2 x 4096) 3 times: 13318 B per unit."""
+    tiles = Geometry("row", 0, units_per_program=2, sweep_loops=0, loop_trips=3)
+    assert modelled_bytes_per_unit(kernel_accesses(_TTIR), tiles) == (8 + 4 + 2048 + 3 * 2 * 4096) / 2
