@@ -95,11 +95,16 @@ __all__ = [
 ]
 
 # Trainers pull in transformers/accelerate (seconds of import time): loaded on first use, so kernel-only users and
-# `fusedrl aot` stay light. `from fusedrl import DPOTrainer, DPOConfig` works as with TRL.
+# `fusedrl aot` stay light. `from fusedrl import DPOTrainer, DPOConfig` works as with TRL, and so do the diffusion
+# trainers (`DDPOTrainer`, `DDPOConfig`, `AlignPropTrainer`, `AlignPropConfig`).
 def __getattr__(name: str):
     if name.endswith(("Trainer", "Config")):
         from fusedrl import trainers
 
         if name in trainers.__all__:
             return getattr(trainers, name)
+        from fusedrl.trainers import diffusion  # DDPO, AlignProp: diffusers is imported with the trainer itself
+
+        if name in diffusion.__all__:
+            return getattr(diffusion, name)
     raise AttributeError(f"module 'fusedrl' has no attribute {name!r}")

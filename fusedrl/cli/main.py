@@ -1,5 +1,5 @@
 """The ``fusedrl`` command: ``demo``, ``bench``, ``aot``, ``gpu-check`` and the trainers (``dpo``, ``orpo``, ``kto``,
-``cpo``, ``grpo``, ``rloo``, ``ppo``, ``online-dpo``)."""
+``cpo``, ``grpo``, ``rloo``, ``ppo``, ``online-dpo``; ``ddpo`` and ``alignprop`` for diffusion pipelines)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,15 @@ def _demo(rest: list[str]) -> int:
     return demo.main(rest)
 
 
+def _diffusion_trainer(name: str):
+    def run(rest: list[str]) -> int:
+        from fusedrl.cli import diffusion
+
+        return diffusion.run(name, rest)
+
+    return run
+
+
 def _trainer(name: str):
     def run(rest: list[str]) -> int:
         from fusedrl.cli import launch
@@ -71,6 +80,11 @@ COMMANDS = {
     **{
         name: (_trainer(name), f"train with {name.upper()} (--model, --dataset, --config, any config field)")
         for name in ("dpo", "orpo", "kto", "cpo", "grpo", "rloo", "ppo", "online-dpo")
+    },
+    **{
+        name: (_diffusion_trainer(name),
+               f"train a diffusers pipeline with {label} (--pipeline, --reward, --prompts, --config, any field)")
+        for name, label in (("ddpo", "DDPO"), ("alignprop", "AlignProp"))
     },
 }
 

@@ -24,3 +24,14 @@ def preset_model_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny")
     presets.load_preset_model("tiny", seed=0, tokenizer=presets.build_tokenizer()).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> str:
+    """The tiny Stable Diffusion pipeline (``presets.diffusion.save_tiny_pipeline``, seed 0), the diffusion trainers'
+    model, loaded by path as a user would (``DiffusionPipeline.from_pretrained``)."""
+    from fusedrl.cli.presets.diffusion import save_tiny_pipeline
+
+    return str(save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd")))
+
+
