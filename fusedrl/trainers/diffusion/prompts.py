@@ -15,6 +15,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
+from fusedrl.trainers.registry import NamedRegistry
+
 PromptFn = Callable[[], tuple[str, dict]]
 
 ANIMALS = (
@@ -62,42 +64,29 @@ BUILTIN_PROMPT_FUNCTIONS: dict[str, Callable[..., PromptFn]] = {
     "animals": animals,
     "animal_activities": animal_activities,
 }
-_CUSTOM: dict[str, Callable[..., PromptFn]] = {}
+_REGISTRY = NamedRegistry("prompt function", BUILTIN_PROMPT_FUNCTIONS,
+                          "add one with fusedrl.trainers.diffusion.prompts.register_prompt_function")
 
 
 def register_prompt_function(name: str, factory: Callable[..., PromptFn], *, replace: bool = False):
     """Register ``factory`` (``(**kwargs) -> prompt_fn``) as ``name``; returns ``factory``. ValueError for a
     built-in name, a name already registered (unless ``replace``), an empty name or a non-callable factory."""
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"prompt function name must be a non-empty string, got {name!r}")
-    if not callable(factory):
-        message = f"prompt function {name!r}: factory must be callable, got {type(factory).__name__}"
-        raise ValueError(message)  # noqa: TRY004
-    if name in BUILTIN_PROMPT_FUNCTIONS:
-        raise ValueError(f"{name!r} is a built-in prompt function and cannot be replaced; use another name")
-    if name in _CUSTOM and not replace:
-        raise ValueError(f"prompt function {name!r} is already registered; pass replace=True to re-register it")
-    _CUSTOM[name] = factory
-    return factory
+    return _REGISTRY.register(name, factory, replace=replace)
 
 
 def unregister_prompt_function(name: str) -> None:
     """Remove a custom prompt function (KeyError if it is not registered; built-ins cannot be removed)."""
-    del _CUSTOM[name]
+    _REGISTRY.unregister(name)
 
 
 def registered_prompt_functions() -> dict[str, Callable[..., PromptFn]]:
     """Every registered name: built-ins first, then custom registrations."""
-    return {**BUILTIN_PROMPT_FUNCTIONS, **_CUSTOM}
+    return _REGISTRY.registered()
 
 
 def get_prompt_function(name: str, **kwargs) -> PromptFn:
     """The prompt function ``name`` builds with ``kwargs`` (ValueError listing the known names otherwise)."""
-    factories = registered_prompt_functions()
-    if name not in factories:
-        raise ValueError(f"unknown prompt function {name!r}; registered: {sorted(factories)} (add one with "
-                         "fusedrl.trainers.diffusion.prompts.register_prompt_function)")
-    return factories[name](**kwargs)
+    return _REGISTRY.get(name)(**kwargs)
 
 
 def draw_prompts(prompt_fn: PromptFn, num_prompts: int) -> tuple[list[str], list[dict]]:

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusedrl.trainers.registry import NamedRegistry
+
 RewardFn = Callable[[torch.Tensor, Sequence[str], Sequence[dict]], tuple[Any, dict]]
 
 # CLIP's image normalisation (the constants of openai/clip-vit-* preprocessor configs): the scorer sees images the
@@ -209,42 +211,29 @@ BUILTIN_DIFFUSION_REWARDS: dict[str, Callable[..., RewardFn]] = {
     "target_color": target_color,
     "aesthetic": aesthetic,
 }
-_CUSTOM: dict[str, Callable[..., RewardFn]] = {}
+_REGISTRY = NamedRegistry("diffusion reward", BUILTIN_DIFFUSION_REWARDS,
+                          "add one with fusedrl.trainers.diffusion.rewards.register_diffusion_reward")
 
 
 def register_diffusion_reward(name: str, factory: Callable[..., RewardFn], *, replace: bool = False):
     """Register ``factory`` (``(**kwargs) -> reward_fn``) as ``name``; returns ``factory``. ValueError for a
     built-in name, a name already registered (unless ``replace``), an empty name or a non-callable factory."""
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"diffusion reward name must be a non-empty string, got {name!r}")
-    if not callable(factory):
-        message = f"diffusion reward {name!r}: factory must be callable, got {type(factory).__name__}"
-        raise ValueError(message)  # noqa: TRY004
-    if name in BUILTIN_DIFFUSION_REWARDS:
-        raise ValueError(f"{name!r} is a built-in diffusion reward and cannot be replaced; use another name")
-    if name in _CUSTOM and not replace:
-        raise ValueError(f"diffusion reward {name!r} is already registered; pass replace=True to re-register it")
-    _CUSTOM[name] = factory
-    return factory
+    return _REGISTRY.register(name, factory, replace=replace)
 
 
 def unregister_diffusion_reward(name: str) -> None:
     """Remove a custom reward (KeyError if it is not registered; built-ins cannot be removed)."""
-    del _CUSTOM[name]
+    _REGISTRY.unregister(name)
 
 
 def registered_diffusion_rewards() -> dict[str, Callable[..., RewardFn]]:
     """Every registered name: built-ins first, then custom registrations."""
-    return {**BUILTIN_DIFFUSION_REWARDS, **_CUSTOM}
+    return _REGISTRY.registered()
 
 
 def get_diffusion_reward(name: str, **kwargs) -> RewardFn:
     """The reward function ``name`` builds with ``kwargs`` (ValueError listing the known names otherwise)."""
-    factories = registered_diffusion_rewards()
-    if name not in factories:
-        raise ValueError(f"unknown diffusion reward {name!r}; registered: {sorted(factories)} (add one with "
-                         "fusedrl.trainers.diffusion.rewards.register_diffusion_reward)")
-    return factories[name](**kwargs)
+    return _REGISTRY.get(name)(**kwargs)
 
 
 # --- the checked call -------------------------------------------------------------------------------------------
