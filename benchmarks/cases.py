@@ -195,8 +195,94 @@ TRAINER_CASES: tuple[TrainerCase, ...] = (
     ),
 )
 
+# Diffusion trainers (issue 11): optimizer steps of DDPO / AlignProp on the tiny Stable Diffusion pipeline, run by
+# benchmarks/diffusion_trainers.py (its method: one epoch = one optimizer step; peak = the step's memory).
+# B images per step, S DDIM steps per chain, R image side. Full: 4 images of 64 x 64 (32 x 32 latents, 4x the tiny
+# pipeline's native 16 x 16, so the UNet's convolutions, not per-call overhead, dominate a call) and 10 DDIM steps
+# (TRL defaults to 50; 10 keeps the chain long enough that AlignProp's graph is mostly UNet activations). Estimated
+# from the quick size on a quiet moment of the 2-core machine (AlignProp and DDPO steps at B=4 S=4 R=32: 0.2-0.3 s),
+# scaled by B x S x latent area (10x): ~3 s per step, ~30 s per path with start-up and the compile step, so the 7
+# paths of both cases run in ~3.5 minutes. When another process holds a core, 2-thread OpenMP stalls and steps take
+# 5-10x longer (seen during the quick runs): the `other CPU` column flags it.
+_DIFFUSION_WORKER = "benchmarks.diffusion_trainers"
+_DIFFUSION_RUN = {"steps": 5, "quick_steps": 4, "warmup_steps": 2, "quick_warmup_steps": 2,
+                  "agreement_metric": "reward_mean", "worker_module": _DIFFUSION_WORKER}
+_DIFFUSION_TEXT = (
+    "the tiny Stable Diffusion pipeline (fusedrl.cli.presets.diffusion: UNet 32/64 channels, one layer per block, "
+    "~1M parameters; 2-block VAE; 32-wide CLIP text encoder) saved once and loaded by every path, LoRA rank 4 on "
+    "to_q/to_k/to_v/to_out.0 (TRL's choice), fp32, guidance 5 (TRL's default, so every UNet call runs 2B latents), "
+    "eta 1, the differentiable brightness reward, prompts cycling through 8 animal names, seed 0"
+)
+DIFFUSION_CASES: tuple[TrainerCase, ...] = (
+    TrainerCase(
+        name="ddpo_trainer",
+        op="ddpo_trainer",
+        trainer="ddpo",
+        model="tiny-sd",
+        shape={"B": 4, "S": 10, "R": 64},
+        quick_shape={"B": 4, "S": 4, "R": 32},
+        paths=("fusedrl", "fusedrl_reference", "trl"),
+        base="fusedrl",
+        description=(
+            "DDPO optimizer steps on " + _DIFFUSION_TEXT + ". One step = one epoch: sample B chains of S steps "
+            "(no grad), score, normalise the rewards over the batch, then PPO on every step of every chain (one "
+            "train batch of B, S backward passes accumulated into one AdamW step, TRL's accounting). "
+            "fusedrl_reference: kernels all=reference (ddim_logprob and policy_loss in their fp32 torch "
+            "reference). trl: TRL 0.23.1's DDPOTrainer on DefaultDDPOStableDiffusionPipeline, same config. "
+            "reward_mean is logged before each epoch's update, so its first value checks the sampled chains "
+            "agree; later ones differ for trl by design (TRL shuffles the trained steps with per-sample randperm, "
+            "fusedrl with one argsort: other random streams)"
+        ),
+        config={"sample_num_batches_per_epoch": 1, "train_gradient_accumulation_steps": 1},
+        # The DDIM op is a few elementwise passes over B x 4 x 32 x 32 latents next to a UNet call, so the default
+        # kernels cannot win much here; the claim is that they cost nothing (5%: the step-to-step spread on this
+        # shared 2-core machine). At the quick size (quiet machine) the compiled ops cost 1.07x the reference's
+        # step (0.27 vs 0.25 s: ~20 ms over 12 op calls, a fixed per-call cost); the full size's UNet calls are
+        # ~4x longer, which should bring that to ~1.02x.
+        targets=(Target("fusedrl", "time_ratio_max", 1.05, vs="fusedrl_reference"),),
+        num_losses=1,
+        **_DIFFUSION_RUN,
+    ),
+    TrainerCase(
+        name="alignprop_trainer",
+        op="alignprop_trainer",
+        trainer="alignprop",
+        model="tiny-sd",
+        shape={"B": 4, "S": 10, "R": 64},
+        quick_shape={"B": 4, "S": 4, "R": 32},
+        paths=("fusedrl", "fusedrl_no_ckpt", "fusedrl_reference", "trl"),
+        base="fusedrl",
+        description=(
+            "AlignProp optimizer steps on " + _DIFFUSION_TEXT + ". One step = one epoch: sample B chains with "
+            "gradients through all S steps (truncated_backprop_rand off, truncated_backprop_timestep 0: the graph "
+            "spans the whole chain, the case gradient checkpointing is for), decode, score, backpropagate, one "
+            "AdamW step. fusedrl: gradient_checkpointing on (the default; each guided UNet call of the chain is "
+            "recomputed in the backward); fusedrl_no_ckpt: off, the graph keeps every call's activations; "
+            "fusedrl_reference: kernels all=reference. trl: TRL 0.23.1's AlignPropTrainer (it always "
+            "checkpoints), same config; its logged loss is 10 - reward, so the agreement is on reward_mean, "
+            "logged before each update"
+        ),
+        config={"train_gradient_accumulation_steps": 1, "truncated_backprop_rand": False,
+                "truncated_backprop_timestep": 0},
+        targets=(
+            # Without checkpointing the graph holds S calls' UNet activations on 2B latents; with it, S sets of
+            # call inputs plus one call's activations during its recompute; both hold the VAE decode's. Measured at
+            # the quick size (S=4): 78 vs 175 MB, 0.45x, i.e. ~32 MB per call and ~46 MB shared; at S=10 the model
+            # gives ~0.2x, so 0.5x leaves room for the decode's share growing with R.
+            Target("fusedrl", "peak_ratio_max", 0.5, vs="fusedrl_no_ckpt"),
+            Target("fusedrl", "time_ratio_max", 1.05, vs="fusedrl_reference"),
+        ),
+        num_losses=3,
+        # Same seed, noise draws and gradients; the first AdamW step moves each LoRA weight by ~lr * sign(grad),
+        # so fp32 rounding of the chain (two op implementations) shows up as ~1e-5 in the next epochs' brightness.
+        loss_atol=1e-4,
+        **_DIFFUSION_RUN,
+    ),
+)
+
 CASES: tuple[Case | TrainerCase, ...] = (
     *logprobs.CASES, *preference.CASES, *gae.CASES, *policy.CASES, *ddim.CASES, *multi_lora.CASES, *TRAINER_CASES,
+    *DIFFUSION_CASES,
 )
 
 

@@ -66,6 +66,10 @@ def _path_notes(case: dict) -> list[str]:
         if r.get("fusedrl_commit"):
             notes.append(f"- `{path}`: fusedrl as of commit {r['fusedrl_commit']} (its `fusedrl/` extracted into a "
                          "temporary directory, the worker started there so that `import fusedrl` resolved to it).")
+        if r.get("environment"):
+            env = r["environment"]
+            versions = ", ".join(f"{name} {version}" for name, version in env["versions"].items())
+            notes.append(f"- `{path}`: run by `{env['python']}` ({versions}).")
         if r.get("trl_compact_calls"):
             notes.append(f"- `{path}`: `trl.trainer.utils._use_triton` replaced by `True` in that worker only (TRL's "
                          f"fused LM head then scores only labelled positions, as on CUDA/XPU; "
@@ -86,12 +90,15 @@ def _trainer_case_markdown(case: dict, mode: str) -> list[str]:
         "",
         case["description"] + ".",
         "",
-        (f"{steps} optimizer steps per path, the first {warmup} untimed (compiles); time per step is the wall time "
-         "between consecutive steps' ends (data, forward, backward, optimizer, logging), median and min-max. "
-         "Peak RSS: the whole worker process's VmHWM from trainer construction to the end of training. "
-         "`split`: median seconds in forward + backward + clipping / AdamW / the rest (batch fetch, logging). "
-         f"`{metric}`: the first logged values; `diff` is the max abs difference from {base}'s "
-         f"(agreement: <= {case['loss_atol']:g}). `load`: 1-minute load average at the path's start and end."),
+        # A worker that measures differently (diffusion_trainers.py) says how in the case's "method".
+        (case.get("method") or (
+            f"{steps} optimizer steps per path, the first {warmup} untimed (compiles); time per step is the wall "
+            "time between consecutive steps' ends (data, forward, backward, optimizer, logging), median and "
+            "min-max. Peak RSS: the whole worker process's VmHWM from trainer construction to the end of training. "
+            "`split`: median seconds in forward + backward + clipping / AdamW / the rest (batch fetch, logging). "
+            f"`{metric}`: the first logged values")
+         + f"; `diff` is the max abs difference from {base}'s (agreement: <= {case['loss_atol']:g}). `load`: "
+         "1-minute load average at the path's start and end."),
         "",
         (f"| path | steps/s | s/step (min-max) | time / {base} | peak RSS MB | peak / {base} | split s "
          f"| {metric} | diff | other CPU | load |"),

@@ -5,11 +5,12 @@
 
 Paths run one after another (never in parallel: the reference machine has 2 cores), each in a fresh
 ``benchmarks/measure.py`` process so that peak memory is that path's alone and compile caches do not leak between
-paths (trainer cases: ``benchmarks/trainers.py``; a trainer path at an older fusedrl commit runs in a snapshot of
-that commit's ``fusedrl/``, see :func:`fusedrl_at`). Targets comparing two cases are evaluated once both have run
-(:func:`evaluate_cross_case`). Writes ``DIR/<NAME>.json`` and ``DIR/<NAME>.md`` (NAME defaults to a UTC
-timestamp) plus ``DIR/latest.md``, and prints the markdown. Returns 1 when a path failed to run, 0 otherwise
-(missed targets are reported, not errors).
+paths (trainer cases: the case's ``worker_module``, ``benchmarks/trainers.py`` or ``diffusion_trainers.py``; a
+trainer path at an older fusedrl commit runs in a snapshot of that commit's ``fusedrl/``, see :func:`fusedrl_at`,
+and a path with its own ``python`` runs under that interpreter, e.g. TRL 0.23's environment). Targets comparing
+two cases are evaluated once both have run (:func:`evaluate_cross_case`). Writes ``DIR/<NAME>.json`` and
+``DIR/<NAME>.md`` (NAME defaults to a UTC timestamp) plus ``DIR/latest.md``, and prints the markdown. Returns 1
+when a path failed to run, 0 otherwise (missed targets are reported, not errors).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib
 import io
 import json
 import os
@@ -34,7 +36,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import cases, peers, report, trainers
+from benchmarks import cases, peers, report
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
@@ -102,14 +104,15 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _run_worker(case: cases.Case, path: str, quick: bool) -> dict:
-    """One (case, path) in a fresh process; returns its measurement or ``{"error": ...}``.
+def _run_worker(case: cases.Case, path: str, quick: bool, *, extra_args: tuple[str, ...] = ()) -> dict:
+    """One (case, path) in a fresh process (``extra_args`` appended to its command line); returns its measurement
+    or ``{"error": ...}``.
 
     Also records ``other_cpu_cores``: CPU used by other processes while the worker ran (busy CPU time minus the
     worker's, over wall time). On 2 cores, anything above ~0.2 means the times were taken on a shared machine.
     """
     busy0, children0, wall0 = _busy_cpu_s(), _children_cpu_s(), time.perf_counter()
-    result = _run_worker_process(case, path, quick)
+    result = _run_worker_process(case, path, quick, extra_args)
     wall = time.perf_counter() - wall0
     others = (_busy_cpu_s() - busy0) - (_children_cpu_s() - children0)
     result["other_cpu_cores"] = max(0.0, others / wall)
@@ -139,13 +142,22 @@ def fusedrl_at(commit: str) -> Iterator[tuple[Path, str]]:
         yield Path(tmp), sha
 
 
-def _worker_commit(case: cases.Case | cases.TrainerCase, path: str) -> str | None:
-    """The fusedrl commit a trainer path runs at (None: this working tree)."""
-    return trainers.PATHS[path].commit if isinstance(case, cases.TrainerCase) else None
+def _trainer_worker(case: cases.TrainerCase):
+    """The module of a trainer case's worker: its ``PATHS``, ``run_case`` and ``main``."""
+    return importlib.import_module(case.worker_module)
 
 
-def _run_worker_process(case: cases.Case, path: str, quick: bool) -> dict:
-    commit = _worker_commit(case, path)
+def _worker_spec(case: cases.Case | cases.TrainerCase, path: str) -> tuple[str | None, str]:
+    """The fusedrl commit a trainer path runs at (None: this working tree) and the interpreter of its worker (a
+    diffusion path's ``python``, e.g. TRL 0.23's environment; else this one)."""
+    if not isinstance(case, cases.TrainerCase):
+        return None, sys.executable
+    spec = _trainer_worker(case).PATHS[path]
+    return getattr(spec, "commit", None), getattr(spec, "python", None) or sys.executable
+
+
+def _run_worker_process(case: cases.Case, path: str, quick: bool, extra_args: tuple[str, ...] = ()) -> dict:
+    commit, python = _worker_spec(case, path)
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         cwd, env, sha = REPO_ROOT, None, None
@@ -155,7 +167,7 @@ def _run_worker_process(case: cases.Case, path: str, quick: bool) -> dict:
                                                                                os.environ.get("PYTHONPATH")]))}
         out = tmp / "result.json"
         module = getattr(case, "worker_module", "benchmarks.measure")
-        cmd = [sys.executable, "-m", module, case.name, path, "--json", str(out)]
+        cmd = [python, "-m", module, case.name, path, "--json", str(out), *extra_args]
         if quick:
             cmd.append("--quick")
         try:
@@ -197,7 +209,8 @@ def _grad_rel_diff(a: dict[str, float], b: dict[str, float]) -> float | None:
 def run_case(case: cases.Case, *, quick: bool, log=print, only_paths: frozenset[str] | None = None) -> dict:
     """Every path of ``case`` (those in ``only_paths`` when given; the others are shown as not selected)."""
     if isinstance(case, cases.TrainerCase):
-        return trainers.run_case(case, quick=quick, run_worker=_run_worker, log=log, only_paths=only_paths)
+        return _trainer_worker(case).run_case(case, quick=quick, run_worker=_run_worker, log=log,
+                                              only_paths=only_paths)
     shape = case.quick_shape if quick else case.shape
     log(f"[{case.name}] {' '.join(f'{k}={v}' for k, v in shape.items())} {case.dtype}")
     results: dict[str, dict] = {}

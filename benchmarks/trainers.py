@@ -286,15 +286,17 @@ def _summarise(raw: dict) -> dict:
 
 
 def run_case(case: cases.TrainerCase, *, quick: bool, run_worker: Callable[..., dict], log=print,
-             only_paths: frozenset[str] | None = None) -> dict:
+             only_paths: frozenset[str] | None = None, paths: dict | None = None) -> dict:
     """Every path of ``case`` (those in ``only_paths`` when given) through ``run_worker(case, path, quick)``
-    (run.py's fresh-process runner)."""
+    (run.py's fresh-process runner). ``paths``: the path registry of the case's worker (default :data:`PATHS`;
+    ``diffusion_trainers.PATHS`` for the diffusion cases)."""
+    paths = PATHS if paths is None else paths
     shape = case.quick_shape if quick else case.shape
     log(f"[{case.name}] {case.model} {' '.join(f'{k}={v}' for k, v in shape.items())} {case.dtype}")
     results: dict[str, dict] = {}
     for path in case.paths:
         reason = "not selected (--paths)" if only_paths is not None and path not in only_paths else None
-        reason = reason or PATHS[path].unavailable()
+        reason = reason or paths[path].unavailable()
         if reason:
             results[path] = {"skipped": reason}
             log(f"  {path:<18} skipped: {reason}")
@@ -329,7 +331,7 @@ def run_case(case: cases.TrainerCase, *, quick: bool, run_worker: Callable[..., 
         "config": dict(case.config),
         "loss_atol": case.loss_atol,
         "agreement_metric": case.agreement_metric,
-        "labels": {p: PATHS[p].label for p in case.paths},
+        "labels": {p: paths[p].label for p in case.paths},
         "paths": results,
         "targets": [report.evaluate(t, results) for t in case.targets],
     }
