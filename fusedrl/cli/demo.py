@@ -6,8 +6,9 @@ arithmetic preference task (chosen = the right answer, rejected = a typical mist
 peak memory, and writes ``metrics.json`` and ``curves.png`` to the output directory.
 
 Stage 2 (``--skip_grpo`` leaves it out): ``fusedrl.GRPOTrainer`` continues from the DPO-trained policy on prompts of
-the same task, rewarded for exact answers (``presets.recipes.GRPO_DEMO_RECIPE``); it prints the reward curve (mean
-reward and exact-answer accuracy per window of steps) and writes ``grpo_curve.json`` and ``grpo_curve.png``.
+the same task that this policy answers right now and then (:func:`grpo_prompts`), rewarded for exact answers
+(``presets.recipes.GRPO_DEMO_RECIPE``); it prints the reward curve (mean reward and exact-answer accuracy per window
+of steps) and writes ``grpo_curve.json`` and ``grpo_curve.png``.
 
 Stage 3 (``--skip_diffusion`` leaves it out): the tiny Stable Diffusion pipeline trained with AlignProp and with
 DDPO towards one colour (``fusedrl/cli/demo_diffusion.py``); writes ``diffusion_curve.json``,
@@ -27,6 +28,7 @@ import torch
 from fusedrl.cli import presets
 from fusedrl.cli.presets.recipes import GRPO_DEMO_RECIPE
 from fusedrl.ops.dispatch import config_kernels, kernel_backends, parse_kernel_spec
+from fusedrl.ops.logprobs import token_logprobs
 from fusedrl.trainers.callbacks import use_rich_progress
 from fusedrl.trainers.online.grpo import GRPOTrainer
 from fusedrl.trainers.online.grpo_config import GRPOConfig
@@ -115,6 +117,49 @@ def _eval(trainer: DPOTrainer) -> dict[str, float]:
     return {key.removeprefix("eval_"): value for key, value in trainer.evaluate().items()}
 
 
+def answer_probabilities(model, dataset, *, temperature: float) -> torch.Tensor:
+    """``[N]`` fp32: the probability that one completion sampled from ``model`` at ``temperature`` is row n's
+    ``answer`` followed by EOS (teacher-forced product of those tokens' probabilities; ``dataset`` has string
+    ``prompt`` and ``answer`` columns). The character-level tokenizer makes the prompt's ids a prefix of
+    prompt + answer's."""
+    tokenizer = presets.build_tokenizer()
+    rows = [(len(tokenizer(prompt)["input_ids"]), tokenizer(prompt + answer)["input_ids"] + [tokenizer.eos_token_id])
+            for prompt, answer in zip(dataset["prompt"], dataset["answer"], strict=True)]
+    width = max(len(ids) for _, ids in rows)
+    input_ids_NT = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels_NT = torch.full_like(input_ids_NT, -100)
+    attention_NT = torch.zeros_like(input_ids_NT)
+    for n, (num_prompt, ids) in enumerate(rows):
+        input_ids_NT[n, :len(ids)] = torch.tensor(ids)
+        attention_NT[n, :len(ids)] = 1
+        labels_NT[n, num_prompt - 1:len(ids) - 1] = torch.tensor(ids[num_prompt:])  # position t predicts t + 1
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits_NTV = model(input_ids=input_ids_NT.to(device), attention_mask=attention_NT.to(device)).logits
+    model.train(was_training)
+    return token_logprobs(logits_NTV.float(), labels_NT.to(device), temperature=temperature).sum(-1).exp()
+
+
+def grpo_prompts(model, *, seed: int):
+    """The GRPO stage's ``num_prompts`` training problems: the train split in the seed's shuffled order, keeping
+    those whose exact answer ``model`` samples with a probability inside the recipe's ``answer_prob_range`` at the
+    sampling temperature (all of them when the range is None); if too few qualify, the most probable of the rest
+    fill up the pool."""
+    recipe = GRPO_DEMO_RECIPE
+    if recipe.get("answer_prob_range") is None:
+        return presets.load_preset_dataset(recipe["dataset"], "train", kind="prompt", n=recipe["num_prompts"],
+                                           seed=seed)
+    everything = presets.load_preset_dataset(recipe["dataset"], "train", kind="prompt", seed=seed,
+                                             n=len(presets.DATASET_PRESETS[recipe["dataset"]].problems("train")))
+    probs_N = answer_probabilities(model, everything, temperature=recipe["config"]["temperature"]).tolist()
+    low, high = recipe["answer_prob_range"]
+    chosen = [n for n, p in enumerate(probs_N) if low <= p <= high][: recipe["num_prompts"]]
+    rest = sorted((n for n in range(len(probs_N)) if n not in chosen), key=lambda n: -probs_N[n])
+    return everything.select(chosen + rest[: recipe["num_prompts"] - len(chosen)])
+
+
 def build_grpo_trainer(model, output_dir: str | Path, *, max_steps: int | None = None, kernels: str | None = None,
                        callbacks=None) -> GRPOTrainer:
     """The demo's GRPO stage: ``GRPO_DEMO_RECIPE`` on ``model`` (the DPO-trained policy), fp32 on CPU."""
@@ -124,8 +169,8 @@ def build_grpo_trainer(model, output_dir: str | Path, *, max_steps: int | None =
         fields["max_steps"] = max_steps
     config = GRPOConfig(output_dir=str(output_dir), kernels=kernels, report_to="none", save_strategy="no",
                         disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available(), **fields)
-    prompts = presets.load_preset_dataset(recipe["dataset"], "train", kind="prompt", n=recipe["num_prompts"],
-                                          seed=config.seed)
+    with config_kernels(parse_kernel_spec(kernels or "")):  # the log-probs of the pool's filter, as the trainer's
+        prompts = grpo_prompts(model, seed=config.seed)
     return GRPOTrainer(model, reward_funcs=recipe["reward_funcs"], args=config, train_dataset=prompts,
                        processing_class=presets.build_tokenizer(), callbacks=callbacks)
 
@@ -192,7 +237,8 @@ def _grpo_table(grpo: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="fusedrl demo: GRPO from the DPO policy (sampled completions, T = 1.5)")
+    table = Table(title=f"fusedrl demo: GRPO from the DPO policy (sampled completions, "
+                        f"T = {GRPO_DEMO_RECIPE['config']['temperature']})")
     for column in ("steps", "mean reward", "exact-answer accuracy"):
         table.add_column(column, justify="right")
     for row in grpo["curve"]:
