@@ -219,3 +219,29 @@ def test_bad_trainer_arguments(tiny_sd_dir, tmp_path):
                                                                              {}), animals(), tiny_sd_dir)
     with pytest.raises(ValueError, match="rewards must be finite"):
         trainer.train()
+
+
+class _FinishedDataloader:
+    """What accelerate's process-wide GradientState can still hold from another trainer (the demo's GRPO stage):
+    an active dataloader that reports its end."""
+
+    end_of_dataloader = True
+    remainder = -1
+
+
+def test_accumulation_ignores_another_trainers_dataloader(tiny_sd_dir, tmp_path):
+    """A dataloader left active in accelerate's shared state must not end DDPO's accumulation windows early: with
+    sync_with_dataloader (accelerate's default) every backward synced and the epoch raised "an inner epoch ended
+    inside a gradient-accumulation window" (the full demo, after GRPO)."""
+    from accelerate.state import GradientState
+
+    state, stale = GradientState(), _FinishedDataloader()
+    state._add_dataloader(stale)
+    try:
+        trainer = DDPOTrainer(_small(tmp_path, train_gradient_accumulation_steps=2), brightness(), animals(),
+                              tiny_sd_dir)
+        history = trainer.train()
+    finally:
+        state._remove_dataloader(stale)
+    # 4 samples / batches of 2 = 2 batches x 2 steps, accumulated over 2 batches: one optimizer step.
+    assert trainer.global_step == 1 and sum("loss" in entry for entry in history) == 1

@@ -49,7 +49,7 @@ import numpy as np
 import safetensors.torch
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from fusedrl.ops.compiler import compile_options
@@ -153,10 +153,16 @@ class DiffusionTrainerBase(abc.ABC):
         self._kernel_selection = parse_kernel_spec(config.kernels or "", source="kernels")
 
         mixed_precision = config.mixed_precision or ("fp16" if torch.cuda.is_available() else "no")
+        # sync_with_dataloader=False: these trainers feed no accelerate dataloader, and accelerate's process-wide
+        # GradientState may still point at one another trainer left active (the demo's GRPO stage): when that one
+        # reported its end, accumulate() synced mid-window and DDPO's inner epoch ended inside an accumulation
+        # window (seen in the full demo, not in the stage alone).
         self.accelerator = Accelerator(
             log_with=config.log_with, mixed_precision=mixed_precision,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), **config.project_kwargs),
-            gradient_accumulation_steps=self._accumulation_steps(), **config.accelerator_kwargs,
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self._accumulation_steps(),
+                                                                    sync_with_dataloader=False),
+            **config.accelerator_kwargs,
         )
         self._check_config()
         if self.accelerator.is_main_process and config.log_with is not None:
