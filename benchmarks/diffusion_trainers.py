@@ -27,7 +27,6 @@ chain's forward with gradients and the decode) against the rest (rewards, backwa
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import gc
@@ -49,7 +48,7 @@ import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import cases, measure
+from benchmarks import cases, measure, worker
 
 NUM_THREADS = 2  # the reference machine's cores; workers never run concurrently
 # The interpreter of TRL 0.23's environment (built as benchmarks/README.md says); its absence skips the trl paths.
@@ -332,12 +331,8 @@ def run_case(case: cases.TrainerCase, *, quick: bool, run_worker: Callable[..., 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("case")
-    parser.add_argument("path")
-    parser.add_argument("--quick", action="store_true")
+    parser = worker.parser(__doc__)
     parser.add_argument("--pipeline", required=True, help="the saved tiny pipeline (run_case writes it)")
-    parser.add_argument("--json", required=True, help="file to write the result to")
     args = parser.parse_args(argv)
     with contextlib.redirect_stdout(sys.stderr):  # trainers' prints must not mix with anything on stdout
         result = measure_path(cases.by_name(args.case), args.path, quick=args.quick, pipeline_dir=args.pipeline)

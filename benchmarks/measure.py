@@ -14,7 +14,6 @@ next (measured: 226-320 MB for naive at the quick size), hence the max over a fe
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import functools
 import gc
@@ -27,7 +26,7 @@ import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import cases, peers
+from benchmarks import cases, peers, worker
 
 # The reference machine has 2 cores; every worker uses both, and workers never run concurrently.
 NUM_THREADS = 2
@@ -132,11 +131,7 @@ def measure(case: cases.Case, path: str, *, quick: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("case")
-    parser.add_argument("path")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", required=True, help="file to write the result to")
+    parser = worker.parser(__doc__)
     args = parser.parse_args(argv)
     result = measure(cases.by_name(args.case), args.path, quick=args.quick)
     Path(args.json).write_text(json.dumps(result))

@@ -12,6 +12,7 @@ _KIND_TEXT = {
     "speedup_min": ">= {value:g}x faster than {vs}",
     "peak_mb_max": "peak memory <= {value:g} MB",
     "peak_ratio_max": "peak memory <= {value:g}x {vs}",
+    "peak_sum_ratio_max": "peak memory <= {value:g}x the summed peaks of {vs}'s runs",
 }
 
 
@@ -38,6 +39,10 @@ def evaluate(target: Target, results: dict[str, dict], vs_results: dict[str, dic
         ok = measured >= target.value
     elif target.kind == "peak_mb_max":
         measured = r["peak_mb"]
+        ok = measured <= target.value
+    elif target.kind == "peak_sum_ratio_max":
+        summed = v.get("peak_sum_mb", v["peak_mb"])
+        measured = r["peak_mb"] / summed if summed > 0 else float("inf")
         ok = measured <= target.value
     else:
         measured = r["peak_mb"] / v["peak_mb"] if v["peak_mb"] > 0 else float("inf")

@@ -24,7 +24,6 @@ older commit (a path with ``commit``: run.py starts its worker in a snapshot of 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import importlib.util
@@ -47,7 +46,7 @@ import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import cases, report
+from benchmarks import cases, report, worker
 from benchmarks.trainer_data import grpo_inputs, long_prompt_dataset
 
 NUM_THREADS = 2  # the reference machine's cores; workers never run concurrently
@@ -338,11 +337,7 @@ def run_case(case: cases.TrainerCase, *, quick: bool, run_worker: Callable[..., 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("case")
-    parser.add_argument("path")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", required=True, help="file to write the result to")
+    parser = worker.parser(__doc__)
     args = parser.parse_args(argv)
     result = measure(cases.by_name(args.case), args.path, quick=args.quick)
     Path(args.json).write_text(json.dumps(result))

@@ -96,8 +96,12 @@ __all__ = [
 
 # Trainers pull in transformers/accelerate (seconds of import time): loaded on first use, so kernel-only users and
 # `fusedrl aot` stay light. `from fusedrl import DPOTrainer, DPOConfig` works as with TRL, and so do the diffusion
-# trainers (`DDPOTrainer`, `DDPOConfig`, `AlignPropTrainer`, `AlignPropConfig`).
+# trainers (`DDPOTrainer`, `DDPOConfig`, `AlignPropTrainer`, `AlignPropConfig`) and `fusedrl.use_adapter` (PEFT).
 def __getattr__(name: str):
+    if name == "use_adapter":
+        from fusedrl.trainers.adapters import use_adapter
+
+        return use_adapter
     if name.endswith(("Trainer", "Config")):
         from fusedrl import trainers
 

@@ -12,8 +12,9 @@ work unchanged. The base owns no algorithm:
   only, so two trainers in one process never reconfigure each other and a caller's ``with fusedrl.use_kernels(...)``
   still wins; the backends in use are logged once.
 - reference: an explicit ``ref_model``; else, for a PEFT policy, the policy with its adapters disabled (or switched to
-  a frozen ``ref`` adapter copied from a pretrained one); else a frozen deep copy of the policy, or none at all when
-  the trainer precomputes reference log-probs.
+  the adapter ``ref_adapter_name``, or to a frozen ``ref`` adapter copied from a pretrained one: ``null_ref_context``,
+  ``adapters/named.py``); else a frozen deep copy of the policy, or none at all when the trainer precomputes
+  reference log-probs.
 - log-probs: the model (wrapped by DDP/FSDP as accelerate set it up) runs with ``logits_to_keep=1``; its final hidden
   states are caught on the decoder trunk (``runtime/hidden.py``) and ``linear_token_logprobs`` projects them through
   the LM head in chunks, so ``[N, T, V]`` logits never exist. ``head_inputs`` + ``loss_region`` let a trainer compile
@@ -43,12 +44,12 @@ from transformers import PreTrainedModel
 
 from fusedrl.ops.dispatch import config_kernels, kernel_backends, parse_kernel_spec
 from fusedrl.runtime.compile import compile_blocks, compile_region
-from fusedrl.runtime.hidden import catch_final_hidden
 from fusedrl.runtime.memory import MemoryCallback, SelectiveCheckpointCallback
 from fusedrl.runtime.offload import ActivationOffloader
 from fusedrl.runtime.resumable import ResumableTrainer
 from fusedrl.runtime.sharded_head import is_zero3_param, keep_root_unsharded, prepare_reference, whole_head
-from fusedrl.trainers.callbacks.sync_ref import SyncRefModelCallback
+from fusedrl.trainers.adapters.mixin import JointAdapterMixin
+from fusedrl.trainers.adapters.named import NamedAdapterTrainer, reference_adapter, use_adapter
 from fusedrl.trainers.head import (
     IGNORE_INDEX,
     HeadInputs,
@@ -59,12 +60,12 @@ from fusedrl.trainers.head import (
     vocab_mean_logits,
 )
 from fusedrl.trainers.metrics import TrainerMetrics
-from fusedrl.trainers.models import REF_ADAPTER, check_plain_head, disable_dropout, prepare_model
+from fusedrl.trainers.models import check_plain_head, disable_dropout, prepare_model
 
 logger = logging.getLogger("fusedrl")
 
 
-class FusedTrainer(TrainerMetrics, ResumableTrainer):
+class FusedTrainer(TrainerMetrics, JointAdapterMixin, ResumableTrainer, NamedAdapterTrainer):
     """``transformers.Trainer`` plus the shared pieces listed in the module docstring.
 
     The contract of a new trainer (docs/extending.md; a runnable one: examples/custom_trainer.py), with a config
@@ -117,6 +118,7 @@ class FusedTrainer(TrainerMetrics, ResumableTrainer):
         with config_kernels(self._kernel_selection):
             logger.info("fusedrl kernels for %s on %s: %s", type(self).__name__, self.accelerator.device,
                         kernel_backends(self.accelerator.device))
+        self._setup_joint()
         self._setup_runtime()
 
     def _setup_runtime(self) -> None:
@@ -136,7 +138,7 @@ class FusedTrainer(TrainerMetrics, ResumableTrainer):
             self.add_callback(MemoryCallback(self.accelerator.device, functools.partial(self.record, "train"),
                                              log_memory=args.log_memory, release=args.release_memory_every_step))
 
-    def _checked_inputs(self, model, args, config_cls, train_dataset, compute_metrics):
+    def _checked_inputs(self, model, args, config_cls, train_dataset, compute_metrics, eval_dataset=None):
         """TRL's constructor prelude: a default config named ``<model>-<method>`` when ``args`` is None, then the
         refusals that apply before any set-up. Returns the config."""
         trainer = type(self).__name__
@@ -145,6 +147,7 @@ class FusedTrainer(TrainerMetrics, ResumableTrainer):
             args = config_cls(f"{name.rstrip('/').split('/')[-1] or 'model'}-{trainer.removesuffix('Trainer')}")
         if train_dataset is None:
             raise ValueError("train_dataset is required")
+        train_dataset = self._joint_datasets(args, train_dataset, eval_dataset)
         if compute_metrics is not None:
             raise ValueError(f"compute_metrics needs logits, which fusedrl's {trainer} never builds")
         if isinstance(train_dataset, IterableDataset):
@@ -157,8 +160,12 @@ class FusedTrainer(TrainerMetrics, ResumableTrainer):
         return args
 
     def _prepare_splits(self, train_dataset, eval_dataset, tokenizer, args):
-        """The trainer's ``_prepare`` applied to the train split and to each eval split (one dataset or a dict)."""
-        train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
+        """The trainer's ``_prepare`` applied to the train split and to each eval split (one dataset or a dict);
+        in joint mode, to each adapter's split."""
+        if isinstance(train_dataset, dict):
+            train_dataset = {key: self._prepare(ds, tokenizer, args, f"train[{key}]") for key, ds in train_dataset.items()}
+        else:
+            train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
         if isinstance(eval_dataset, dict):
             eval_dataset = {key: self._prepare(ds, tokenizer, args, key) for key, ds in eval_dataset.items()}
         elif eval_dataset is not None:
@@ -179,7 +186,7 @@ class FusedTrainer(TrainerMetrics, ResumableTrainer):
         config has ``sync_ref_model`` / ``precompute_ref_log_probs`` and that define ``_precompute_ref_logps``."""
         self._finish_setup(ref_model, precompute=args.precompute_ref_log_probs)
         if args.sync_ref_model:
-            self.add_callback(SyncRefModelCallback(self.ref_model, self.accelerator))
+            self.add_callback(self.reference_sync_callback())
         if not args.precompute_ref_log_probs:
             return
         self.train_dataset = self._precompute_ref_logps(
@@ -197,15 +204,17 @@ class FusedTrainer(TrainerMetrics, ResumableTrainer):
 
     # Everything a run does (sampling and old log-probs of the online trainers included) sees the config selection.
     def train(self, *args, **kwargs):
-        with config_kernels(self._kernel_selection):
+        with config_kernels(self._kernel_selection), self._joint_hooked():
             return super().train(*args, **kwargs)
 
-    def evaluate(self, *args, **kwargs):
-        with config_kernels(self._kernel_selection):
-            return super().evaluate(*args, **kwargs)
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        with config_kernels(self._kernel_selection), self._joint_hooked():
+            if self._joint is not None and eval_dataset is None:
+                return self._evaluate_joint(ignore_keys, metric_key_prefix)
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def predict(self, *args, **kwargs):
-        with config_kernels(self._kernel_selection):
+        with config_kernels(self._kernel_selection), self._joint_hooked():
             return super().predict(*args, **kwargs)
 
     @contextlib.contextmanager
@@ -231,29 +240,30 @@ class FusedTrainer(TrainerMetrics, ResumableTrainer):
 
     @contextlib.contextmanager
     def reference_context(self) -> Iterator[torch.nn.Module]:
-        """No-grad block yielding the model that plays the reference: ``ref_model``, or the PEFT policy with its
-        adapters disabled (or the ``ref`` adapter active), or the policy itself before training (precompute)."""
+        """No-grad block yielding the model that plays the reference: ``ref_model``, or the PEFT policy inside
+        :meth:`null_ref_context`, or the policy itself before training (precompute)."""
         with torch.no_grad():
             if self.ref_model is not None:
                 yield self.ref_model
                 return
-            policy = self.model
-            if self.policy_attribute is not None:
-                policy = getattr(self.accelerator.unwrap_model(self.model), self.policy_attribute)
-            if not is_peft_model(policy):
-                yield policy
-                return
-            peft_model = self.accelerator.unwrap_model(policy)
-            if REF_ADAPTER not in peft_model.peft_config:
-                with peft_model.disable_adapter():
-                    yield policy
-                return
-            active = peft_model.active_adapter
-            peft_model.set_adapter(REF_ADAPTER, inference_mode=True)
-            try:
-                yield policy
-            finally:
-                peft_model.set_adapter(active)
+            with self.null_ref_context():
+                yield self._policy_module()
+
+    def _policy_module(self) -> torch.nn.Module:
+        return (self.model if self.policy_attribute is None
+                else getattr(self.accelerator.unwrap_model(self.model), self.policy_attribute))
+
+    @contextlib.contextmanager
+    def null_ref_context(self) -> Iterator[None]:
+        """TRL's name: the block in which the PEFT policy plays the reference, with the adapter ``ref_adapter_name``
+        active, else the frozen ``ref`` copy, else its adapters disabled (``adapters.use_adapter``; the active adapter
+        and trainability come back on exit). A no-op without PEFT. Gradients stay as the caller has them."""
+        policy = self._policy_module()
+        if not is_peft_model(policy):
+            yield
+            return
+        with use_adapter(policy, reference_adapter(policy, self.args)):
+            yield
 
     # --- log-probs ------------------------------------------------------------------------------------------------
 
@@ -295,13 +305,12 @@ class FusedTrainer(TrainerMetrics, ResumableTrainer):
         # The final (normed) hidden states come from a hook on the decoder trunk (runtime/hidden.py): asking for
         # output_hidden_states would install transformers' capture hooks, which compiled blocks cannot trace.
         # logits_to_keep=1 leaves a [N, 1, V] slice of logits, whose gradient is zero.
-        with catch_final_hidden(model) as final:
-            outputs = model(**model_inputs, use_cache=False, logits_to_keep=1, **extra)
+        outputs, final_NTH = self._model_forward(model, model_inputs, **extra)
         weight_VH, bias_V = self._lm_head(model)
         length = labels_NT.shape[1]
         # Prompt-learning PEFT prepends virtual tokens: the real positions are the last T. The head runs in the
         # dtype _lm_head gives its weight (the autocast dtype under mixed precision).
-        hidden_NTH = final.value[:, -length:-1].to(weight_VH.device, weight_VH.dtype)
+        hidden_NTH = final_NTH[:, -length:-1].to(weight_VH.device, weight_VH.dtype)
         labels_NT = labels_NT[:, 1:].to(weight_VH.device)
         stats = {}
         detached_bias = None if bias_V is None else bias_V.detach()
@@ -312,7 +321,7 @@ class FusedTrainer(TrainerMetrics, ResumableTrainer):
             stats = {"mean_logits": labelled_mean_logits(hidden_NTH.detach(), weight_VH.detach(), detached_bias,
                                                          labels_NT)}
         if all_position_mean_logits:
-            full_NTH = final.value[:, -length:].detach().to(weight_VH.device, weight_VH.dtype)
+            full_NTH = final_NTH[:, -length:].detach().to(weight_VH.device, weight_VH.dtype)
             stats["mean_logits"] = vocab_mean_logits(full_NTH, weight_VH.detach(),
                                                       None if bias_V is None else bias_V.detach())
         aux_loss = getattr(outputs, "aux_loss", None) if router_logits else None

@@ -65,6 +65,20 @@ class FusedConfig(TrainingArguments):
                                         "memory/peak_reserved_mb on CUDA, memory/peak_rss_mb on CPU."}
     )
 
+    # `None | str | list[str]` in this order, as TrainingArguments.report_to: HfArgumentParser reads such a field as
+    # one string (a comma-separated list on the command line); `str | list[str] | None` would make it fail.
+    model_adapter_name: None | str | list[str] = field(
+        default=None, metadata={"help": "With a PEFT model: the adapter to train (the others stay frozen), or a list "
+                                        "of adapters trained together; 'a,b' is the list ['a', 'b']. None: the "
+                                        "active adapter."}
+    )
+    ref_adapter_name: str | None = field(
+        default=None, metadata={"help": "With a PEFT model: an existing adapter that is the reference (never "
+                                        "trained; with sync_ref_model the trained adapter is synced into it). None: "
+                                        "the base (adapters disabled); with model_adapter_name unset too, the "
+                                        "frozen 'ref' copy of a pretrained adapter."}
+    )
+
     max_nonfinite_steps: int = field(
         default=DEFAULT_MAX_NONFINITE_STEPS,
         metadata={"help": "Optimizer steps with a non-finite loss or gradient to skip before training stops with an "
@@ -86,6 +100,27 @@ class FusedConfig(TrainingArguments):
             self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs
         if self.kernels is not None:
             parse_kernel_spec(self.kernels, source="kernels")  # a typo fails here, not at the first step
+        self.model_adapter_name = normalise_adapter_names(self.model_adapter_name, self.ref_adapter_name)
+
+
+def normalise_adapter_names(names: str | list[str] | None, ref_adapter_name: str | None) -> str | list[str] | None:
+    """``model_adapter_name`` checked for its type: None, a name, or a list of distinct names ("a,b" is ["a", "b"]);
+    neither may be the reference adapter. Whether the model has them is checked when the trainer prepares it."""
+    if ref_adapter_name is not None and not (isinstance(ref_adapter_name, str) and ref_adapter_name):
+        raise ValueError(f"ref_adapter_name must be an adapter name (a non-empty string), got {ref_adapter_name!r}")
+    if names is None:
+        return None
+    if isinstance(names, str) and "," in names:
+        names = [name.strip() for name in names.split(",")]
+    listed = [names] if isinstance(names, str) else names
+    if not (isinstance(listed, (list, tuple)) and listed and all(isinstance(n, str) and n for n in listed)):
+        raise ValueError(f"model_adapter_name must be an adapter name or a non-empty list of names, got {names!r}")
+    if len(set(listed)) != len(listed):
+        raise ValueError(f"model_adapter_name lists an adapter twice: {list(listed)}; name each adapter once")
+    if ref_adapter_name in listed:
+        raise ValueError(f"ref_adapter_name={ref_adapter_name!r} is also in model_adapter_name={names!r}: the reference "
+                         "adapter is never trained; choose another reference adapter or leave it out of the list")
+    return names if isinstance(names, str) else list(names)
 
 
 def resolve_pad_to_multiple_of(value: int | str | None, device: torch.device) -> int | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from fusedrl.trainers.adapters.mixin import mean_over_adapters
+
 
 class TrainerMetrics:
     """Mixin for a ``transformers.Trainer`` whose ``_finish_setup`` creates ``self._metrics`` and
@@ -13,8 +15,13 @@ class TrainerMetrics:
     def _mode(self) -> str:
         return "train" if self.model.training else "eval"
 
+    # Joint mode (trainers/adapters/joint.py): the adapter whose loss is being computed prefixes every metric
+    # ("a/rewards/accuracies"), and the train log adds the adapters' mean under the plain name.
+    _metric_prefix = ""
+    _metric_adapters: tuple[str, ...] = ()
+
     def record(self, mode: str, name: str, value: float) -> None:
-        self._metrics[mode][name].append(value)
+        self._metrics[mode][self._metric_prefix + name].append(value)
 
     def masked_mean(self, values_NT: torch.Tensor, mask_NT: torch.Tensor) -> float:
         """Token-weighted mean over all processes (0.0 when no token is selected)."""
@@ -36,7 +43,9 @@ class TrainerMetrics:
         # Peaks are reported as the largest since the last log; everything else is averaged (TRL's rule).
         metrics = {key: max(values) if key.startswith("memory/") else sum(values) / len(values)
                    for key, values in self._metrics[mode].items() if values}
-        if mode == "eval":
+        if mode == "train":
+            metrics = mean_over_adapters(metrics, self._metric_adapters, logs)
+        else:
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
         super().log(logs, start_time)

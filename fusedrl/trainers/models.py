@@ -1,5 +1,7 @@
 """Models as the trainers take them: loading from a path (TRL's fp32 default), the tokenizer of a processor, PEFT
-wrapping and the frozen ``ref`` adapter, dropout off, and the refusal of heads the fused LM head cannot reproduce."""
+wrapping, the trained and reference adapters (named by ``model_adapter_name`` / ``ref_adapter_name``:
+``adapters/named.py``; else the frozen ``ref`` adapter), dropout off, and the refusal of heads the fused LM head
+cannot reproduce."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import torch
 from accelerate.utils import is_peft_model
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
+from fusedrl.trainers.adapters.named import REF_ADAPTER, check_adapter_names, create_adapters, select_trained_adapter
+
 logger = logging.getLogger("fusedrl")
 
-REF_ADAPTER = "ref"
+__all__ = ["REF_ADAPTER", "check_plain_head", "disable_dropout", "load_causal_lm", "prepare_model", "tokenizer_of"]
 # Config attributes through which some architectures rescale or soft-cap their logits. The fused head projects with
 # the plain LM-head weight, so such a model would silently get wrong log-probs; it is refused instead.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
@@ -68,11 +72,18 @@ def check_plain_head(model: PreTrainedModel) -> None:
 
 def prepare_model(model, args, processing_class, *, peft_config, ref_model, quantization_config,
                  reference: bool = True):
-    """Load ``model``, give the tokenizer a pad token, wrap with PEFT; returns ``(model, processing_class)``.
-    ``reference=False`` (reference-free: ORPO, CPO) makes no frozen ``ref`` copy of a pretrained adapter."""
+    """Load ``model``, give the tokenizer a pad token, wrap with PEFT (the adapter(s) named ``model_adapter_name``
+    when set), select the trained adapter; returns ``(model, processing_class)``. ``reference=False``
+    (reference-free: ORPO, CPO, GRPO with beta 0) makes no frozen ``ref`` copy of a pretrained adapter; nor does a
+    reference named by ``ref_adapter_name``."""
     model = load_causal_lm(model, args, quantization_config)
     if ref_model is model:
         raise ValueError("model and ref_model are the same object; omit ref_model to get a frozen copy")
+    if args.ref_adapter_name is not None and ref_model is not None:
+        raise ValueError(f"both ref_model and ref_adapter_name={args.ref_adapter_name!r} name a reference; pass one")
+    if args.ref_adapter_name is not None and not reference:
+        raise ValueError(f"ref_adapter_name={args.ref_adapter_name!r} but this trainer uses no reference (a "
+                         "reference-free loss, or beta=0); unset ref_adapter_name")
     if processing_class is None:
         from transformers import AutoTokenizer
 
@@ -89,11 +100,16 @@ def prepare_model(model, args, processing_class, *, peft_config, ref_model, quan
         if is_peft_model(model):
             raise ValueError("model is already a PeftModel and peft_config is given; merge the adapter first, "
                              "or pass the base model with peft_config")
-        from peft import get_peft_model
-
-        model = get_peft_model(model, peft_config)
-    elif is_peft_model(model) and ref_model is None and reference:
-        # A pretrained adapter is the starting policy, so the reference is a frozen copy of it, not the base.
+        model = create_adapters(model, peft_config, args.model_adapter_name)
+    check_adapter_names(model, args)
+    if is_peft_model(model):
+        select_trained_adapter(model, args)
+    if (peft_config is None and is_peft_model(model) and ref_model is None and reference
+            and args.ref_adapter_name is None and args.model_adapter_name is None):
+        # A pretrained adapter is the starting policy, so the reference is a frozen copy of it, not the base. With
+        # adapters named (model_adapter_name), the reference is ref_adapter_name or else the base, as in TRL's old
+        # null_ref_context: one rule whether one adapter trains or several (a joint run then equals its separate
+        # runs, adapters/joint.py).
         model.add_adapter(REF_ADAPTER, model.peft_config[model.active_adapter])
         params = dict(model.named_parameters())
         for name, param in params.items():

@@ -2,11 +2,15 @@
 
 Both read the prompts once, at construction, from the ``prompt`` column of ``trainer.eval_dataset`` (the first
 ``num_prompts``), and generate greedily (see :mod:`.generation`) unless given a ``GenerationConfig``. Every process
-generates for its share of the prompts; judging and reporting happen on the main process.
+generates for its share of the prompts; judging and reporting happen on the main process. With named adapters
+(``model_adapter_name``) the policy generates with its trained adapter (``fusedrl.use_adapter``), and a fusedrl
+trainer's reference is whatever its ``reference_context`` yields (reference model, reference adapter, ``ref`` copy
+or the base).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import random
 from collections.abc import Sequence
@@ -18,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 from transformers import GenerationConfig, TrainerCallback
 
+from fusedrl.trainers.adapters.named import trained_adapter_names, use_adapter
 from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.online.judges import TIE, PairwiseJudge, check_verdicts
 
@@ -28,6 +33,13 @@ from .generation import (
     generate_eval_completions,
     resolve_generation_config,
 )
+
+
+def _trainer_completions(trainer, model, tokenizer, prompts, generation_config, args) -> list[str]:
+    """The callbacks' generation: ``model``'s completions of ``prompts`` in batches of ``args``' eval size."""
+    return generate_eval_completions(model, tokenizer, prompts, generation_config,
+                                     batch_size=args.per_device_eval_batch_size,
+                                     accelerator=getattr(trainer, "accelerator", None))
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,15 @@ def _main_process(trainer) -> bool:
     return trainer.accelerator.is_main_process if getattr(trainer, "accelerator", None) else True
 
 
+def _trained_adapters(trainer) -> list[str]:
+    """The policy's trained adapters when they are named (``model_adapter_name``), else ``[]``."""
+    return trained_adapter_names(getattr(trainer, "args", None), getattr(trainer, "model", None))
+
+
+def _with_adapter(model: torch.nn.Module, adapter: str | None):
+    return contextlib.nullcontext() if adapter is None else use_adapter(model, adapter)
+
+
 def _reporters(args) -> list[str]:
     report_to = getattr(args, "report_to", None) or []
     return [report_to] if isinstance(report_to, str) else list(report_to)
@@ -91,9 +112,12 @@ class WinRateCallback(TrainerCallback):
 
     The reference completions are, in order of preference: ``reference_completions`` (e.g. the eval set's ``chosen``
     column; conversational messages are reduced to their last content), else generated once at the start of training
-    by ``trainer.ref_model``, else by the PEFT policy with its adapters disabled, else by the policy before its first
-    update. The rate thus measures the policy against where training started; a reference moved later by
-    :class:`SyncRefModelCallback` is not regenerated.
+    by the model a fusedrl trainer's ``reference_context()`` yields (its ``ref_model``, or the PEFT policy with the
+    reference adapter ``ref_adapter_name`` / the frozen ``ref`` copy active or its adapters disabled); for another
+    ``transformers.Trainer``, by ``trainer.ref_model``, else by the PEFT policy with its adapters disabled, else by
+    the policy before its first update. The rate thus measures the policy against where training started; a
+    reference moved later by :class:`SyncRefModelCallback` is not regenerated. The policy generates with its trained
+    adapter (``adapter``) when adapters are named.
 
     ``eval_win_rate`` is also written into the evaluation's metrics, so ``trainer.evaluate()`` returns it and
     ``metric_for_best_model="eval_win_rate"`` works.
@@ -106,6 +130,8 @@ class WinRateCallback(TrainerCallback):
         shuffle_order: show the policy first or second at random (seeded by ``args.seed`` and the step) to cancel a
             judge's position bias; if False the reference is always first.
         reference_completions: stored reference completions, one per prompt (extra ones are ignored).
+        adapter: the trained adapter whose completions are judged; None: the one trained adapter (required when
+            several are trained together).
     """
 
     def __init__(
@@ -117,7 +143,16 @@ class WinRateCallback(TrainerCallback):
         shuffle_order: bool = True,
         *,
         reference_completions: Sequence | None = None,
+        adapter: str | None = None,
     ):
+        trained = _trained_adapters(trainer)
+        if adapter is None and len(trained) > 1:
+            raise ValueError(f"WinRateCallback: {len(trained)} adapters are trained together ({trained}); pass "
+                             "adapter= to choose the one to judge")
+        if adapter is not None and adapter not in trained:
+            raise ValueError(f"WinRateCallback: adapter={adapter!r} is not a trained adapter of the trainer "
+                             f"(model_adapter_name: {trained})")
+        self.adapter = adapter if adapter is not None else (trained[0] if trained else None)
         self.judge = judge
         self.trainer = trainer
         self.shuffle_order = shuffle_order
@@ -136,18 +171,16 @@ class WinRateCallback(TrainerCallback):
         self.last_policy_completions: list[str] | None = None
 
     def _generate(self, model: torch.nn.Module) -> list[str]:
-        args = self.trainer.args
-        return generate_eval_completions(
-            model,
-            self.tokenizer,
-            self.prompts,
-            self.generation_config,
-            batch_size=args.per_device_eval_batch_size,
-            accelerator=getattr(self.trainer, "accelerator", None),
-        )
+        return _trainer_completions(self.trainer, model, self.tokenizer, self.prompts, self.generation_config,
+                                    self.trainer.args)
 
     def _ensure_reference(self) -> None:
         if self.reference_completions is not None:
+            return
+        reference_context = getattr(self.trainer, "reference_context", None)
+        if reference_context is not None:  # a fusedrl trainer: the model (or adapter) its losses use
+            with reference_context() as reference:
+                self.reference_completions = self._generate(reference)
             return
         ref_model = getattr(self.trainer, "ref_model", None)
         policy = self.trainer.model
@@ -164,7 +197,8 @@ class WinRateCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self._ensure_reference()
-        policy_completions = self._generate(self.trainer.model)
+        with _with_adapter(self.trainer.model, self.adapter):
+            policy_completions = self._generate(self.trainer.model)
         rates = [float("nan"), float("nan")]
         if _main_process(self.trainer):
             rng = random.Random(args.seed * 1_000_003 + state.global_step)
@@ -188,7 +222,9 @@ class LogCompletionsCallback(TrainerCallback):
     When: with ``freq``, at every step that is a multiple of ``freq``; without, at every evaluation. Where: a
     ``wandb.Table`` of all rows so far (key ``completions``) when ``"wandb"`` is in ``args.report_to`` and a wandb
     run is active; otherwise the new rows are printed as a rich table (plain text when stdout is not a terminal).
-    wandb is imported only when reported to. All rows stay in ``self.table`` either way.
+    wandb is imported only when reported to. All rows stay in ``self.table`` either way. With named adapters the
+    policy generates with its trained adapter; with several trained together, each of them generates and the rows
+    gain an ``adapter`` column (``self.columns``).
 
     Args:
         trainer: the trainer, with an eval dataset holding a ``prompt`` column and a tokenizer.
@@ -217,7 +253,9 @@ class LogCompletionsCallback(TrainerCallback):
         self.tokenizer = tokenizer_of(trainer.processing_class)
         self.prompts = eval_prompts(trainer, self.tokenizer, num_prompts, "LogCompletionsCallback")
         self.generation_config = resolve_generation_config(generation_config, self.tokenizer)
-        self.table: list[tuple[int, str, str]] = []
+        self.adapters = _trained_adapters(trainer)
+        self.columns = self.COLUMNS if len(self.adapters) <= 1 else ("step", "adapter", "prompt", "completion")
+        self.table: list[tuple] = []
         self._last_logged_step = -1
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -233,21 +271,21 @@ class LogCompletionsCallback(TrainerCallback):
         if state.global_step == self._last_logged_step:
             return
         self._last_logged_step = state.global_step
-        completions = generate_eval_completions(
-            self.trainer.model,
-            self.tokenizer,
-            self.prompts,
-            self.generation_config,
-            batch_size=args.per_device_eval_batch_size,
-            accelerator=getattr(self.trainer, "accelerator", None),
-        )
+        model = self.trainer.model
+        rows = []
+        for adapter in self.adapters or [None]:
+            with _with_adapter(model, adapter):
+                completions = _trainer_completions(self.trainer, model, self.tokenizer, self.prompts,
+                                                   self.generation_config, args)
+            tag = (adapter,) if len(self.columns) > len(self.COLUMNS) else ()
+            rows += [(state.global_step, *tag, prompt, completion)
+                     for prompt, completion in zip(self.prompts.texts, completions)]
         if not _main_process(self.trainer):
             return
-        rows = [(state.global_step, prompt, completion) for prompt, completion in zip(self.prompts.texts, completions)]
         self.table.extend(rows)
         wandb = self._active_wandb(args)
         if wandb is not None:
-            wandb.log({"completions": wandb.Table(columns=list(self.COLUMNS), data=[list(r) for r in self.table])})
+            wandb.log({"completions": wandb.Table(columns=list(self.columns), data=[list(r) for r in self.table])})
         else:
             self.console.print(self._rich_table(rows))
 
@@ -263,8 +301,8 @@ class LogCompletionsCallback(TrainerCallback):
 
     def _rich_table(self, rows) -> Table:
         table = Table(title=f"completions at step {rows[0][0]}", show_lines=True)
-        for column in self.COLUMNS:
+        for column in self.columns:
             table.add_column(column, overflow="fold")
-        for step, prompt, completion in rows:  # Text, not markup: a completion may contain "[...]"
-            table.add_row(str(step), Text(prompt.rstrip("\n")), Text(completion))
+        for step, *tag, prompt, completion in rows:  # Text, not markup: a completion may contain "[...]"
+            table.add_row(str(step), *tag, Text(prompt.rstrip("\n")), Text(completion))
         return table

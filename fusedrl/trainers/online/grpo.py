@@ -35,9 +35,8 @@ from accelerate.utils import gather, gather_object, is_peft_model, set_seed
 from fusedrl.ops.advantages import group_advantages
 from fusedrl.ops.logprobs import linear_token_logprobs
 from fusedrl.ops.policy import linear_policy_loss
-from fusedrl.runtime.hidden import final_hidden_states
+from fusedrl.trainers.adapters.joint_rollout import JointRollouts, examples_batch
 from fusedrl.trainers.base import FusedTrainer
-from fusedrl.trainers.callbacks.sync_ref import SyncRefModelCallback
 from fusedrl.trainers.data.validation import check_prompt_dataset
 from fusedrl.trainers.head import IGNORE_INDEX
 from fusedrl.trainers.models import tokenizer_of
@@ -96,16 +95,22 @@ class GRPOTrainer(FusedTrainer):
             args = self.config_class(f"{name.rstrip('/').split('/')[-1] or 'model'}-{self.method}")
         if train_dataset is None:
             raise ValueError("train_dataset is required: a Dataset with a 'prompt' column")
-        check_prompt_dataset(train_dataset, "train_dataset")
-        check_prompt_dataset(eval_dataset, "eval_dataset")
+        if self._joint_datasets(args, train_dataset, eval_dataset) is train_dataset:
+            check_prompt_dataset(train_dataset, "train_dataset")
+            check_prompt_dataset(eval_dataset, "eval_dataset")
+        else:  # several adapters trained together: one dataset per adapter (adapters/joint_rollout.py)
+            for name in args.model_adapter_name:
+                check_prompt_dataset(train_dataset[name], f"train_dataset[{name!r}]")
+                check_prompt_dataset(None if eval_dataset is None else eval_dataset[name], f"eval_dataset[{name!r}]")
 
         set_seed(args.seed)  # PEFT initialises adapters randomly
         model, processing_class = self._setup_model(model, args, processing_class, peft_config=peft_config,
                                                     ref_model=None, quantization_config=quantization_config,
                                                     reference=args.beta != 0.0)
-        if args.sync_ref_model and (args.beta == 0.0 or is_peft_model(model)):
-            raise ValueError("sync_ref_model=True needs a separate reference model: set beta != 0 and train without "
-                             "PEFT (a PEFT reference is the adapter-disabled policy), or set sync_ref_model=False")
+        if args.sync_ref_model and (args.beta == 0.0 or (is_peft_model(model) and args.ref_adapter_name is None)):
+            raise ValueError("sync_ref_model=True needs a separate reference model: set beta != 0 and train without PEFT "
+                             "(a PEFT reference is the adapter-disabled policy) or name a reference adapter with "
+                             "ref_adapter_name, or set sync_ref_model=False")
         self._tokenizer = tokenizer_of(processing_class)
         self.rewards = resolve_rewards(reward_funcs if reward_funcs is not None else args.reward_funcs,
                                        reward_processing_classes, model_init_kwargs=args.model_init_kwargs,
@@ -130,12 +135,13 @@ class GRPOTrainer(FusedTrainer):
         self._setup_router_aux_loss(args)
         self._finish_setup(None, precompute=args.beta == 0.0)  # beta = 0: no reference model at all
         if args.sync_ref_model:
-            self.add_callback(SyncRefModelCallback(self.ref_model, self.accelerator))
+            self.add_callback(self.reference_sync_callback())
         self.rewards = [reward._replace(func=self.accelerator.prepare_model(reward.func, evaluation_mode=True,
                                                                             device_placement=True))
                         if reward.is_model else reward for reward in self.rewards]
         self._step = 0  # micro-steps, counting accumulation
         self._buffered_inputs = None
+        self._joint_rollouts = None if self._joint is None else JointRollouts(self, self._joint.names)
         self._step_time = 0.0
         self._completion_log = deque(maxlen=args.generation_batch_size)
         # Each process its own sampling stream, as TRL (duplicate prompts across processes then differ).
@@ -149,6 +155,9 @@ class GRPOTrainer(FusedTrainer):
 
     def get_train_dataloader(self):
         # One batch is a whole generation round: steps_per_generation micro-batches of completions.
+        if self._joint is not None:
+            return self._joint.train_dataloader(self._train_batch_size * self.args.steps_per_generation,
+                                                examples_batch)
         return self._get_dataloader(dataset=self.train_dataset, description="Training",
                                     batch_size=self._train_batch_size * self.args.steps_per_generation,
                                     sampler_fn=self._get_train_sampler, is_training=True)
@@ -180,11 +189,17 @@ class GRPOTrainer(FusedTrainer):
             return self._generate_and_score(generation_batch)
         generate_every = self.args.steps_per_generation * self.args.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
-            scored = shuffle_rows(self._generate_and_score(generation_batch))
-            self._buffered_inputs = split_rows(scored, self.args.steps_per_generation)
+            if self._joint_rollouts is not None:  # each adapter samples its own round; steps train them together
+                self._buffered_inputs = self._joint_rollouts.generate(generation_batch, self._scored_round,
+                                                                      self.args.steps_per_generation)
+            else:
+                self._buffered_inputs = self._scored_round(generation_batch, self.args.steps_per_generation)
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     # --- generation and scoring ---------------------------------------------------------------------------------
+
+    def _scored_round(self, generation_batch, num_chunks: int) -> list[dict]:
+        return split_rows(shuffle_rows(self._generate_and_score(generation_batch)), num_chunks)
 
     def _needs_old_logps(self) -> bool:
         # Samples scored within one optimizer step come from the current weights: ratio 1, old = logps.detach().
@@ -192,11 +207,15 @@ class GRPOTrainer(FusedTrainer):
 
     def _completion_hidden(self, model, batch, router_logits: bool = False):
         """``([B, C, H] hidden states predicting each completion token, MoE aux loss or None)``."""
-        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        if "input_ids" in batch:  # joint mode precomputes them: rows of the union forward (joint_rollout.py)
+            input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        else:
+            input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+            attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
         extra = {"output_router_logits": True} if router_logits else {}
         # The final (normed) states are caught on the trunk (runtime/hidden.py): compiled blocks stay traceable.
-        outputs, hidden_NTH = final_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask, **extra)
+        outputs, hidden_NTH = self._model_forward(model, {"input_ids": input_ids, "attention_mask": attention_mask},
+                                                  **extra)
         num_completion = batch["completion_ids"].shape[1]
         hidden_BCH = hidden_NTH[:, -(num_completion + 1):-1]
         return hidden_BCH, getattr(outputs, "aux_loss", None) if router_logits else None

@@ -114,15 +114,17 @@ class DPOTrainer(FusedTrainer):
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
                  optimizers=(None, None), quantization_config=None, peft_config=None):
-        args = self._checked_inputs(model, args, DPOConfig, train_dataset, compute_metrics)
+        args = self._checked_inputs(model, args, DPOConfig, train_dataset, compute_metrics,
+                                   eval_dataset)
         _check_config(args)
 
         set_seed(args.seed)  # PEFT initialises adapters randomly
         model, processing_class = self._setup_model(model, args, processing_class, peft_config=peft_config,
                                                     ref_model=ref_model, quantization_config=quantization_config)
-        if args.sync_ref_model and is_peft_model(model):
-            raise ValueError("sync_ref_model=True with a PEFT model: the reference is the base model with "
-                                      "adapters disabled, there is no separate reference to update")
+        if args.sync_ref_model and is_peft_model(model) and args.ref_adapter_name is None:
+            raise ValueError("sync_ref_model=True with a PEFT model: the reference is the base model with adapters "
+                             "disabled, there is no separate reference to update; name a reference adapter to sync "
+                             "into with ref_adapter_name")
         tokenizer = tokenizer_of(processing_class)
         if args.padding_free:
             logger.warning("padding_free=True is unavailable (as in TRL 1.16); falling back to padding")

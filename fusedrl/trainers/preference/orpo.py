@@ -77,9 +77,10 @@ class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
                                       "W&B/Comet); use a completions callback from fusedrl.trainers.callbacks")
         if args.is_encoder_decoder:
             raise ValueError(f"fusedrl's {type(self).__name__} supports decoder-only models only")
-        if isinstance(train_dataset, IterableDataset):
+        first_dataset = self._joint_datasets(args, train_dataset, eval_dataset)  # joint mode: a dict per adapter
+        if isinstance(first_dataset, IterableDataset):
             args.accelerator_config.dispatch_batches = False
-        columns = train_dataset.column_names or list(next(iter(train_dataset)).keys())
+        columns = first_dataset.column_names or list(next(iter(first_dataset)).keys())
         if "image" in columns or "images" in columns:
             raise ValueError(f"vision preference data is not supported by fusedrl's {type(self).__name__}")
         self.check_config(args)
@@ -96,11 +97,7 @@ class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
         if data_collator is None:
             padding_value = getattr(args, "padding_value", None)
             data_collator = PreferenceCollator(tokenizer.pad_token_id if padding_value is None else padding_value)
-        train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {key: self._prepare(ds, tokenizer, args, key) for key, ds in eval_dataset.items()}
-        elif eval_dataset is not None:
-            eval_dataset = self._prepare(eval_dataset, tokenizer, args, "eval")
+        train_dataset, eval_dataset = self._prepare_splits(train_dataset, eval_dataset, tokenizer, args)
 
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
