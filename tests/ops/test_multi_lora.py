@@ -4,7 +4,9 @@ under opcheck and ``torch.compile(fullgraph=True)``.
 
 Shapes: "awkward" is 37 rows of 48 -> 53 features, rank 3, 3 adapters, ids drawn per row in {-1, 0, 2} (unsorted;
 adapter 1 has no row); "realistic" is 5 sequences of 75 tokens, 128 -> 192 features, rank 16, 4 adapters, one per
-sequence and the last sequence on the bare base (id -1), 75 rows per adapter (two Triton tiles of 64). Triton runs under
+sequence and the last sequence on the bare base (id -1), 75 rows per adapter (two Triton tiles of 64); "grouped" is 21
+rows with the ids non-decreasing (5 base-only rows, 7 of adapter 0, 9 of adapter 2; adapter 1 has no row), the
+layout of the trainers' joint mode, which the compiled backend runs segmented (segmented.py). Triton runs under
 TRITON_INTERPRET=1 (conftest).
 """
 
@@ -23,7 +25,7 @@ DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch
           "bf16_x_fp32_adapters": (torch.bfloat16, torch.float32)}  # PEFT keeps adapters fp32 on a bf16 base
 # (shape, dtypes): the mixed case once, on the awkward shape.
 CASES = [("awkward", "fp32"), ("awkward", "bf16"), ("awkward", "bf16_x_fp32_adapters"), ("realistic", "fp32"),
-         ("realistic", "bf16")]
+         ("realistic", "bf16"), ("grouped", "fp32"), ("grouped", "bf16_x_fp32_adapters")]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,6 +42,10 @@ def _inputs(shape: str, dtypes: str = "fp32", *, scale: float = 1.0) -> dict:
     if shape == "awkward":
         lead, num_in, num_out, rank, num_adapters = (37,), 48, 53, 3, 3
         adapter_ids = torch.tensor([-1, 0, 2])[torch.randint(0, 3, lead, generator=gen)]
+        scaling = torch.tensor([0.5, 2.0, 1.5])
+    elif shape == "grouped":
+        lead, num_in, num_out, rank, num_adapters = (21,), 48, 53, 3, 3
+        adapter_ids = torch.tensor([-1] * 5 + [0] * 7 + [2] * 9)
         scaling = torch.tensor([0.5, 2.0, 1.5])
     else:
         lead, num_in, num_out, rank, num_adapters = (5, 75), 128, 192, 16, 4
@@ -94,8 +100,19 @@ def test_backends_match_reference(backend, shape, dtypes):
     for name, grad in got.items():
         assert grad.dtype == inputs[name].dtype, name
         assert_close(grad, want[name], dtype=grad.dtype, atol=1e-5 * float(want[name].abs().max()), name=name)
-    if shape == "awkward":
+    if shape in ("awkward", "grouped"):
         assert not got["lora_A"][1].any() and not got["lora_B"][1].any()
+
+
+@pytest.mark.parametrize(("shape", "segmented"), [("grouped", True), ("awkward", False), ("realistic", False)])
+def test_compiled_backend_segments_grouped_rows_only(shape, segmented, monkeypatch):
+    """Rows grouped by adapter (ids non-decreasing) take one matmul per adapter, forward and backward; any other
+    order takes the dense masked graph."""
+    calls = count_calls(monkeypatch, {name: f"fusedrl.ops.multi_lora.compiled:{name}"
+                                      for name in ("segmented_fwd", "segmented_bwd")})
+    inputs = _inputs(shape)
+    _run("compiled", inputs, torch.randn(*inputs["x"].shape[:-1], inputs["weight"].shape[0]))
+    assert [calls["segmented_fwd"], calls["segmented_bwd"]] == ([1, 1] if segmented else [0, 0])
 
 
 @pytest.mark.parametrize("backend", ("compiled", "triton"))

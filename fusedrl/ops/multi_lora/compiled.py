@@ -13,7 +13,8 @@ Backward (``g = dL/dy``): ``u = where(onehot, scaling * g @ B_cat, 0)`` [N, K, R
 A_cat``, ``dA = u.T @ x`` (rows of other adapters are 0 in u, so each adapter sums its own rows) and ``dB = g.T @
 (onehot * hidden)``. The LoRA matmuls run over all K adapters for every row: ``K * R * (I + O)`` multiply-adds per
 row against the base's ``I * O``, 6% of it at K = 8, R = 16, I = O = 4096 (0.8% for one adapter); the Triton
-backend's work does not grow with K. The base matmul stays in the input dtype (bf16 with fp32 accumulation, as
+backend's work does not grow with K, nor does ``segmented.py``'s, which runs instead when the rows come grouped by
+adapter (the trainers' joint layout). The base matmul stays in the input dtype (bf16 with fp32 accumulation, as
 ``nn.Linear``); the LoRA terms and the sum are fp32, rounded once to x's dtype.
 """
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedrl.ops.compiler import compile_kernel
+from fusedrl.ops.multi_lora.segmented import grouped_segments, segmented_bwd, segmented_fwd
 
 
 def _scaled_onehot(adapter_ids_N: torch.Tensor, scaling_K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,11 +89,16 @@ def multi_lora_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
     scaling: torch.Tensor, adapter_ids: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The compiled forward of ``fusedrl::multi_lora``: ``(y [N, O] in x's dtype, hidden [N, R] fp32)``, hidden being
+    """The compiled forward of ``fusedrl::multi_lora`` (``segmented.py`` when the rows come grouped by adapter):
+    ``(y [N, O] in x's dtype, hidden [N, R] fp32)``, hidden being
     ``scaling[k] * x @ lora_A[k].T`` of the row's adapter (0 for base-only rows), saved for the backward.
 
     x: ``[N, I]``; weight: ``[O, I]`` and bias ``[O]`` (or None) in x's dtype; lora_A: ``[K, R, I]``, lora_B:
     ``[K, O, R]`` in one float dtype; scaling: fp32 ``[K]``; adapter_ids: int64 ``[N]`` in ``[-1, K)``."""
+    segments = grouped_segments(adapter_ids, lora_A.shape[0])
+    if segments is not None:
+        with torch.no_grad():
+            return segmented_fwd(x, weight, bias, lora_A, lora_B, scaling, segments)
     # A zero bias rather than None: one graph for both (a bias-free layer pays an [O] read).
     bias = weight.new_zeros(weight.shape[0]) if bias is None else bias
     with torch.no_grad():  # the gradient is analytic (multi_lora_bwd); one grad mode for Dynamo to guard on
@@ -106,6 +113,10 @@ def multi_lora_bwd(
     grad lora_A [K, R, I] and grad lora_B [K, O, R] in their dtype, or [0] each unless lora_grad)`` from the upstream
     gradient ``grad_y [N, O]`` (x's dtype) and the forward's ``hidden``; the rest as :func:`multi_lora_fwd`. One
     compiled function per gradient, so a frozen input (x of the first adapted layer) costs no matmul."""
+    segments = grouped_segments(adapter_ids, lora_A.shape[0])
+    if segments is not None:
+        with torch.no_grad():
+            return segmented_bwd(grad_y, x, weight, lora_A, lora_B, scaling, hidden, segments, x_grad, lora_grad)
     empty = x.new_empty(0)
     grad_x, grad_A, grad_B = empty, lora_A.new_empty(0), lora_B.new_empty(0)
     with torch.no_grad():
