@@ -6,6 +6,13 @@
 ``--model`` and ``--dataset`` take a preset name (``fusedrl.cli.presets``) or a local path: a model directory
 saved with ``save_pretrained``; a dataset saved with ``save_to_disk`` or a ``.json``/``.jsonl``/``.parquet``/``.csv``
 file. Every field of the trainer's config (TRL's names) is a flag; precedence: flags > ``--config`` YAML > defaults.
+
+Model loading: a model directory is handed to the trainer as a path, so ``model_init_kwargs`` (a JSON object) and
+``trust_remote_code`` reach ``from_pretrained`` whole; ``--dtype`` and ``--attn_implementation`` (TRL's
+``ModelConfig`` names) are entries of ``model_init_kwargs``. A preset is built in code: ``dtype`` and
+``attn_implementation`` are applied to it, any other entry is refused. The tokenizer is ``--tokenizer PATH``, else
+the one saved in the model directory (an error names the path when there is none: training a real checkpoint on
+the presets' character tokenizer would feed it mismatched ids), else, for a preset, the character tokenizer.
 Several processes: ``--accelerate_config ddp|fsdp2|zero2|zero3|<yaml>`` (and ``--num_processes``) re-runs the
 command under accelerate (``fusedrl.runtime.launcher``); ``accelerate launch -m fusedrl dpo ...`` works too.
 """
@@ -70,28 +77,88 @@ def yaml_to_argv(path: str | Path) -> list[str]:
     return argv
 
 
-def load_model(spec: str, tokenizer, seed: int):
+# Files one of which every saved tokenizer has (fast: tokenizer.json; slow: a vocabulary or a SentencePiece model).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+# model_init_kwargs entries a preset (built in code, never loaded) can honour.
+PRESET_MODEL_KWARGS = ("dtype", "attn_implementation")
+
+
+def _is_preset(spec: str) -> bool:
     from fusedrl.cli import presets
 
     if spec in presets.MODEL_PRESETS:
-        return presets.load_preset_model(spec, seed=seed, tokenizer=tokenizer)
+        return True
     if Path(spec).is_dir():
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(spec)
+        return False
     raise SystemExit(
         f"--model {spec!r}: not a preset ({', '.join(presets.MODEL_PRESETS)}) nor a local model directory"
     )
 
 
-def load_tokenizer(model_spec: str):
+def merge_model_flags(config, *, dtype: str | None, attn_implementation: str | None) -> None:
+    """``--dtype`` / ``--attn_implementation`` as ``config.model_init_kwargs`` entries; a flag that contradicts an
+    entry of ``model_init_kwargs`` is refused rather than one of them silently winning."""
+    kwargs = dict(config.model_init_kwargs or {})
+    for key, value in (("dtype", dtype), ("attn_implementation", attn_implementation)):
+        if value is None:
+            continue
+        if key in kwargs and str(kwargs[key]).removeprefix("torch.") != value:
+            raise SystemExit(f"--{key} {value} contradicts model_init_kwargs {{{key!r}: {kwargs[key]!r}}}; give it once")
+        kwargs[key] = value
+    if kwargs:
+        config.model_init_kwargs = kwargs
+
+
+def load_model(spec: str, tokenizer, config):
+    """A preset built in code (seeded by ``config.seed``; ``dtype`` / ``attn_implementation`` of
+    ``model_init_kwargs`` applied), or the directory ``spec`` itself: the trainer loads it with ``model_init_kwargs``
+    and ``trust_remote_code`` (``fusedrl.trainers.models.load_causal_lm``)."""
+    import torch
+
+    from fusedrl.cli import presets
+    from fusedrl.trainers.models import pretrained_kwargs
+
+    if not _is_preset(spec):
+        return spec
+    model = presets.load_preset_model(spec, seed=config.seed, tokenizer=tokenizer)
+    if config.model_init_kwargs:
+        unused = sorted(set(config.model_init_kwargs) - set(PRESET_MODEL_KWARGS))
+        if unused:
+            raise SystemExit(f"--model {spec}: model_init_kwargs {unused} only apply to a model loaded from a "
+                             f"directory; a preset is built in code and takes only {list(PRESET_MODEL_KWARGS)}")
+        kwargs = pretrained_kwargs(config.model_init_kwargs, config.trust_remote_code, default_dtype=None)
+        if isinstance(kwargs.get("dtype"), torch.dtype):
+            model.to(kwargs["dtype"])
+        if "attn_implementation" in kwargs:
+            model.set_attn_implementation(kwargs["attn_implementation"])
+        config.model_init_kwargs = None  # applied: the trainer would otherwise warn that it ignores them
+    return model
+
+
+def load_tokenizer(model_spec: str, tokenizer_spec: str | None, config):
+    """``--tokenizer``, else the tokenizer saved in the model directory, else (a preset) the character tokenizer.
+    A model directory without tokenizer files is an error naming the path and the fix."""
     from fusedrl.cli import presets
 
-    if Path(model_spec).is_dir() and (Path(model_spec) / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
+    if tokenizer_spec is None and _is_preset(model_spec):
+        return presets.build_tokenizer()
+    path = Path(tokenizer_spec or model_spec)
+    flag = "--tokenizer" if tokenizer_spec else "--model"
+    if not path.is_dir():
+        raise SystemExit(f"--tokenizer {tokenizer_spec!r}: not a local tokenizer directory (one saved with "
+                         "tokenizer.save_pretrained)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise SystemExit(f"{flag} {str(path)!r}: the directory has no tokenizer files ({', '.join(TOKENIZER_FILES)}). "
+                         "fusedrl will not guess one (the presets' character tokenizer would feed a real checkpoint "
+                         "mismatched ids): pass the model's tokenizer with --tokenizer PATH, or save it beside the "
+                         "model (tokenizer.save_pretrained(PATH))")
+    from fusedrl.trainers.models import load_tokenizer as load_saved_tokenizer
 
-        return AutoTokenizer.from_pretrained(model_spec)
-    return presets.build_tokenizer()
+    try:
+        return load_saved_tokenizer(str(path), config)
+    except ValueError as error:
+        raise SystemExit(f"{flag} {str(path)!r}: {error}") from error
 
 
 def load_datasets(spec: str, layout: str, *, num_rows: int | None = None, seed: int = 0):
@@ -120,14 +187,14 @@ def load_datasets(spec: str, layout: str, *, num_rows: int | None = None, seed: 
 
 
 def _machine_defaults() -> list[str]:
-    """Defaults for a machine without CUDA, placed first so a YAML file or a flag still overrides them: TRL's
-    ``bf16=True`` default fails there (transformers refuses bf16 without a GPU unless ``use_cpu``), and pinned host
-    memory only matters for copies to a GPU."""
+    """Defaults for a machine without CUDA, placed first so a YAML file or a flag still overrides them: pinned host
+    memory only matters for copies to a GPU. (Precision needs none: an unset ``bf16`` is chosen by the config,
+    ``fusedrl.trainers.config``.)"""
     import torch
 
     if torch.cuda.is_available():
         return []
-    return ["--bf16", "False", "--dataloader_pin_memory", "False"]
+    return ["--dataloader_pin_memory", "False"]
 
 
 def build_job(name: str, argv: list[str]) -> Job:
@@ -136,16 +203,26 @@ def build_job(name: str, argv: list[str]) -> Job:
     trainer_cls, config_cls, layout = _trainer_classes(name)
     ours = argparse.ArgumentParser(prog=f"fusedrl {name}", add_help=False)
     ours.add_argument("--model", required=True, help="preset name or local model directory")
+    ours.add_argument("--tokenizer", help="local tokenizer directory (default: the model directory's tokenizer)")
+    ours.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"),
+                      help="dtype the model loads in (model_init_kwargs['dtype']; default float32)")
+    ours.add_argument("--attn_implementation", help="eager, sdpa, flash_attention_2, ... "
+                                                    "(model_init_kwargs['attn_implementation'])")
     ours.add_argument("--dataset", required=True, help="preset name, save_to_disk directory or data file")
     ours.add_argument("--config", help="YAML file of config fields")
     ours.add_argument("--num_rows", type=int, help="rows of a preset dataset to generate")
-    known, rest = ours.parse_known_args(argv)
+    # The YAML file's entries go first, so flags win; our own fields (model, tokenizer, dtype, ...) may be in it too.
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--config")
+    config_file = first.parse_known_args(argv)[0].config
+    known, rest = ours.parse_known_args((yaml_to_argv(config_file) if config_file else []) + argv)
     if "--output_dir" not in rest:
         rest += ["--output_dir", f"runs/{name}"]
-    config_argv = _machine_defaults() + (yaml_to_argv(known.config) if known.config else []) + rest
+    config_argv = _machine_defaults() + rest
     (config,) = HfArgumentParser(config_cls).parse_args_into_dataclasses(args=config_argv)
-    tokenizer = load_tokenizer(known.model)
-    model = load_model(known.model, tokenizer, seed=config.seed)
+    merge_model_flags(config, dtype=known.dtype, attn_implementation=known.attn_implementation)
+    tokenizer = load_tokenizer(known.model, known.tokenizer, config)
+    model = load_model(known.model, tokenizer, config)
     train, evaluation = load_datasets(known.dataset, layout, num_rows=known.num_rows, seed=config.seed)
     return Job(trainer_cls, config, model, tokenizer, train, evaluation)
 

@@ -18,7 +18,8 @@ What transformers restores on resume, and what fusedrl adds:
   safetensors or ``torch.load(weights_only=True)``.
 - fusedrl (:data:`STATE_FILE`, JSON): what the trainer keeps outside ``TrainerState``: tokens seen, metric values
   and Trainer's summed loss not yet logged (a save between two logs), non-finite steps. A reference model that training changes (TR-DPO
-  ``sync_ref_model``) goes to :data:`REF_MODEL_FILE` (safetensors). A frozen reference is not saved: it is rebuilt
+  ``sync_ref_model``) goes to :data:`REF_MODEL_FILE` (safetensors), gathered whole from its ZeRO-3 partitions or FSDP2
+  shards (:func:`save_module`, collective) and loaded back into them. A frozen reference is not saved: it is rebuilt
   from the model given to the trainer, and precomputed reference log-prob columns are recomputed identically.
 """
 
@@ -110,30 +111,52 @@ def load_json(path: str) -> dict:
         return json.load(handle)
 
 
+def _zero3_params(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """``state_dict`` name -> parameter for the parameters DeepSpeed ZeRO-3 partitions (they carry ``ds_id``); tied
+    parameters appear under each of their names."""
+    return {name: param for name, param in module.named_parameters(remove_duplicate=False) if hasattr(param, "ds_id")}
+
+
+def _gathered(param: torch.nn.Parameter) -> torch.Tensor:
+    """The full value of a ZeRO-3 partitioned parameter on the CPU (collective: every process calls it)."""
+    import deepspeed  # a partitioned parameter exists, so deepspeed is installed
+
+    # One parameter at a time: the peak stays one full parameter, as TR-DPO's sync does.
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+        return param.detach().to("cpu", copy=True).contiguous()
+
+
 def save_module(module: torch.nn.Module, path: str, *, is_main: bool) -> None:
-    """Every parameter and buffer of ``module`` as one safetensors file (collective when sharded: every process
-    calls it, ``is_main`` writes). Tensors sharing storage (tied embeddings) are stored once; the file's metadata
-    maps each alias to the stored name."""
+    """Every parameter and buffer of ``module`` as one safetensors file (collective when sharded, FSDP2 or ZeRO-3:
+    every process calls it, ``is_main`` writes). Tensors sharing storage (tied embeddings) are stored once; the
+    file's metadata maps each alias to the stored name."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     stored_by_key: dict[tuple, str] = {}
+    partitioned = _zero3_params(module)
     for name, tensor in module.state_dict().items():
-        if isinstance(tensor, DTensor):
-            tensor = tensor.full_tensor()
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if name in partitioned:
+            # Its state_dict entry is an empty placeholder, the same for every partitioned parameter, so aliases
+            # go by identity: a tied parameter is one Parameter under two names.
+            key = ("zero3", id(partitioned[name]))
+        else:
+            if isinstance(tensor, DTensor):
+                tensor = tensor.full_tensor()
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
         if key in stored_by_key:
             aliases[name] = stored_by_key[key]
             continue
         stored_by_key[key] = name
-        tensors[name] = tensor.detach().to("cpu").contiguous()
+        tensors[name] = _gathered(partitioned[name]) if name in partitioned else tensor.detach().to("cpu").contiguous()
     if is_main:
         safetensors.torch.save_file(tensors, path, metadata={"aliases": json.dumps(aliases)})
 
 
 @torch.no_grad()
 def load_module(module: torch.nn.Module, path: str) -> None:
-    """Load a file of :func:`save_module` into ``module`` (strict: every key must match); sharded (DTensor) entries
-    take their local shard of the full tensor."""
+    """Load a file of :func:`save_module` into ``module`` (strict: every key must match; collective when sharded:
+    every process calls it). FSDP2 (DTensor) entries take their local shard of the full tensor; ZeRO-3 partitioned
+    parameters are gathered, overwritten and partitioned again."""
     with safetensors.safe_open(path, framework="pt") as handle:
         aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
     full = safetensors.torch.load_file(path, device="cpu")
@@ -142,8 +165,18 @@ def load_module(module: torch.nn.Module, path: str) -> None:
     if targets.keys() != full.keys():
         missing, unexpected = sorted(targets.keys() - full.keys())[:3], sorted(full.keys() - targets.keys())[:3]
         raise ValueError(f"{path} does not match the module: missing {missing}, unexpected {unexpected}")
+    partitioned = _zero3_params(module)
     for name, target in targets.items():
         source = full[name]
+        if name in partitioned:
+            import deepspeed
+
+            # Every process read the same file, so each may write its gathered copy; modifier_rank=0 makes
+            # DeepSpeed partition rank 0's values on exit.
+            param = partitioned[name]
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                param.copy_(source.to(param.device, param.dtype))
+            continue
         if isinstance(target, DTensor):
             source = distribute_tensor(source.to(target.device), target.device_mesh, target.placements)
         target.copy_(source)

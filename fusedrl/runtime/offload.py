@@ -13,16 +13,26 @@ docs/offloading.md. In short:
   ``k - 2``, ...: the backward visits saved tensors roughly in reverse order) on the side stream; the compute stream
   waits on a ticket's event before using it, and ``record_stream`` tells the allocator that the compute stream uses
   the side-stream allocation. Tensors still in the stash when the backward starts are served without any copy.
-- skipped, kept on the device: parameters and buffers (and tensors sharing their storage, and autocast copies of
-  trainable parameters: the optimizer step needs the weights on the device anyway), tensors smaller than
-  ``min_bytes`` (copies of small tensors cost more in launch latency than they save), tensors saved while
-  :meth:`~ActivationOffloader.paused` (the fused LM head / loss region: its saved hidden states are needed first in
-  the backward) or during a backward (reentrant checkpointing recomputes there and consumes at once), and tensors
-  on another device or without a plain strided layout. A tensor saved twice (same storage, offset, shape, stride and
-  version) is offloaded once.
+- skipped, kept on the device: parameters and buffers (and their views and aliases, and autocast copies of trainable
+  parameters: the optimizer step needs the weights on the device anyway; decided when the tensor is saved, see
+  "Parameters" below), tensors smaller than ``min_bytes`` (copies of small tensors cost more in launch latency than
+  they save), tensors saved while :meth:`~ActivationOffloader.paused` (the fused LM head / loss region: its saved
+  hidden states are needed first in the backward) or during a backward (reentrant checkpointing recomputes there and
+  consumes at once), and tensors on another device or without a plain strided layout. A tensor saved twice (same
+  storage, offset, shape, stride and version) is offloaded once.
 
-On the CPU there is no device memory to free; the same bookkeeping runs with each copy a host clone into a separate
-buffer and no streams or events, so tests exercise the stash, tracker, prefetch and skip rules exactly.
+Parameters: FSDP2 all-gathers a layer's weights right before its forward into storage it allocates anew at every
+gather and frees after the forward (``reshard_after_forward``), so a set of parameter addresses read before the
+forward never holds them, and every linear layer's saved ``weight.t()`` would be copied to the host at each step (a
+full copy of the model's weights per step, read back in the backward while FSDP2 gathers them again anyway). A saved
+tensor is therefore classified when it is packed: a ``Parameter``, a view of one (``_base``: FSDP2's unsharded
+weights are ``Parameter`` objects too), an autocast copy of one, or a tensor whose storage is one of the module's
+parameter or buffer storages read at ``__enter__`` (detached aliases of weights that stay where they are: plain,
+DDP and ZeRO-1/2 models, and buffers).
+
+On the CPU there is no device memory to free: offloading only adds copies (logged once per process). The same
+bookkeeping runs with each copy a host clone into a separate buffer and no streams or events, so tests exercise the
+stash, tracker, prefetch and skip rules exactly.
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
+import functools
+import logging
 import math
 import weakref
 from typing import NamedTuple, Self
@@ -37,7 +49,17 @@ from typing import NamedTuple, Self
 import torch
 from torch.distributed.tensor import DTensor
 
+logger = logging.getLogger("fusedrl")
+
 SKIP_REASONS = ("param", "small", "duplicate", "paused", "backward", "device", "layout")
+
+
+@functools.cache
+def log_cpu_noop() -> None:
+    """Once per process: offloading on the CPU saves no memory (host to host copies), it only costs the copies."""
+    logger.warning("fusedrl: activation offloading on the CPU saves no memory: the activations already live in host "
+                   "memory, so each one is only copied to another host buffer and back (time, no savings). It pays "
+                   "off on CUDA; set activation_offloading=False for CPU runs")
 
 
 class OffloadStats(NamedTuple):
@@ -75,8 +97,9 @@ class _Ticket:
 class ActivationOffloader:
     """Offload saved activations of the forward run inside ``with offloader:`` (see the module docstring).
 
-    module: parameters and buffers of this module (read at each ``__enter__``) are never offloaded, nor tensors
-        sharing their storage. device: the device whose tensors are offloaded (``cuda`` or ``cpu``; default the
+    module: parameters and buffers of this module are never offloaded, nor tensors sharing their storage (module
+        docstring, "Parameters"); ``Parameter`` objects and their views are recognised without it.
+        device: the device whose tensors are offloaded (``cuda`` or ``cpu``; default the
         current CUDA device if there is one). min_bytes: smaller tensors stay on the device. max_in_flight: forward
         copies allowed in flight before the compute stream waits for the oldest. prefetch: tickets fetched ahead
         in the backward. pin_memory: host buffers in page-locked memory (default: on CUDA), needed for asynchronous
@@ -97,6 +120,8 @@ class ActivationOffloader:
         if device.type not in ("cuda", "cpu"):
             raise ValueError(f"activation offloading supports cuda and cpu devices, got {device}; set "
                              "activation_offloading=False")
+        if device.type == "cpu":
+            log_cpu_noop()
         self.module, self.device = module, device
         self.min_bytes, self.max_in_flight, self.prefetch = min_bytes, max_in_flight, prefetch
         self.pin_memory = device.type == "cuda" if pin_memory is None else pin_memory
@@ -172,19 +197,32 @@ class ActivationOffloader:
             return "device"
         if tensor.numel() == 0 or tensor.numel() * tensor.element_size() < self.min_bytes:
             return "small"
-        if tensor.untyped_storage().data_ptr() in self._param_ptrs or self._is_param_cast(tensor):
+        if self._is_weight(tensor):
             return "param"
         return None
 
-    def _is_param_cast(self, tensor: torch.Tensor) -> bool:
-        """Autocast's low-precision copy of a trainable parameter (grad_fn ``ToCopyBackward0`` of a leaf): a new
-        tensor, but weight-sized and rebuilt by the next forward anyway, so not worth the bandwidth. Linear layers save
-        a transposed view of it, hence the base."""
-        grad_fn = (tensor._base if tensor._base is not None else tensor).grad_fn
+    def _is_weight(self, tensor: torch.Tensor) -> bool:
+        """At pack time: a parameter or a view of one, an autocast copy of one, or an alias of a parameter or buffer
+        storage read at ``__enter__``."""
+        base = tensor._base if tensor._base is not None else tensor
+        if isinstance(base, torch.nn.Parameter) or self._is_weight_source(self._autocast_source(base)):
+            return True
+        return tensor.untyped_storage().data_ptr() in self._param_ptrs
+
+    def _is_weight_source(self, source: torch.Tensor | None) -> bool:
+        return source is not None and (isinstance(source, torch.nn.Parameter)
+                                       or source.untyped_storage().data_ptr() in self._param_ptrs)
+
+    @staticmethod
+    def _autocast_source(tensor: torch.Tensor) -> torch.Tensor | None:
+        """The leaf that ``tensor`` is autocast's low-precision copy of (grad_fn ``ToCopyBackward0`` of a leaf), else
+        None. Such a copy of a trainable parameter is a new tensor, but weight-sized and rebuilt by the next forward
+        anyway, so not worth the bandwidth; linear layers save a transposed view of it, hence the caller's base."""
+        grad_fn = tensor.grad_fn
         if grad_fn is None or type(grad_fn).__name__ != "ToCopyBackward0":
-            return False
+            return None
         source = getattr(grad_fn.next_functions[0][0], "variable", None)
-        return isinstance(source, torch.Tensor) and source.untyped_storage().data_ptr() in self._param_ptrs
+        return source if isinstance(source, torch.Tensor) else None
 
     def _duplicate_of(self, key: tuple) -> _Ticket | None:
         ref = self._by_key.get(key)

@@ -6,9 +6,11 @@
 - exact resume: each checkpoint also holds :meth:`ResumableTrainer.fusedrl_state` (JSON: counters, and the loss and
   metrics not yet logged, restored at ``on_train_begin`` after Trainer resets them) and, when training changes
   the reference model (``sync_ref_model``), the reference weights (safetensors); ``train(resume_from_checkpoint=True)``
-  picks the last *complete* checkpoint and ``_load_from_checkpoint`` restores both after Trainer's own state.
+  picks the last *complete* checkpoint and ``_load_from_checkpoint`` restores both after Trainer's own state (under
+  DeepSpeed, where Trainer resumes through the engine's checkpoint instead, it is called after that, weights skipped).
 - non-finite steps: ``train`` installs a :class:`~fusedrl.runtime.faults.NonFiniteGuard` configured by
-  ``args.max_nonfinite_steps``; ``training_step`` hands it every micro-batch loss.
+  ``args.max_nonfinite_steps``; ``training_step`` hands it every micro-batch loss. Under DeepSpeed, whose engine
+  steps inside the backward, the backward is routed through ``faults.guard_deepspeed_backward`` at train begin.
 
 A subclass keeps extra resumable state by extending :meth:`fusedrl_state` / :meth:`load_fusedrl_state` and, for a
 module it trains besides the policy, :meth:`mutable_reference`. Everything stored loads without unpickling code:
@@ -25,7 +27,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from fusedrl.runtime import checkpoint
-from fusedrl.runtime.faults import NonFiniteGuard
+from fusedrl.runtime.faults import NonFiniteGuard, guard_deepspeed_backward
 
 logger = logging.getLogger("fusedrl")
 
@@ -94,13 +96,16 @@ class ResumableTrainer(Trainer):
                                  "complete checkpoint-N directory; pass a checkpoint path, or train from the start")
             logger.info("fusedrl: resuming from %s", resume_from_checkpoint)
         if self._nonfinite_guard is None:
+            # DeepSpeed fp16 scales its loss like a GradScaler: overflowing gradients are its normal business.
+            loss_scaling = self.accelerator.scaler is not None or (self.is_deepspeed_enabled and self.args.fp16)
             self._nonfinite_guard = NonFiniteGuard(
                 getattr(self.args, "max_nonfinite_steps", DEFAULT_MAX_NONFINITE_STEPS),
-                record=self.record_nonfinite_steps, grad_scaler=self.accelerator.scaler is not None,
-                deepspeed=self.is_deepspeed_enabled,
+                record=self.record_nonfinite_steps, grad_scaler=loss_scaling, deepspeed=self.is_deepspeed_enabled,
             )
             self.add_callback(self._nonfinite_guard)
             self.add_callback(_TrainBeginHook(self._restore_log_accumulators))
+            if self.is_deepspeed_enabled:  # the engine exists from train begin on (Trainer prepares it first)
+                self.add_callback(_TrainBeginHook(lambda: guard_deepspeed_backward(self.accelerator)))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def record_nonfinite_steps(self, total: int) -> None:
@@ -161,8 +166,24 @@ class ResumableTrainer(Trainer):
 
     # --- loading --------------------------------------------------------------------------------------------------
 
+    _weights_restored_by_engine: bool = False  # set while fusedrl's state loads after DeepSpeed's own resume
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        prepared = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if resume_from_checkpoint is not None and self.is_deepspeed_enabled:
+            # Under DeepSpeed, Trainer resumes through the engine's checkpoint (deepspeed_load_checkpoint, above) and
+            # never calls _load_from_checkpoint, where fusedrl's state, the synced reference and a subclass's own
+            # resume state load: call it now, with Trainer's weight loading skipped.
+            self._weights_restored_by_engine = True
+            try:
+                self._load_from_checkpoint(resume_from_checkpoint)
+            finally:
+                self._weights_restored_by_engine = False
+        return prepared
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not self._weights_restored_by_engine:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         state_path = os.path.join(resume_from_checkpoint, checkpoint.STATE_FILE)
         if os.path.isfile(state_path):
             self.load_fusedrl_state(checkpoint.load_json(state_path))

@@ -97,6 +97,12 @@ def _keep_gathered(unit: torch.nn.Module) -> None:
     unit.unshard()
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether some parameter of ``model`` is sharded across processes (FSDP2 DTensor, DeepSpeed ZeRO-3): then every
+    forward is collective, and every process must run as many as the others."""
+    return any(isinstance(param, DTensor) or is_zero3_param(param) for param in model.parameters())
+
+
 def keep_root_unsharded(model: torch.nn.Module) -> None:
     """Call after a forward of ``model`` (with grad) whose gradient enters through tensors taken from inside it (the
     final hidden states caught on the decoder trunk, runtime/hidden.py) rather than through its outputs: gathers the

@@ -1,22 +1,34 @@
 """The config every fusedrl trainer extends: ``transformers.TrainingArguments`` with TRL 1.16's trainer defaults and
-fusedrl's shared fields (kernels, graph capture, memory, faults), plus TRL's ``pad_to_multiple_of`` rule."""
+fusedrl's shared fields (kernels, graph capture, memory, faults), plus TRL's ``pad_to_multiple_of`` rule.
+
+Precision: TRL defaults ``bf16=True``, which transformers refuses on a machine without a bf16-capable accelerator
+("Your setup doesn't support bf16/gpu") unless ``use_cpu=True``. Left unset (None), ``bf16`` here is True where
+transformers accepts it and False (fp32) elsewhere, said in one log line; an explicit ``bf16=True`` is passed on
+as it is, error included.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import TrainingArguments
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 from fusedrl.ops.dispatch import parse_kernel_spec
 from fusedrl.runtime.resumable import DEFAULT_MAX_NONFINITE_STEPS
+from fusedrl.trainers.models import pretrained_kwargs
+
+logger = logging.getLogger("fusedrl")
 
 
 @dataclass
 class FusedConfig(TrainingArguments):
     """``TrainingArguments`` with TRL 1.16's trainer defaults (logging every 10 steps, gradient checkpointing on,
-    bf16 unless fp16 is set) and the fields every fusedrl trainer shares.
+    bf16 unless fp16 is set or the machine cannot run it: module docstring) and the fields every fusedrl trainer
+    shares.
 
     kernels: backend selection for this trainer's fused ops, e.g. ``"linear_logprobs=compiled"`` or
         ``"all=reference"`` (see ``fusedrl.ops.dispatch``); None leaves the process-wide selection
@@ -27,7 +39,8 @@ class FusedConfig(TrainingArguments):
 
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps (a float < 1 is a ratio)."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in the backward."})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; None means True unless fp16."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; None means True unless fp16 "
+                                                               "or the machine has no bf16 support (then fp32)."})
     lr_scheduler_kwargs: dict | str | None = field(default=None, metadata={"help": "Extra scheduler arguments."})
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None, metadata={"help": "Keyword arguments of from_pretrained when the model is given as a path."}
@@ -79,6 +92,13 @@ class FusedConfig(TrainingArguments):
                                         "frozen 'ref' copy of a pretrained adapter."}
     )
 
+    rank_invariant_sampling: bool = field(
+        default=False, metadata={"help": "Online trainers: sample each completion from a random stream of its own, "
+                                         "seeded from seed, the step and its global row, so a run samples the same "
+                                         "completions on any number of processes (trainers/online/row_seeds.py). "
+                                         "False: each process's global RNG, as TRL."}
+    )
+
     max_nonfinite_steps: int = field(
         default=DEFAULT_MAX_NONFINITE_STEPS,
         metadata={"help": "Optimizer steps with a non-finite loss or gradient to skip before training stops with an "
@@ -86,7 +106,8 @@ class FusedConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        self.bf16 = not self.fp16 if self.bf16 is None else self.bf16
+        if self.bf16 is None:
+            self.bf16 = default_bf16(fp16=self.fp16, use_cpu=self.use_cpu)
         if not (isinstance(self.max_nonfinite_steps, int) and self.max_nonfinite_steps >= 0):
             raise ValueError(f"max_nonfinite_steps must be an int >= 0 (0 stops at the first non-finite step), got "
                              f"{self.max_nonfinite_steps!r}")
@@ -100,7 +121,23 @@ class FusedConfig(TrainingArguments):
             self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs = kwargs
         if self.kernels is not None:
             parse_kernel_spec(self.kernels, source="kernels")  # a typo fails here, not at the first step
+        pretrained_kwargs(self.model_init_kwargs, self.trust_remote_code)  # a bad dtype fails here, not at loading
         self.model_adapter_name = normalise_adapter_names(self.model_adapter_name, self.ref_adapter_name)
+
+
+def default_bf16(*, fp16: bool, use_cpu: bool) -> bool:
+    """TRL's ``bf16=True`` default where transformers accepts it (a bf16-capable accelerator, XLA, or the CPU with
+    ``use_cpu=True``: autocast), else False; the choice is logged in one line."""
+    if fp16:
+        return False
+    if use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available():
+        logger.info("fusedrl: bf16 not set: training with bf16 mixed precision (TRL's default)%s",
+                    " on the CPU (use_cpu=True: autocast)" if use_cpu else "")
+        return True
+    logger.warning("fusedrl: bf16 not set and this machine has no bf16-capable accelerator: training in fp32 "
+                   "(bf16=False). Set bf16=False to silence this, or bf16=True with use_cpu=True for bf16 autocast "
+                   "on the CPU")
+    return False
 
 
 def normalise_adapter_names(names: str | list[str] | None, ref_adapter_name: str | None) -> str | list[str] | None:

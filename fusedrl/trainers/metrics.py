@@ -33,6 +33,17 @@ class TrainerMetrics:
     def gathered_mean(self, values: torch.Tensor) -> float:
         return self.accelerator.gather(values.detach().float()).mean().item()
 
+    def weighted_mean(self, mean: torch.Tensor, count: torch.Tensor | int) -> float:
+        """The mean over every process's items of a scalar ``mean`` over this process's ``count`` items (tokens):
+        what one process holding all the items computes. The plain mean of the processes' means, TRL's, differs as
+        soon as they hold different counts (completions of other lengths). One process: ``mean`` itself, exactly."""
+        mean = mean.detach().float()
+        if self.accelerator.num_processes == 1:
+            return mean.item()
+        count = torch.as_tensor(count, dtype=torch.float32, device=mean.device)
+        total = torch.where(count > 0, mean * count, 0.0)  # a process without items adds nothing (its mean is NaN)
+        return (self.accelerator.gather(total.reshape(1)).sum() / self.accelerator.gather(count.reshape(1)).sum()).item()
+
     def record_num_tokens(self, mode: str, attention_mask: torch.Tensor) -> None:
         if mode == "train":
             self._total_train_tokens += self.accelerator.gather_for_metrics(attention_mask.sum()).sum().item()

@@ -1,11 +1,13 @@
-"""Models as the trainers take them: loading from a path (TRL's fp32 default), the tokenizer of a processor, PEFT
-wrapping, the trained and reference adapters (named by ``model_adapter_name`` / ``ref_adapter_name``:
-``adapters/named.py``; else the frozen ``ref`` adapter), dropout off, and the refusal of heads the fused LM head
-cannot reproduce."""
+"""Models as the trainers take them: loading from a path (TRL's fp32 default; every ``model_init_kwargs`` entry
+reaches ``from_pretrained``, and the tokenizer of a model loaded by path is read from the same revision), the
+tokenizer of a processor, PEFT wrapping, the trained and reference adapters (named by ``model_adapter_name`` /
+``ref_adapter_name``: ``adapters/named.py``; else the frozen ``ref`` adapter), dropout off, and the refusal of heads
+the fused LM head cannot reproduce and of tokenizers larger than the model's embeddings."""
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from accelerate.utils import is_peft_model
@@ -15,35 +17,115 @@ from fusedrl.trainers.adapters.named import REF_ADAPTER, check_adapter_names, cr
 
 logger = logging.getLogger("fusedrl")
 
-__all__ = ["REF_ADAPTER", "check_plain_head", "disable_dropout", "load_causal_lm", "prepare_model", "tokenizer_of"]
+__all__ = ["REF_ADAPTER", "check_plain_head", "check_vocab_fits", "disable_dropout", "load_causal_lm",
+           "load_tokenizer", "prepare_model", "pretrained_kwargs", "tokenizer_of"]
 # Config attributes through which some architectures rescale or soft-cap their logits. The fused head projects with
 # the plain LM-head weight, so such a model would silently get wrong log-probs; it is refused instead.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
+_DTYPE_NAMES = ("bfloat16", "float16", "float32")
+# The from_pretrained arguments that say which files are read; a tokenizer loaded for a model given by path is read
+# with the same ones, so a pinned revision (or a cache directory, a token) applies to both.
+_SOURCE_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code")
+
+
+def pretrained_kwargs(model_init_kwargs: dict | None, trust_remote_code: bool, *,
+                      default_dtype: str | None = "float32") -> dict:
+    """``model_init_kwargs`` as ``from_pretrained`` takes them, every entry kept: ``dtype`` (also under its old name
+    ``torch_dtype``) as a ``torch.dtype`` or ``"auto"`` (``default_dtype`` when absent; None leaves transformers'
+    default), ``trust_remote_code`` from the config unless the dict sets it. A bad entry raises a ValueError."""
+    if model_init_kwargs is None:
+        kwargs = {}
+    elif isinstance(model_init_kwargs, dict):
+        kwargs = dict(model_init_kwargs)
+    else:
+        raise ValueError(f"model_init_kwargs must be a dict of from_pretrained arguments (a JSON object on the "
+                         f"command line: '{{\"dtype\": \"bfloat16\"}}'), got {model_init_kwargs!r}")
+    if "torch_dtype" in kwargs:
+        # Passed on beside the dtype this function always sets, transformers 5 would let `dtype` win and drop the
+        # requested one without a word (a bf16 request loading fp32).
+        if "dtype" in kwargs:
+            raise ValueError(f"model_init_kwargs sets both dtype={kwargs['dtype']!r} and torch_dtype="
+                             f"{kwargs['torch_dtype']!r} (its old name); keep only dtype")
+        kwargs["dtype"] = kwargs.pop("torch_dtype")
+    dtype = kwargs.get("dtype", default_dtype)
+    if isinstance(dtype, str) and dtype in _DTYPE_NAMES:
+        dtype = getattr(torch, dtype)
+    elif not (dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype)):
+        raise ValueError(f"model_init_kwargs['dtype'] must be 'auto', a torch.dtype or one of bfloat16, float16, "
+                         f"float32; got {dtype!r}")
+    if dtype is not None or "dtype" in kwargs:
+        kwargs["dtype"] = dtype
+    kwargs.setdefault("trust_remote_code", trust_remote_code)
+    return kwargs
+
+
+# TRL 1.16's model-card tag of each trainer (its `_tag_names` = ["trl", tag]); fusedrl adds its own.
+_TRL_TAGS = {"DPOTrainer": "dpo", "KTOTrainer": "kto", "ORPOTrainer": "orpo", "CPOTrainer": "cpo",
+             "GRPOTrainer": "grpo", "RLOOTrainer": "rloo", "PPOTrainer": "ppo", "OnlineDPOTrainer": "online-dpo"}
+
+
+def trainer_tags(trainer_cls: type) -> list[str]:
+    """The model tags a trainer adds (``model.add_model_tags``; TRL's model cards and its tests read them): TRL's
+    ``["trl", <method>]`` for the nearest shipped trainer class, then ``"fusedrl"``."""
+    method = next((_TRL_TAGS[cls.__name__] for cls in trainer_cls.__mro__ if cls.__name__ in _TRL_TAGS), None)
+    return ["trl", *([method] if method else []), "fusedrl"]
 
 
 def load_causal_lm(model: str | PreTrainedModel, args, quantization_config=None) -> PreTrainedModel:
-    """``model`` itself, or the causal LM stored at the path ``model`` (fp32 unless ``model_init_kwargs['dtype']``)."""
+    """``model`` itself, or the causal LM stored at the path ``model`` with every ``model_init_kwargs`` entry
+    (fp32 unless ``model_init_kwargs['dtype']`` says otherwise); one log line says what was loaded."""
     if not isinstance(model, str):
         if args.model_init_kwargs is not None:
             logger.warning("model_init_kwargs is ignored: the model is already instantiated")
         if quantization_config is not None:
             raise ValueError("quantization_config only applies to a model given as a path; the model is an instance")
         return model
-    kwargs = dict(args.model_init_kwargs or {})
+    kwargs = pretrained_kwargs(args.model_init_kwargs, args.trust_remote_code)
     if quantization_config is not None:
         if "quantization_config" in kwargs:
             raise ValueError("quantization_config is set both as a trainer argument and in model_init_kwargs")
         kwargs["quantization_config"] = quantization_config
-    dtype = kwargs.get("dtype", "float32")
-    if isinstance(dtype, str) and dtype in ("bfloat16", "float16", "float32"):
-        dtype = getattr(torch, dtype)
-    elif not (dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype)):
-        raise ValueError(f"model_init_kwargs['dtype'] must be 'auto', a torch.dtype or one of bfloat16, float16, "
-                         f"float32; got {dtype!r}")
-    kwargs["dtype"] = dtype
-    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-    return AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    if kwargs.get("revision") not in (None, "main") and os.path.isdir(model):
+        # transformers reads a local directory as it is and ignores the revision without a word.
+        logger.warning("fusedrl: model_init_kwargs['revision']=%r has no effect: %s is a local directory",
+                       kwargs["revision"], model)
+    loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    logger.info("fusedrl: loaded %s from %s (%s, attention %s)", type(loaded).__name__, model, loaded.dtype,
+                loaded.config._attn_implementation)
+    return loaded
+
+
+def load_tokenizer(path: str, args) -> PreTrainedTokenizerBase:
+    """The tokenizer stored with the model at ``path`` (hub id or directory), read with the model's revision,
+    cache and ``trust_remote_code``; a ValueError naming the path and the fix when there is none."""
+    from transformers import AutoTokenizer
+
+    source = {key: value for key, value in pretrained_kwargs(args.model_init_kwargs, args.trust_remote_code).items()
+              if key in _SOURCE_KWARGS}
+    try:
+        return AutoTokenizer.from_pretrained(path, **source)
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())  # transformers' messages span lines
+        raise ValueError(f"no tokenizer could be loaded from the model's path {path!r} ({reason}); pass the tokenizer "
+                         "the model was trained with as processing_class (on the command line: --tokenizer PATH)") \
+            from error
+
+
+def check_vocab_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a tokenizer with more tokens than the model has embedding rows: its larger ids would index past the
+    embeddings (an IndexError at the first such token on CPU, a device-side assert on CUDA)."""
+    num_rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if num_rows is None:
+        num_rows = getattr(model.config.get_text_config(), "vocab_size", None)
+    if num_rows is not None and len(tokenizer) > num_rows:
+        name = model.name_or_path or type(model).__name__
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model {name} has {num_rows} embedding rows: ids >= "
+            f"{num_rows} would index past them. Pass the tokenizer the model was trained with (processing_class; on "
+            "the command line --tokenizer PATH), or grow the embeddings first with "
+            "model.resize_token_embeddings(len(tokenizer))"
+        )
 
 
 def tokenizer_of(processing_class) -> PreTrainedTokenizerBase:
@@ -85,11 +167,9 @@ def prepare_model(model, args, processing_class, *, peft_config, ref_model, quan
         raise ValueError(f"ref_adapter_name={args.ref_adapter_name!r} but this trainer uses no reference (a "
                          "reference-free loss, or beta=0); unset ref_adapter_name")
     if processing_class is None:
-        from transformers import AutoTokenizer
-
-        processing_class = AutoTokenizer.from_pretrained(model.config._name_or_path,
-                                                         trust_remote_code=args.trust_remote_code)
+        processing_class = load_tokenizer(model.config._name_or_path, args)
     tokenizer = tokenizer_of(processing_class)
+    check_vocab_fits(model, tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.get_text_config().pad_token_id = tokenizer.pad_token_id

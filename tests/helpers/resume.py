@@ -1,16 +1,32 @@
 """The DPO run of the resume cases (tests/runtime/test_resume.py, whose docstring describes them), which
 tests/runtime/test_faults.py also kills and poisons. Both files also run it in worker subprocesses started with
-``PYTHONPATH`` at the repository, which is how those import this module."""
+``PYTHONPATH`` at the repository, which is how those import this module. :class:`KillAtStep` is the SIGKILL of every
+resume test (tests/trainers/test_online_resume.py too)."""
 
 from __future__ import annotations
 
+import os
+import signal
+
 from peft import LoraConfig
+from transformers import TrainerCallback
 
 from fusedrl.cli import presets
 from fusedrl.trainers.preference.dpo import DPOTrainer
 from fusedrl.trainers.preference.dpo_config import DPOConfig
 
 MAX_STEPS, SAVE_STEPS = 8, 3
+
+
+class KillAtStep(TrainerCallback):
+    """Test-only: SIGKILL this process at the end of optimizer step ``step`` (before that step logs or saves)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def build_trainer(case: str, output_dir: str, *, callbacks=None, **overrides) -> DPOTrainer:

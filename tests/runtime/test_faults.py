@@ -6,6 +6,10 @@
 - non-finite steps: a NaN in the loss (with or without NaN gradients) or in a gradient only, at optimizer step 2, is
   skipped: parameters and optimizer state are bitwise unchanged by it, the learning rate does not advance, a warning
   names the step, ``nonfinite_steps`` is logged; more than ``max_nonfinite_steps`` stop training with an error.
+  Under DeepSpeed (whose engine steps inside the backward) the same holds, checked on the fp32 partitions and Adam
+  moments: ZeRO-2 in one process with a NaN gradient only (DeepSpeed's own overflow check), ZeRO-3 in two processes
+  with a NaN added to one rank's loss only (finite gradients: the guarded backward turns them NaN, and DeepSpeed's
+  all-reduced verdict skips the step on both ranks).
 - Triton fallback: a kernel launch raising Triton's ``CompilationError`` under the default selection runs the compiled
   backend instead (bitwise its result and gradients), logged once, and later calls skip the kernel; an explicit
   ``triton`` request raises.
@@ -18,8 +22,10 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -31,7 +37,7 @@ from triton.compiler.errors import CompilationError
 from fusedrl.ops import dispatch as registry
 from fusedrl.ops.logprobs import linear_token_logprobs
 from fusedrl.ops.preference import preference_loss
-from fusedrl.runtime import checkpoint
+from fusedrl.runtime import checkpoint, faults, launcher
 from fusedrl.runtime.faults import NonFiniteTrainingError
 from tests.helpers.resume import build_trainer
 
@@ -113,10 +119,13 @@ class _Snapshots(TrainerCallback):
         self.end[state.global_step] = self._take(model, optimizer)
 
 
-def _poison(trainer, steps: set[int], mode: str) -> None:
-    """Make optimizer steps ``steps`` non-finite: ``loss_and_grad`` multiplies the loss by NaN (NaN gradients too),
-    ``loss_only`` adds a NaN constant (gradients stay finite), ``grad_only`` turns one gradient NaN in a hook."""
+def _poison(trainer, steps: set[int], mode: str, *, rank: int | None = None) -> None:
+    """Make optimizer steps ``steps`` non-finite (on process ``rank`` only, if given): ``loss_and_grad`` multiplies
+    the loss by NaN (NaN gradients too), ``loss_only`` adds a NaN constant (gradients stay finite), ``grad_only``
+    turns one gradient NaN in a hook."""
     compute_loss = trainer.compute_loss
+    if rank is not None and trainer.accelerator.process_index != rank:
+        return
 
     def poisoned(model, inputs, *args, **kwargs):
         loss = compute_loss(model, inputs, *args, **kwargs)
@@ -166,6 +175,123 @@ def test_too_many_nonfinite_steps_stop_training(tmp_path, limit, bad_steps, stop
     message = rf"stopping at optimizer step {stop_step}: {limit + 1} optimizer steps .* max_nonfinite_steps={limit}"
     with pytest.raises(NonFiniteTrainingError, match=message):
         trainer.train()
+
+
+class _DeepSpeedSnapshots(_Snapshots):
+    """Under DeepSpeed: this rank's fp32 master partitions and their Adam state, held by the ZeRO optimizer (ZeRO-3
+    hands its torch optimizer one partition at a time, so they are read from the ZeRO side)."""
+
+    @staticmethod
+    def _take(model, optimizer):
+        zero = optimizer.optimizer  # accelerate's wrapper -> DeepSpeed's ZeRO optimizer
+        partitions = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
+        params = {str(i): p.detach().clone() for i, p in enumerate(partitions)}
+        state = [{k: v.clone() if torch.is_tensor(v) else v for k, v in zero.optimizer.state[p].items()}
+                 for p in partitions]
+        return params, state
+
+
+def _deepspeed_nonfinite(output_dir: str, mode: str, rank: str) -> None:
+    """Body of each process that accelerate launch starts: the DPO run of test_nonfinite_step_is_skipped under the
+    launch's DeepSpeed config, step 2 poisoned on process ``rank``; each process writes what it saw as JSON."""
+    torch.set_num_threads(1)
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("fusedrl").addHandler(handler)
+    snapshots = _DeepSpeedSnapshots()
+    # DeepSpeed comes from accelerate launch's config; use_cpu would turn it into plain CPU data parallelism
+    # (fusedrl/runtime/launcher.py), so it stays False and gloo carries the collectives.
+    trainer = build_trainer("plain", output_dir, max_steps=4, save_strategy="no", callbacks=[snapshots],
+                            use_cpu=False, ddp_backend="gloo")
+    _poison(trainer, {2}, mode, rank=int(rank))
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    report = {"skipped_unchanged": _same(snapshots.begin[2], snapshots.end[2]),
+              "next_updates": not _same(snapshots.begin[3], snapshots.end[3]),
+              "engine_skipped_steps": trainer.model_wrapped.skipped_steps,
+              "warnings": [m for m in messages if "non-finite" in m],
+              "rates": [e["learning_rate"] for e in logs],
+              "nonfinite_steps": [e.get("nonfinite_steps") for e in logs]}
+    Path(output_dir, f"report-{trainer.accelerator.process_index}.json").write_text(json.dumps(report))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,num_processes,mode,rank", [("zero2", 1, "grad_only", 0), ("zero3", 2, "loss_only", 1)],
+                         ids=["zero2-grad", "zero3-2procs-loss-on-rank1"])
+def test_nonfinite_step_is_skipped_under_deepspeed(tmp_path, stage, num_processes, mode, rank):
+    pytest.importorskip("deepspeed")
+    # Launched as the CLI launches --accelerate_config zero2/zero3 on a CPU machine (fusedrl/runtime/launcher.py).
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launcher.config_path(stage)),
+            "--num_processes", str(num_processes), "--main_process_port", str(_free_port()),
+            str(Path(__file__).resolve()), "deepspeed-nonfinite", str(tmp_path), mode, str(rank)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-3000:]
+    for index in range(num_processes):
+        report = json.loads((tmp_path / f"report-{index}.json").read_text())
+        assert report["skipped_unchanged"], f"rank {index}: the skipped step changed the weights or Adam moments"
+        assert report["next_updates"], f"rank {index}: a finite step must update"
+        assert report["engine_skipped_steps"] == 1
+        assert len(report["warnings"]) == 1 and "optimizer step 2 " in report["warnings"][0]
+        assert "the update is skipped" in report["warnings"][0]
+        rates = report["rates"]  # DeepSpeed's scheduler does not step over the skipped update
+        assert rates[0] > rates[1] == rates[2] > rates[3]
+        assert report["nonfinite_steps"] == [None, 1, 1, 1]
+
+
+def test_deepspeed_backward_guard_poisons_only_nonfinite_losses():
+    """Bitwise the same gradient for a finite loss (times 1); NaN everywhere for a non-finite one, even where the
+    loss does not depend on a weight (NaN * 0); installed once, removed again."""
+    weight = torch.tensor([1.5, -2.0, 0.25], requires_grad=True)
+    x = torch.tensor([0.3, 0.0, -1.2])
+    (weight * x).sum().backward()
+    expected, weight.grad = weight.grad.clone(), None
+    faults.poison_nonfinite((weight * x).sum()).backward()
+    assert torch.equal(weight.grad, expected)
+    for bad in (float("nan"), float("inf")):
+        weight.grad = None
+        faults.poison_nonfinite((weight * x).sum() + bad).backward()
+        assert weight.grad.isnan().all()
+
+    calls = []
+    engine_wrapper = types.SimpleNamespace(engine="engine", backward=lambda loss, **kw: calls.append((loss, kw)))
+    accelerator = types.SimpleNamespace(deepspeed_engine_wrapped=engine_wrapper)
+    assert faults.guard_deepspeed_backward(accelerator) and faults.guard_deepspeed_backward(accelerator)
+    guarded = accelerator.deepspeed_engine_wrapped
+    assert guarded.wrapped is engine_wrapper and guarded.engine == "engine"  # installed once; attributes pass
+    guarded.backward(torch.tensor(2.0) + float("nan"), sync_gradients=True)
+    assert calls[0][0].isnan() and calls[0][1] == {"sync_gradients": True}
+    faults.unguard_deepspeed_backward(accelerator)
+    assert accelerator.deepspeed_engine_wrapped is engine_wrapper
+    assert not faults.guard_deepspeed_backward(types.SimpleNamespace(deepspeed_engine_wrapped=None))
+
+
+@pytest.mark.parametrize("fp16,loss,skipped,outcome", [
+    (False, 1.0, True, "skipped"),  # a NaN gradient, caught by DeepSpeed's ZeRO check
+    (False, float("nan"), False, "applied"),  # an optimizer that checks nothing (ZeRO stage 0 in fp32)
+    (False, 1.0, False, None),
+    (True, 1.0, True, None),  # fp16 loss scaling: an overflow is DeepSpeed's business, not a fault
+    (True, float("inf"), True, "skipped"),
+], ids=["grad-skipped", "loss-applied", "finite", "fp16-overflow", "fp16-loss"])
+def test_guard_reads_deepspeed_verdict(caplog, fp16, loss, skipped, outcome):
+    """Under DeepSpeed the engine has stepped before the hook: the guard counts from the loss and DeepSpeed's
+    ``step_was_skipped`` and says which of the two happened."""
+    guard = faults.NonFiniteGuard(3, grad_scaler=fp16, deepspeed=True)
+    guard.observe_loss(torch.tensor(loss))
+    optimizer = types.SimpleNamespace(step_was_skipped=skipped)
+    with caplog.at_level(logging.WARNING, logger="fusedrl"):
+        guard.on_pre_optimizer_step(None, types.SimpleNamespace(global_step=4), None, optimizer=optimizer)
+    warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert guard.num_nonfinite_steps == (outcome is not None) == len(warnings)
+    if outcome is not None:
+        assert f"optimizer step 5 has a non-finite loss or gradient; the update is {outcome}" in warnings[0]
 
 
 def test_max_nonfinite_steps_is_validated(tmp_path):
@@ -301,3 +427,5 @@ def test_policy_loss_falls_back_to_compiled(default_triton, caplog, monkeypatch)
 if __name__ == "__main__":
     if sys.argv[1] == "kill-during-save":
         _kill_during_save(sys.argv[2])
+    elif sys.argv[1] == "deepspeed-nonfinite":
+        _deepspeed_nonfinite(*sys.argv[2:5])

@@ -31,25 +31,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
-from tests.helpers.resume import MAX_STEPS, SAVE_STEPS, build_trainer
+from tests.helpers.resume import MAX_STEPS, SAVE_STEPS, KillAtStep, build_trainer
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 CASES = ("plain", "lora_ga2", "sync_ref")
 KILL_AT = 5
 SYNC_REF_CONTROL = "sync_ref_without_ref_file"
 
-
-class KillAtStep(TrainerCallback):
-    """Test-only: SIGKILL this process at the end of optimizer step ``step`` (before that step logs or saves)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _worker(spec_path: str) -> None:

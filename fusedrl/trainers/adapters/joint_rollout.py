@@ -2,9 +2,9 @@
 own run would; the loss steps then train every adapter on one union micro-batch (``joint.py``).
 
 - sampling: the prompts of adapter k are generated with adapter k (``AdapterRouter.use``) from adapter k's own RNG
-  stream (forked from the global generator at the first round, then carried from round to round), so its
-  completions, rewards, advantages and shuffles are those of its separate run; the metrics of its round are
-  recorded under ``<adapter>/``.
+  stream (forked from the global generator at the first round, then carried from round to round and saved with
+  each checkpoint: :meth:`JointRollouts.state_tensors`), so its completions, rewards, advantages and shuffles are
+  those of its separate run, resumed or not; the metrics of its round are recorded under ``<adapter>/``.
 - loss steps: micro-batch j of every adapter is padded to common lengths (prompts on the left, completions on the
   right: with rotary positions a uniform shift of the real tokens changes nothing but rounding) and stacked into
   one batch, with ``input_ids`` / ``attention_mask`` of the whole sequences precomputed so the adapters' forwards
@@ -65,7 +65,24 @@ class JointRollouts:
     def __init__(self, trainer, names) -> None:
         self.trainer, self.names = trainer, tuple(names)
         self.rng_states: list[torch.Tensor] | None = None
-        self.buffered: list[dict] | None = None
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapters' RNG streams by name (none before the first round), for a checkpoint: a resumed run must
+        continue each stream where the interrupted one left it."""
+        if self.rng_states is None:
+            return {}
+        return {f"rng/{name}": state for name, state in zip(self.names, self.rng_states)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_tensors` (nothing saved: the streams fork at the next round, as at the start)."""
+        saved = sorted(key.removeprefix("rng/") for key in tensors if key.startswith("rng/"))
+        if not saved:
+            self.rng_states = None
+            return
+        if saved != sorted(self.names):
+            raise ValueError(f"the checkpoint holds the sampling RNG streams of adapters {saved}, but this run trains "
+                             f"{list(self.names)} (model_adapter_name): resume with the same adapters")
+        self.rng_states = [tensors[f"rng/{name}"] for name in self.names]
 
     def generate(self, generation_batch: dict, score, num_chunks: int) -> list[dict]:
         """Sample and score each adapter's prompts with ``score(examples) -> scored rows``, cut each into

@@ -16,8 +16,9 @@ writes stick (broadcast, re-shard) it does on exit. The default, :func:`default_
   carries ``ds_id``, so deepspeed stays optional): a partitioned reference is written by rank 0 and DeepSpeed
   re-partitions it on exit, a replicated reference is written by every rank;
 - FSDP2 ``DTensor`` parameters: nothing to gather when policy and reference are sharded alike, the element-wise
-  update runs shard by shard (:func:`mix_into_`); a DTensor policy with a plain reference is read with
-  ``full_tensor()``.
+  update runs shard by shard (:func:`mix_into_`), after every FSDP2 unit of both is put back to its shards (a unit
+  left gathered by its last forward would take the writes in a copy that its next reshard drops); a DTensor policy
+  with a plain reference is read with ``full_tensor()``.
 
 A trainer can pass its own ``gather`` (FSDP2 with differing meshes, a ZeRO-3 variant gathering in larger groups)
 without touching the callback.
@@ -116,6 +117,19 @@ def _active_adapter(model: torch.nn.Module) -> str:
     if not isinstance(active, str):
         raise TypeError("a reference adapter name needs a PEFT policy (a model with an active adapter)")
     return active
+
+
+def _reshard_fsdp2(model: torch.nn.Module) -> None:
+    """Put every FSDP2 unit of ``model`` back to its shards. A unit that does not reshard after its forward (the root
+    unit never does) keeps plain gathered tensors as its parameters after a no-grad forward, and a write into those
+    is lost when the unit reshards (a checkpoint's ``state_dict`` does): on 2 processes, TR-DPO's reference head then
+    fell back to its pre-sync values after a save at step 2 (loss off by 2e-4 at step 3). Writing into the shards,
+    the next forward gathers the synced values. A no-op without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def adapter_pairs(
@@ -218,6 +232,9 @@ class SyncRefModelCallback(TrainerCallback):
     def sync(self, model: torch.nn.Module, alpha: float) -> None:
         """One update of the reference from ``model`` (the policy). Every process must call it (gathers are
         collective)."""
+        _reshard_fsdp2(_unwrap(model, self.accelerator))
+        if isinstance(self.ref_model, torch.nn.Module):
+            _reshard_fsdp2(_unwrap(self.ref_model, self.accelerator))
         for name, policy_param, ref_param in self.pairs(model):
             # One pair per gather bounds ZeRO-3's peak to the largest parameter's full size; gathering both models at
             # once (as TRL does) holds two full copies on every GPU, 28 GB for a 7B model in bf16.

@@ -26,6 +26,10 @@ from datasets import Dataset, DatasetDict, IterableDatasetDict
 from fusedrl.trainers.data.formats import extract_prompt
 
 _PROMPT_LAST_ROLES = ("user", "tool", "assistant")
+# TRL 1.16's words (its tests pin them), then why: precomputed reference log-probs are stored as dataset columns.
+PRECOMPUTE_ITERABLE_ERROR = ("`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a "
+                             "map-style Dataset or set `precompute_ref_log_probs=False` (the log-probs are stored "
+                             "as dataset columns)")
 
 
 class DatasetFormatError(ValueError):

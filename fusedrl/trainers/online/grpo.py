@@ -19,6 +19,9 @@ One generation round (every ``steps_per_generation * num_iterations`` micro-step
    a policy forward to the last hidden states, then ``fusedrl.linear_policy_loss`` (clipped ratio, k3 KL, TRL's
    ``loss_type`` aggregation) and TRL's metrics.
 
+A checkpoint inside a round also holds the round (``resume.py``): a resumed run finishes it rather than sampling a
+new one from moved weights (TRL 1.16 does), so it repeats the uninterrupted run bitwise.
+
 Legend: B completions in a micro-batch, P prompt positions, C completion positions, H hidden, V vocabulary.
 """
 
@@ -41,7 +44,9 @@ from fusedrl.trainers.data.validation import check_prompt_dataset
 from fusedrl.trainers.head import IGNORE_INDEX
 from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.online.grpo_config import GRPOConfig
+from fusedrl.trainers.online.resume import RoundCheckpointing, RoundState
 from fusedrl.trainers.online.rollout import eos_token_ids_of, generate_completions, sampling_config
+from fusedrl.trainers.online.row_seeds import trainer_row_seeds
 from fusedrl.trainers.online.sampling import (
     RepeatSampler,
     identity_collator,
@@ -51,7 +56,7 @@ from fusedrl.trainers.online.sampling import (
     split_rows,
     zero_std_groups,
 )
-from fusedrl.trainers.rewards import resolve_rewards, reward_weights_tensor, score_completions
+from fusedrl.trainers.rewards import prepare_reward_models, resolve_rewards, reward_weights_tensor, score_completions
 
 logger = logging.getLogger("fusedrl")
 
@@ -73,7 +78,7 @@ def _grpo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_
     )
 
 
-class GRPOTrainer(FusedTrainer):
+class GRPOTrainer(RoundCheckpointing, FusedTrainer):
     """Group Relative Policy Optimization (https://huggingface.co/papers/2402.03300), as ``trl.GRPOTrainer`` 1.16.
 
     ``model``: a path or a causal LM (or a PeftModel). ``reward_funcs``: one or a list of registered names
@@ -94,7 +99,7 @@ class GRPOTrainer(FusedTrainer):
             name = model if isinstance(model, str) else model.config._name_or_path
             args = self.config_class(f"{name.rstrip('/').split('/')[-1] or 'model'}-{self.method}")
         if train_dataset is None:
-            raise ValueError("train_dataset is required: a Dataset with a 'prompt' column")
+            raise ValueError("`train_dataset` is required: a Dataset with a 'prompt' column")
         if self._joint_datasets(args, train_dataset, eval_dataset) is train_dataset:
             check_prompt_dataset(train_dataset, "train_dataset")
             check_prompt_dataset(eval_dataset, "eval_dataset")
@@ -136,9 +141,7 @@ class GRPOTrainer(FusedTrainer):
         self._finish_setup(None, precompute=args.beta == 0.0)  # beta = 0: no reference model at all
         if args.sync_ref_model:
             self.add_callback(self.reference_sync_callback())
-        self.rewards = [reward._replace(func=self.accelerator.prepare_model(reward.func, evaluation_mode=True,
-                                                                            device_placement=True))
-                        if reward.is_model else reward for reward in self.rewards]
+        self.rewards = prepare_reward_models(self.rewards, self.accelerator)
         self._step = 0  # micro-steps, counting accumulation
         self._buffered_inputs = None
         self._joint_rollouts = None if self._joint is None else JointRollouts(self, self._joint.names)
@@ -196,6 +199,27 @@ class GRPOTrainer(FusedTrainer):
                 self._buffered_inputs = self._scored_round(generation_batch, self.args.steps_per_generation)
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
+    # --- exact resume (online/resume.py): the step counter, the pending round, joint mode's RNG streams ----------
+
+    def _round_state(self) -> RoundState:
+        args = self.args
+        inside_round = self._step % (args.steps_per_generation * args.num_iterations) != 0
+        plan = {"per_device_train_batch_size": args.per_device_train_batch_size,
+                "steps_per_generation": args.steps_per_generation, "num_iterations": args.num_iterations,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "num_generations": args.num_generations, "beta": args.beta, "world_size": args.world_size}
+        return RoundState({"step": self._step, "completion_log": list(self._completion_log)}, plan,
+                          self._buffered_inputs if inside_round else None,
+                          {} if self._joint_rollouts is None else self._joint_rollouts.state_tensors())
+
+    def _restore_round(self, state: RoundState) -> None:
+        self._step = state.counters["step"]
+        self._completion_log.clear()
+        self._completion_log.extend(tuple(row) for row in state.counters["completion_log"])
+        self._buffered_inputs = state.pending  # None: _prepare_inputs samples a fresh round
+        if self._joint_rollouts is not None:
+            self._joint_rollouts.load_state_tensors(state.extra)
+
     # --- generation and scoring ---------------------------------------------------------------------------------
 
     def _scored_round(self, generation_batch, num_chunks: int) -> list[dict]:
@@ -249,6 +273,7 @@ class GRPOTrainer(FusedTrainer):
             prompt_truncation=args.prompt_truncation, eos_token_ids=self.eos_token_ids,
             chat_template_kwargs=args.chat_template_kwargs, pad_to_multiple_of=args.pad_to_multiple_of,
             accelerator=self.accelerator, generation_config=self.generation_config,
+            row_seeds=trainer_row_seeds(self, len(prompts)),
         )
         completion_mask = rollout.completion_mask
         if args.mask_truncated_completions:
@@ -364,12 +389,15 @@ class GRPOTrainer(FusedTrainer):
     @torch.no_grad()
     def _record_loss_metrics(self, mode: str, inputs: dict, out) -> None:
         mask = inputs["completion_mask"].float()
+        # Token means (sequence shares at sequence level) of this process's micro-batch, weighted across processes.
+        tokens = mask.sum()
         if self.args.beta != 0.0:
-            self.record(mode, "kl", self.gathered_mean(out.kl))
+            self.record(mode, "kl", self.weighted_mean(out.kl, tokens))
         self.record(mode, "entropy", self.masked_mean(out.entropy, inputs["completion_mask"]))
+        clipped = tokens if self.args.importance_sampling_level == "token" else mask.shape[0]
         for key, value in (("low_mean", out.clip_ratio_low), ("high_mean", out.clip_ratio_high),
                            ("region_mean", out.clip_ratio_region)):
-            self.record(mode, f"clip_ratio/{key}", self.gathered_mean(value))
+            self.record(mode, f"clip_ratio/{key}", self.weighted_mean(value, clipped))
         # Per-sequence extremes (TRL's clip_ratio/low_min and high_max) from the ratio the loss used.
         old = inputs.get("old_per_token_logps")
         log_ratio = out.logps.detach() - (out.logps.detach() if old is None else old)

@@ -20,6 +20,10 @@ One step, for a batch of B prompts:
    (policy) and 4 are one ``linear_preference_loss(fused=True)`` call, 3 head passes (the ``preference`` backend
    of ``kernels`` for the loss).
 
+Resume: nothing is buffered across steps and the samples come from the global RNG, which Trainer's checkpoint
+restores, so a resumed run repeats the uninterrupted one bitwise without online-trainer state of its own
+(tests/trainers/test_online_resume.py; GRPO, RLOO and PPO save their pending rounds: ``resume.py``).
+
 TRL-named metrics: objective/{kl,entropy,non_score_reward,rlhf_reward,scores,scores_margin}, rewards/{chosen,rejected,
 accuracies,margins}, logps/{chosen,rejected}, val/contain_eos_token, beta; fusedrl adds val/judge_ties (judge only).
 
@@ -41,8 +45,9 @@ from fusedrl.trainers.online.common import judge_pairs, rollout_scores, sequence
 from fusedrl.trainers.online.judges import TIE
 from fusedrl.trainers.online.online_dpo_config import OnlineDPOConfig
 from fusedrl.trainers.online.rollout import generate_completions
+from fusedrl.trainers.online.row_seeds import trainer_row_seeds
 from fusedrl.trainers.online.sampling import identity_collator
-from fusedrl.trainers.rewards import resolve_rewards, reward_weights_tensor
+from fusedrl.trainers.rewards import prepare_reward_models, resolve_rewards, reward_weights_tensor
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 
@@ -86,9 +91,7 @@ class OnlineDPOTrainer(FusedTrainer):
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          callbacks=callbacks, optimizers=optimizers)
         self._finish_setup(ref_model, precompute=False)
-        for reward in self.rewards:
-            if reward.is_model:
-                reward.func.to(self.accelerator.device)
+        self.rewards = prepare_reward_models(self.rewards, self.accelerator)  # sharded like the reference
 
     @property
     def beta(self) -> float:
@@ -110,7 +113,7 @@ class OnlineDPOTrainer(FusedTrainer):
             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
             generation_kwargs={**({"cache_implementation": args.cache_implementation}
                                   if args.cache_implementation else {}), **(args.generation_kwargs or {})},
-            accelerator=self.accelerator)
+            accelerator=self.accelerator, row_seeds=trainer_row_seeds(self, 2 * len(rows)))
         device = rollout.completion_ids.device
         num_pairs = len(rows)
         scores_N = None

@@ -3,7 +3,8 @@ transformers-generation ones), plus fusedrl's ``kernels`` and the reward fields 
 
 Differences from TRL: no vLLM fields (generation is ``model.generate``); ``reward_funcs`` / ``reward_failure`` /
 ``max_prompt_length`` / ``prompt_truncation`` are fusedrl's (the trainer's ``reward_funcs`` or ``judge`` argument
-ranks the pairs); ``ds3_gather_for_generation`` is dropped (ZeRO-3 is refused).
+ranks the pairs); ``ds3_gather_for_generation`` is dropped (under ZeRO-3 generation gathers layer by layer, the
+processes stepping together: ``rollout.py``).
 """
 
 from __future__ import annotations

@@ -23,11 +23,14 @@ rollout batch (``sampling.RepeatSampler``), yielded ``num_ppo_epochs * num_mini_
 times; ``_prepare_inputs`` generates on the first and then hands out the buffered micro-batches, so every Trainer
 step is one PPO minibatch update and the optimizer, scheduler, gradient clipping, accumulation, logging and
 checkpoints are Trainer's own. The policy and value model form one module (one optimizer, as TRL). Checkpoints
-and ``save_model`` write the policy as a normal model directory and the value model under ``value_model/``;
-resuming restores both (a resumed run starts a fresh rollout).
+and ``save_model`` write the policy as a normal model directory and the value model under ``value_model/``, plus
+the counters and, when the checkpoint falls inside a rollout, its remaining minibatch plan (``online/resume.py``):
+a resumed run finishes the interrupted rollout and repeats the uninterrupted run bitwise.
 
 Differences from TRL: the score sits on the last completion token (TRL put it one position later, on the first
-padding token, whenever one existed) and values are masked to the completion; completions end at EOS.
+padding token, whenever one existed) and values are masked to the completion; completions end at EOS. On several
+processes advantages are whitened over every process's rollout and the token means are of the global micro-batch
+(TRL whitens and averages per process), so N processes log what one process with N times the batch logs.
 TRL-named metrics: objective/{kl,entropy,non_score_reward,rlhf_reward,scores}, policy/{approxkl,clipfrac,entropy}_avg,
 loss/{policy,value}_avg, val/{clipfrac_avg,ratio,ratio_var,num_eos_tokens}, episode, rewards/<name>/mean.
 
@@ -53,13 +56,15 @@ from fusedrl.ops.policy import kl_penalty, linear_policy_loss, value_loss
 from fusedrl.runtime.hidden import final_hidden_states
 from fusedrl.trainers.base import FusedTrainer
 from fusedrl.trainers.data.validation import check_prompt_dataset
-from fusedrl.trainers.models import load_causal_lm, tokenizer_of
+from fusedrl.trainers.models import load_causal_lm, pretrained_kwargs, tokenizer_of
 from fusedrl.trainers.online.common import rollout_scores, sequence_inputs
 from fusedrl.trainers.online.ppo_config import PPOConfig
+from fusedrl.trainers.online.resume import RoundCheckpointing, RoundState
 from fusedrl.trainers.online.rollout import eos_token_ids_of, generate_completions
+from fusedrl.trainers.online.row_seeds import trainer_row_seeds
 from fusedrl.trainers.online.sampling import RepeatSampler, identity_collator
 from fusedrl.trainers.online.value_head import PolicyAndValue, check_value_model, value_model_from_policy
-from fusedrl.trainers.rewards import resolve_rewards, reward_weights_tensor
+from fusedrl.trainers.rewards import prepare_reward_models, resolve_rewards, reward_weights_tensor
 
 VALUE_MODEL_DIR = "value_model"
 
@@ -106,7 +111,7 @@ def _ppo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_l
     return policy.loss + args.vf_coef * vf_loss, policy, vf_loss
 
 
-class PPOTrainer(FusedTrainer):
+class PPOTrainer(RoundCheckpointing, FusedTrainer):
     """Proximal Policy Optimization for language models (https://arxiv.org/abs/1707.06347; the RLHF recipe of
     https://arxiv.org/abs/2403.17031), per the module docstring.
 
@@ -152,9 +157,7 @@ class PPOTrainer(FusedTrainer):
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          optimizers=optimizers)
         self._finish_setup(ref_model, precompute=True)  # precompute=True: the reference is settled above
-        for reward in self.rewards:
-            if reward.is_model:
-                reward.func.to(self.accelerator.device)
+        self.rewards = prepare_reward_models(self.rewards, self.accelerator)  # sharded like the reference
 
         accumulation = args.gradient_accumulation_steps
         self._local_rollout_size = args.per_device_train_batch_size * accumulation * args.num_mini_batches
@@ -176,8 +179,10 @@ class PPOTrainer(FusedTrainer):
         if value_model is None:
             value_model = value_model_from_policy(policy)
         elif isinstance(value_model, str):
+            # pretrained_kwargs: trust_remote_code given in model_init_kwargs too (as TRL's scripts do) was a TypeError
             value_model = AutoModelForSequenceClassification.from_pretrained(
-                value_model, num_labels=1, trust_remote_code=args.trust_remote_code, **(args.model_init_kwargs or {}))
+                value_model, num_labels=1, **pretrained_kwargs(args.model_init_kwargs, args.trust_remote_code,
+                                                               default_dtype=None))
         check_value_model(value_model)
         return value_model
 
@@ -196,7 +201,7 @@ class PPOTrainer(FusedTrainer):
     def _prepare_inputs(self, rows):
         if not self.model.training:  # evaluation scores fresh samples (prediction_step)
             return rows
-        if self._step % self._steps_per_rollout == 0:
+        if self._step % self._steps_per_rollout == 0 or not self._buffer:
             self._buffer = self._rollout(rows)
         batch = self._buffer[self._step % self._steps_per_rollout]
         self._step += 1
@@ -215,11 +220,13 @@ class PPOTrainer(FusedTrainer):
 
     def _sample(self, rows):
         args = self.args
-        return generate_completions(
-            self.accelerator.unwrap_model(self.model).policy, self._tokenizer, [row["prompt"] for row in rows],
-            max_prompt_length=args.max_prompt_length, prompt_truncation=args.prompt_truncation,
-            max_completion_length=args.response_length, temperature=args.temperature,
-            eos_token_ids=self._eos_token_ids)
+        row_seeds = trainer_row_seeds(self, len(rows))
+        # Inside the policy-and-value module's forward (PolicyAndValue.forward's policy_call), so that FSDP2's hooks on
+        # that root unit run as in training.
+        return self.accelerator.unwrap_model(self.model)(policy_call=lambda policy: generate_completions(
+            policy, self._tokenizer, [row["prompt"] for row in rows], max_prompt_length=args.max_prompt_length,
+            prompt_truncation=args.prompt_truncation, max_completion_length=args.response_length,
+            temperature=args.temperature, eos_token_ids=self._eos_token_ids, row_seeds=row_seeds))
 
     @torch.no_grad()
     def _rollout(self, rows: list[dict]) -> list[dict]:
@@ -246,9 +253,7 @@ class PPOTrainer(FusedTrainer):
                     _, hidden = final_hidden_states(reference, **chunk)
                     ref_logps.append(self._completion_logps(reference, hidden, prompt_length, ids_BC, chunk_mask_BC))
             logps_BC, ref_logps_BC, values_BC = torch.cat(logps), torch.cat(ref_logps), torch.cat(values) * mask_BC
-            targets = ppo_targets(scores_B, logps_BC, ref_logps_BC, values_BC, mask_BC, kl_coef=args.kl_coef,
-                                  kl_estimator=args.kl_estimator, whiten_rewards=args.whiten_rewards,
-                                  gamma=args.gamma, lam=args.lam)
+            targets = self._global_targets(scores_B, logps_BC, ref_logps_BC, values_BC, mask_BC)
         self.last_rollout = {"scores": scores_B, "logps": logps_BC, "ref_logps": ref_logps_BC, "values": values_BC,
                              "completion_mask": mask_BC, **targets._asdict()}
         self._record_rollout(scores_B, rewards_BF, failures, logps_BC, mask_BC, targets, rollout.is_truncated)
@@ -266,6 +271,23 @@ class PPOTrainer(FusedTrainer):
                 micro_batches.append({**{key: value[rows_index] for key, value in batch.items()},
                                       "prompt_length": prompt_length})
         return micro_batches
+
+    def _global_targets(self, scores_B, logps_BC, ref_logps_BC, values_BC, mask_BC) -> PPOTargets:
+        """:func:`ppo_targets` of this process's rows, whitened with the statistics of every process's rollout (what
+        one process with the whole batch computes; TRL's PPO whitens each process's rows alone): the rows are
+        gathered, padded to the widest completion, and this process's rows and width are cut back out."""
+        args, accelerator = self.args, self.accelerator
+        settings = {"kl_coef": args.kl_coef, "kl_estimator": args.kl_estimator, "whiten_rewards": args.whiten_rewards,
+                    "gamma": args.gamma, "lam": args.lam}
+        if accelerator.num_processes == 1:
+            return ppo_targets(scores_B, logps_BC, ref_logps_BC, values_BC, mask_BC, **settings)
+        num_rows, width = mask_BC.shape
+        padded = [accelerator.pad_across_processes(x, dim=1) for x in (logps_BC, ref_logps_BC, values_BC,
+                                                                       mask_BC.long())]
+        logps, ref_logps, values, mask = (accelerator.gather(x) for x in padded)
+        targets = ppo_targets(accelerator.gather(scores_B), logps, ref_logps, values, mask.bool(), **settings)
+        rows = slice(accelerator.process_index * num_rows, (accelerator.process_index + 1) * num_rows)
+        return PPOTargets(*(x[rows, :width] for x in targets))
 
     def _record_rollout(self, scores_B, rewards_BF, failures, logps_BC, mask_BC, targets: PPOTargets,
                         is_truncated_B) -> None:
@@ -300,10 +322,18 @@ class PPOTrainer(FusedTrainer):
             loss, policy, vf_loss = self.loss_region(_ppo_region)(
                 hidden_BCH, weight_VH, bias_V, inputs["completion_ids"], mask_BC, inputs["old_logps"],
                 inputs["advantages"], values_BC, inputs["old_values"], inputs["returns"], args)
-        self._record_update(policy, vf_loss, values_BC, inputs)
-        return loss
+        # Both losses are token means over this process's micro-batch. Weighted by the process's share of the
+        # global micro-batch's tokens, the processes' average (DDP, FSDP and ZeRO average gradients) is the token
+        # mean of the global micro-batch, what one process with the whole batch computes (the weight is exactly 1
+        # there); TRL averages the processes' means.
+        tokens = mask_BC.sum().float()
+        share = tokens * self.accelerator.num_processes / self.accelerator.gather(tokens).sum()
+        self._record_update(policy, vf_loss, values_BC, inputs, tokens)
+        return loss * share
 
-    def _record_update(self, policy, vf_loss, values_BC, inputs) -> None:
+    def _record_update(self, policy, vf_loss, values_BC, inputs, tokens) -> None:
+        """The update's metrics; the token means of this process's micro-batch (``tokens`` tokens) are weighted across
+        processes (``weighted_mean``)."""
         mode, mask_BC, args = self._mode(), inputs["completion_mask"], self.args
         with torch.no_grad():
             log_ratio_BC = policy.logps.detach() - inputs["old_logps"]
@@ -313,10 +343,10 @@ class PPOTrainer(FusedTrainer):
             value_clipped_BC = ((clipped_BC - returns) ** 2 > (values_BC.detach() - returns) ** 2).float()
         ratio_mean = self.masked_mean(ratio_BC, mask_BC)
         self.record(mode, "policy/approxkl_avg", 0.5 * self.masked_mean(log_ratio_BC ** 2, mask_BC))
-        self.record(mode, "policy/clipfrac_avg", self.gathered_mean(policy.clip_ratio_region))
-        self.record(mode, "policy/entropy_avg", self.gathered_mean(policy.mean_entropy))
-        self.record(mode, "loss/policy_avg", self.gathered_mean(policy.loss))
-        self.record(mode, "loss/value_avg", self.gathered_mean(vf_loss))
+        self.record(mode, "policy/clipfrac_avg", self.weighted_mean(policy.clip_ratio_region, tokens))
+        self.record(mode, "policy/entropy_avg", self.weighted_mean(policy.mean_entropy, tokens))
+        self.record(mode, "loss/policy_avg", self.weighted_mean(policy.loss, tokens))
+        self.record(mode, "loss/value_avg", self.weighted_mean(vf_loss, tokens))
         self.record(mode, "val/clipfrac_avg", self.masked_mean(value_clipped_BC, mask_BC))
         self.record(mode, "val/ratio", ratio_mean)
         self.record(mode, "val/ratio_var", self.masked_mean((ratio_BC - ratio_mean) ** 2, mask_BC))
@@ -357,4 +387,20 @@ class PPOTrainer(FusedTrainer):
         wrapper = self.accelerator.unwrap_model(self.model if model is None else model)
         super()._load_from_checkpoint(resume_from_checkpoint, model=wrapper.policy)
         super()._load_from_checkpoint(os.path.join(resume_from_checkpoint, VALUE_MODEL_DIR), model=wrapper.value_model)
-        self._step = 0  # the interrupted rollout is not restored: the first resumed step samples a new one
+
+    # --- exact resume (online/resume.py): counters and the interrupted rollout's remaining minibatches -------------
+
+    def _round_state(self) -> RoundState:
+        args = self.args
+        plan = {"per_device_train_batch_size": args.per_device_train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "num_mini_batches": args.num_mini_batches, "num_ppo_epochs": args.num_ppo_epochs,
+                "world_size": args.world_size}
+        inside_rollout = self._step % self._steps_per_rollout != 0 and bool(self._buffer)
+        return RoundState({"step": self._step, "num_rollouts": self._num_rollouts, "episodes": self._episodes}, plan,
+                          self._buffer if inside_rollout else None)
+
+    def _restore_round(self, state: RoundState) -> None:
+        counters = state.counters
+        self._step, self._num_rollouts, self._episodes = counters["step"], counters["num_rollouts"], counters["episodes"]
+        self._buffer = state.pending or []  # empty: _prepare_inputs samples a fresh rollout

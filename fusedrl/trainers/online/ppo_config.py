@@ -9,8 +9,8 @@ Differences from TRL:
 - ``stop_token`` / ``stop_token_id``: completions always end at the first EOS (``fusedrl.trainers.online.rollout``); these
   add one more id that ends a completion. TRL left completions untruncated without them.
 - dropped: ``exp_name``, ``world_size`` and the derived batch sizes (the trainer computes them), ``num_sample_generations``,
-  ``ds3_gather_for_generation`` (ZeRO-3 is refused). ``model_adapter_name`` / ``ref_adapter_name`` are every config's
-  (``FusedConfig``; ``fusedrl/trainers/adapters/named.py``).
+  ``ds3_gather_for_generation`` (under ZeRO-3 generation gathers layer by layer: ``rollout.py``).
+  ``model_adapter_name`` / ``ref_adapter_name`` are every config's (``FusedConfig``; ``trainers/adapters/named.py``).
 """
 
 from __future__ import annotations

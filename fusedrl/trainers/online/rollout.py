@@ -18,7 +18,10 @@ Conventions (TRL 1.16's ``GRPOTrainer``):
   tensors are cut to the longest masked completion, so padding past every EOS costs nothing downstream.
 - the model is generated from unwrapped (DDP/accelerate wrappers removed; a PEFT model generates through its
   adapters), in eval mode with gradient checkpointing switched off, so ``use_cache=True`` takes effect; both are
-  restored afterwards. DeepSpeed ZeRO-3 is not supported (the fused trainers refuse it at construction).
+  restored afterwards. Under ZeRO-3 or FSDP2 every forward gathers the layers' shards, so the processes generate in
+  step (``synced_gpus``: one whose rows all ended keeps joining the others' forwards until every row has ended).
+- sampling draws from the global torch RNG, as TRL; ``row_seeds`` gives each row its own stream instead, so the
+  samples do not depend on how rows are split across processes (``row_seeds.py``, ``rank_invariant_sampling``).
 
 Legend: B rows (prompts x num_generations), P prompt positions (left-padded), C completion positions.
 """
@@ -33,6 +36,8 @@ import torch
 from transformers import GenerationConfig
 
 from fusedrl.runtime.compile import eager_generation
+from fusedrl.runtime.sharded_head import is_sharded
+from fusedrl.trainers.online.row_seeds import row_seeded_generation
 
 PROMPT_TRUNCATION_MODES = ("keep_end", "error")
 
@@ -222,6 +227,7 @@ def generate_completions(
     pad_to_multiple_of: int | None = None,
     accelerator=None,
     generation_config: GenerationConfig | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> Rollout:
     """Sample ``num_generations`` completions of each prompt with ``model.generate`` (KV cache on).
 
@@ -231,7 +237,9 @@ def generate_completions(
     ``min_p``, ``repetition_penalty``; ``generation_kwargs`` override them (``GenerationConfig`` fields);
     ``generation_config`` replaces them all. ``eos_token_ids`` default to :func:`eos_token_ids_of`.
     Prompt truncation (``max_prompt_length``, ``prompt_truncation``) and masks: see the module docstring.
-    Uses the global torch RNG: ``torch.manual_seed`` before the call reproduces the samples.
+    Uses the global torch RNG: ``torch.manual_seed`` before the call reproduces the samples. ``row_seeds`` (one per
+    row, prompts x num_generations) gives each row its own random stream instead, so its completion does not depend
+    on the other rows of the batch (``row_seeds.py``).
     """
     if num_generations < 1:
         raise ValueError(f"num_generations must be >= 1, got {num_generations}")
@@ -240,6 +248,8 @@ def generate_completions(
     if len({is_conversational_prompt(p) for p in prompts}) > 1:
         raise ValueError("prompts mix strings and chat-message lists; use one format per batch")
     prompts = [p for p in prompts for _ in range(num_generations)]
+    if row_seeds is not None and len(row_seeds) != len(prompts):
+        raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(prompts)} rows (prompts x num_generations)")
     prompt_ids_list = tokenize_prompts(tokenizer, prompts, max_prompt_length=max_prompt_length,
                                        prompt_truncation=prompt_truncation, chat_template_kwargs=chat_template_kwargs)
     if eos_token_ids is None:
@@ -257,9 +267,17 @@ def generate_completions(
     with unwrapped_for_generation(model, accelerator) as generator:
         device = next(generator.parameters()).device
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        processors = None
+        if row_seeds is not None:
+            generation_config, processors = row_seeded_generation(generation_config, generator, row_seeds, device)
+        # A sharded model's forwards are collective: a process whose rows all ended must keep stepping with the
+        # others. transformers only knows this for ZeRO-3 and its own FSDP2 wrapping, not accelerate's.
+        synced = (is_sharded(generator) and torch.distributed.is_available() and torch.distributed.is_initialized()
+                  and torch.distributed.get_world_size() > 1)
         with eager_generation():  # compiled blocks (compile_blocks=True) would recompile every decoding step
             output = generator.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                        generation_config=generation_config)
+                                        generation_config=generation_config, logits_processor=processors,
+                                        synced_gpus=True if synced else None)
     completion_ids = output[:, prompt_ids.shape[1]:]
     completion_mask = completion_mask_after_eos(completion_ids, eos_token_ids)
     lengths = completion_mask.sum(1)

@@ -32,6 +32,17 @@ class RepeatSampler(Sampler[int]):
             self.generator = torch.Generator()
             if seed is not None:
                 self.generator.manual_seed(seed)
+            self._initial_state = self.generator.get_state()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Put the generator where it stands before epoch ``epoch``'s permutation (Trainer calls this before each
+        epoch's iteration). A run iterating once per epoch draws exactly as before; a run resumed in epoch ``e``
+        starts from a fresh sampler but draws the permutation of the uninterrupted run's epoch ``e``, not its first."""
+        if not self.shuffle:
+            return
+        self.generator.set_state(self._initial_state)
+        for _ in range(epoch):
+            torch.randperm(self.num_samples, generator=self.generator)
 
     def __iter__(self) -> Iterator[int]:
         order = (torch.randperm(self.num_samples, generator=self.generator).tolist() if self.shuffle

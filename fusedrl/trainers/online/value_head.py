@@ -49,7 +49,14 @@ def value_model_from_policy(policy: PreTrainedModel) -> PreTrainedModel:
     base = policy.get_base_model() if is_peft_model(policy) else policy
     config = copy.deepcopy(base.config)
     config.num_labels = 1
-    value_model = AutoModelForSequenceClassification.from_config(config)
+    # Whole, like the policy: under DeepSpeed ZeRO-3 transformers builds every from_config model partitioned
+    # (zero.Init), and the sequence classifier builds its trunk that way even when the policy was loaded whole
+    # (zero3_init_flag: false); the trunk copy below needs whole tensors. transformers' own guard against nested
+    # zero.Init turns it off here; DeepSpeed partitions both models when the trainer prepares them.
+    from transformers.modeling_utils import set_zero3_state
+
+    with set_zero3_state():
+        value_model = AutoModelForSequenceClassification.from_config(config)
     first = next(base.parameters())
     value_model.to(device=first.device, dtype=first.dtype)
     # Under a LoRA adapter the base weights sit at `<layer>.base_layer.weight` beside the `lora_*` tensors.
@@ -72,10 +79,12 @@ def token_values(value_model: torch.nn.Module, input_ids: torch.Tensor, attentio
 
 
 class PolicyValueOutput(NamedTuple):
-    """``hidden_NTH``: the policy's final hidden states (for the fused head); ``values_NT``: fp32 values."""
+    """``hidden_NTH``: the policy's final hidden states (for the fused head); ``values_NT``: fp32 values;
+    ``logits_N1V``: the policy's last-position logits, unused by the loss (see :meth:`PolicyAndValue.forward`)."""
 
     hidden_NTH: torch.Tensor
     values_NT: torch.Tensor
+    logits_N1V: torch.Tensor | None = None
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -92,14 +101,24 @@ class PolicyAndValue(torch.nn.Module):
         self.value_model = value_model
         self.config = policy.config
 
-    def forward(self, input_ids, attention_mask, position_ids=None) -> PolicyValueOutput:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, policy_call=None):
+        """:class:`PolicyValueOutput` of both models on ``[N, T]`` inputs; or, with ``policy_call``, the result of
+        ``policy_call(policy)`` (generation), run inside this forward so that a sharding engine's hooks on this
+        module run as they do in training: under FSDP2 this module is the root unit, whose pre-forward hook
+        initialises the units and gathers the parameters it owns (a forward of the policy alone fails there)."""
+        if policy_call is not None:
+            return policy_call(self.policy)
         # The final hidden states come from a hook on the trunk (runtime/hidden.py), which keeps compiled blocks
         # traceable; logits_to_keep=1 leaves a [N, 1, V] slice of logits.
         with catch_final_hidden(self.policy) as final:
-            self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        use_cache=False, logits_to_keep=1)
+            outputs = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False, logits_to_keep=1)
         values_NT = token_values(self.value_model, input_ids, attention_mask, position_ids)
-        return PolicyValueOutput(final.value, values_NT)
+        # The logits slice is returned so that DDP counts the LM head as used: with find_unused_parameters (Trainer's
+        # default for a module that is no PreTrainedModel) it marks every parameter its forward's outputs do not
+        # reach as ready at once, and the fused head's gradient, which reaches lm_head.weight after the forward,
+        # would mark it a second time (a RuntimeError on 2 processes).
+        return PolicyValueOutput(final.value, values_NT, outputs.logits)
 
     def get_output_embeddings(self):
         return self.policy.get_output_embeddings()

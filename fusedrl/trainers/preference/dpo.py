@@ -42,6 +42,7 @@ from fusedrl.ops.preference import (
     sequence_logps,
 )
 from fusedrl.trainers.base import FusedTrainer
+from fusedrl.trainers.data.validation import PRECOMPUTE_ITERABLE_ERROR
 from fusedrl.trainers.head import IGNORE_INDEX, TokenOutputs
 from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.preference.data import PreferenceCollator, prepare_preference_dataset
@@ -161,7 +162,7 @@ class DPOTrainer(FusedTrainer):
         """``dataset`` with ``ref_chosen_logps``/``ref_rejected_logps`` columns, from the reference in the training
         collation (same padding, so the same numbers as a step would compute)."""
         if isinstance(dataset, IterableDataset):
-            raise TypeError("precompute_ref_log_probs=True needs a map-style Dataset, not an IterableDataset")
+            raise ValueError(PRECOMPUTE_ITERABLE_ERROR)  # noqa: TRY004 (TRL's type and words: its tests pin them)
         if all(column in dataset.column_names for column in _REF_COLUMNS):
             return dataset
         loader = self.accelerator.prepare(DataLoader(
@@ -193,8 +194,10 @@ class DPOTrainer(FusedTrainer):
             return metrics
         precompute = self.args.precompute_ref_log_probs
         if precompute and self.ref_model is None and not is_peft_model(self.model) and self.state.global_step > 0:
-            raise ValueError("precompute_ref_log_probs=True without a ref_model: after training started the initial "
-                             "policy is gone, so a new eval dataset has no reference; pass it at construction")
+            raise ValueError("Cannot compute reference log-probs for a dataset passed to `evaluate()` after training "
+                             "has started: precompute_ref_log_probs=True without a ref_model, and the initial policy "
+                             "is gone; pass this dataset as eval_dataset at construction, pass ref_model, or set "
+                             "precompute_ref_log_probs=False")
         eval_dataset = self._prepare(eval_dataset, tokenizer_of(self.processing_class), self.args, "eval")
         if precompute:
             batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size

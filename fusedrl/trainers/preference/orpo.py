@@ -65,7 +65,7 @@ class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
             name = model if isinstance(model, str) else model.config._name_or_path
             args = self.config_class(f"{name.rstrip('/').split('/')[-1] or 'model'}-{self.method}")
         if train_dataset is None:
-            raise ValueError("train_dataset is required")
+            raise ValueError("`train_dataset` is required")
         if model_init is not None:
             raise ValueError(f"model_init is not supported by fusedrl's {type(self).__name__}; pass model")
         for what, value in (("compute_metrics", compute_metrics),

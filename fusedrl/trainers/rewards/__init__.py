@@ -29,6 +29,7 @@ from fusedrl.trainers.rewards.registry import (
 from fusedrl.trainers.rewards.scoring import (
     Reward,
     RewardScores,
+    prepare_reward_models,
     resolve_rewards,
     reward_weights_tensor,
     score_completions,
@@ -44,6 +45,7 @@ __all__ = [
     "get_reward",
     "length_penalty",
     "overlong_penalty",
+    "prepare_reward_models",
     "regex_format_reward",
     "register_reward",
     "registered_rewards",

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from fusedrl.trainers.models import pretrained_kwargs
 from fusedrl.trainers.online.rollout import is_conversational_prompt
 from fusedrl.trainers.rewards.registry import get_reward, registered_rewards
 
@@ -57,8 +58,7 @@ class RewardScores(NamedTuple):
 def _load_reward_model(path: str, *, model_init_kwargs: dict | None, trust_remote_code: bool):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    kwargs = dict(model_init_kwargs or {})
-    kwargs.setdefault("trust_remote_code", trust_remote_code)
+    kwargs = pretrained_kwargs(model_init_kwargs, trust_remote_code, default_dtype=None)  # torch_dtype, str dtypes
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model, tokenizer
@@ -84,7 +84,9 @@ def resolve_rewards(reward_funcs, reward_processing_classes=None, *, model_init_
     elif not isinstance(classes, (list, tuple)):
         classes = [classes]
     if len(classes) != len(funcs):
-        raise ValueError(f"reward_processing_classes has {len(classes)} entries for {len(funcs)} reward_funcs")
+        raise ValueError(f"The number of reward processing classes ({len(classes)}) must match the number of reward "
+                         f"functions ({len(funcs)}): reward_processing_classes has {len(classes)} entries for "
+                         f"{len(funcs)} reward_funcs")
     rewards = []
     for func, processing_class in zip(funcs, classes, strict=True):
         if isinstance(func, str):
@@ -117,13 +119,25 @@ def resolve_rewards(reward_funcs, reward_processing_classes=None, *, model_init_
     return rewards
 
 
+def prepare_reward_models(rewards: Sequence[Reward], accelerator) -> list[Reward]:
+    """``rewards`` with every reward model prepared through accelerate for no-grad scoring, as the frozen reference
+    is (``runtime.sharded_head.prepare_reference``): partitioned under ZeRO-3, sharded under FSDP2, else placed on
+    the device with accelerate's mixed-precision autocast (TRL's trainers prepare their reward models the same
+    way). Reward functions pass through."""
+    from fusedrl.runtime.sharded_head import prepare_reference
+
+    return [reward._replace(func=prepare_reference(reward.func, accelerator)) if reward.is_model else reward
+            for reward in rewards]
+
+
 def reward_weights_tensor(weights: Sequence[float] | None, num_rewards: int) -> torch.Tensor:
     """``[F]`` fp32 weights (all 1.0 when None); ValueError when the count does not match the rewards."""
     if weights is None:
         return torch.ones(num_rewards)
     if len(weights) != num_rewards:
-        raise ValueError(f"reward_weights has {len(weights)} entries for {num_rewards} reward functions; give one "
-                         "weight per reward")
+        raise ValueError(f"Number of reward weights ({len(weights)}) must match number of reward functions "
+                         f"({num_rewards}): reward_weights has {len(weights)} entries for {num_rewards} reward "
+                         "functions; give one weight per reward")
     return torch.tensor([float(w) for w in weights], dtype=torch.float32)
 
 
