@@ -147,7 +147,7 @@ class FusedTrainer(TrainerMetrics, FusedHeadMixin, JointAdapterMixin, ResumableT
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
         train_dataset = self._joint_datasets(args, train_dataset, eval_dataset)
-        if compute_metrics is not None:
+        if compute_metrics is not None and self.eval_predictions is None:
             raise ValueError(f"compute_metrics needs logits, which fusedrl's {trainer} never builds")
         if isinstance(train_dataset, IterableDataset):
             if args.precompute_ref_log_probs:
@@ -286,9 +286,22 @@ class FusedTrainer(TrainerMetrics, FusedHeadMixin, JointAdapterMixin, ResumableT
     def record_nonfinite_steps(self, total: int) -> None:
         self._metrics["train"]["nonfinite_steps"] = [total]
 
+    # What an evaluation with compute_metrics gets as predictions, as in TRL 1.16: "logits" (DPO, KTO: the policy's
+    # [N, T, V] logits of the batch's input_ids, built only then: head_mixin.sequence_logits), "mean_logits" (ORPO,
+    # CPO: [logits/chosen, logits/rejected] of the batch), or None (compute_metrics is refused).
+    eval_predictions: str | None = None
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        # The loss needs no labels column, and there are no logits to return (they are never built).
+        # The loss needs no labels column; predictions are built only for a compute_metrics that reads them.
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            if prediction_loss_only or self.compute_metrics is None or self.eval_predictions is None:
+                return loss.detach(), None, None
+            if self.eval_predictions == "logits":
+                return loss.detach(), self.sequence_logits(model, inputs), inputs["input_ids"]
+        recorded = self._metrics["eval"]
+        prefix = self._metric_prefix
+        logits = torch.tensor([recorded[f"{prefix}logits/chosen"][-1], recorded[f"{prefix}logits/rejected"][-1]],
+                              device=self.accelerator.device)
+        return loss.detach(), logits, torch.zeros_like(logits)

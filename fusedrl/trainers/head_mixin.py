@@ -9,6 +9,7 @@ Legend: N sequences, T positions (``T - 1`` next-token positions), H hidden, V v
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 
 import torch
@@ -25,6 +26,10 @@ from fusedrl.trainers.head import (
     labelled_mean_logits,
     vocab_mean_logits,
 )
+
+logger = logging.getLogger("fusedrl")
+# Rows of full logits projected at once for compute_metrics: bounds the head's transient output to 4 [T, V] rows.
+_LOGITS_CHUNK_ROWS = 4
 
 
 class FusedHeadMixin:
@@ -105,6 +110,27 @@ class FusedHeadMixin:
         """``fn`` (final hidden states -> loss, pure tensor math) compiled with ``fullgraph=True`` when
         ``args.compile`` is set, else ``fn`` itself; run it inside :meth:`head_region`."""
         return compile_region(fn) if self.args.compile else fn
+
+    @torch.no_grad()
+    def sequence_logits(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[N, T, V]`` logits of ``inputs["input_ids"]`` under ``model``, what TRL's DPO / KTO hand an evaluation's
+        ``compute_metrics``: built only then, from one forward's final hidden states, ``_LOGITS_CHUNK_ROWS`` rows of
+        the head at a time. They cost ``N * T * V`` elements per eval batch (32000 x 512 tokens x 8 rows in fp32:
+        0.5 GiB), which Trainer keeps for the whole eval set unless ``eval_accumulation_steps`` moves them to the CPU;
+        the size is logged once."""
+        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        _, final_NTH = self._model_forward(model, model_inputs)
+        weight_VH, bias_V = self._lm_head(model)
+        logits = final_NTH.new_empty((*final_NTH.shape[:2], weight_VH.shape[0]), dtype=weight_VH.dtype)
+        if not getattr(self, "_logged_logits_cost", False):
+            self._logged_logits_cost = True
+            logger.warning("compute_metrics: building the [N, T, V] = %s logits of each eval batch (%.0f MiB), as TRL "
+                           "does; set eval_accumulation_steps to move them to the CPU", list(logits.shape),
+                           logits.numel() * logits.element_size() / 2**20)
+        for start in range(0, logits.shape[0], _LOGITS_CHUNK_ROWS):
+            rows = slice(start, start + _LOGITS_CHUNK_ROWS)
+            logits[rows] = torch.nn.functional.linear(final_NTH[rows].to(weight_VH.dtype), weight_VH, bias_V)
+        return logits
 
     def token_logprobs(
         self,

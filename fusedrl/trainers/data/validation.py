@@ -21,7 +21,7 @@ import dataclasses
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from datasets import Dataset, DatasetDict, IterableDatasetDict
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 
 from fusedrl.trainers.data.formats import extract_prompt
 
@@ -99,16 +99,30 @@ def validate_prompt_dataset(
     _validate(dataset, _PROMPT_ONLY, max_length, truncation, tokenizer, max_rows)
 
 
-def check_prompt_dataset(dataset: Any, name: str) -> None:
+# Rows of a streamed (iterable) prompt dataset checked at construction; the rest are read only by training.
+_STREAMED_ROWS_CHECKED = 64
+
+
+def check_prompt_dataset(dataset: Any, name: str, *, streamed_ok: bool = False) -> None:
     """The online trainers' (GRPO, RLOO, PPO, online DPO) check of a prompt dataset at construction, or of each of a
     dict of them (None passes): a map-style ``Dataset`` (rollout batches are sampled by index), a ``prompt`` column,
-    no images, and rows that pass :func:`validate_prompt_dataset`. Every error names ``name``; the column is checked
+    no images, and rows that pass :func:`validate_prompt_dataset`; with ``streamed_ok`` (GRPO, RLOO) an
+    ``IterableDataset`` too, its first rows checked. Every error names ``name``; the column is checked
     first so a wrong layout is reported in the trainer's terms ("needs a 'prompt' column")."""
     if dataset is None:
         return
     if isinstance(dataset, dict):  # a DatasetDict, or a dict of eval datasets
         for key, value in dataset.items():
             check_prompt_dataset(value, f"{name}[{key!r}]")
+        return
+    if streamed_ok and isinstance(dataset, IterableDataset):
+        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        if "prompt" not in columns:
+            raise ValueError(f"{name} needs a 'prompt' column (TRL's prompt-only format); it has {columns}")
+        try:
+            validate_prompt_dataset(dataset, max_rows=_STREAMED_ROWS_CHECKED)
+        except DatasetFormatError as error:
+            raise DatasetFormatError(f"{name}: {error}") from None
         return
     if not isinstance(dataset, Dataset):
         msg = (f"{name} must be a datasets.Dataset (rollout batches are sampled by index, so fusedrl's online "
@@ -200,6 +214,8 @@ def _text_format(value: Any, field: str, at: str) -> str:
             raise DatasetFormatError(
                 f"{at}, field {field!r}, message {number}: 'role' must be a non-empty string, got {_describe(role)}"
             )
+        if _is_tool_call(message) and content is None:
+            continue  # an assistant turn that only calls tools (TRL's tool-calling format): the template renders it
         if not isinstance(content, str):
             raise DatasetFormatError(
                 f"{at}, field {field!r}, message {number}: 'content' must be a string, got {_describe(content)}"
@@ -207,10 +223,16 @@ def _text_format(value: Any, field: str, at: str) -> str:
     return "conversational"
 
 
+def _is_tool_call(message: Mapping) -> bool:
+    """An assistant message carrying tool calls (``{"role": "assistant", "tool_calls": [...]}``, content optional)."""
+    calls = message.get("tool_calls")
+    return message.get("role") == "assistant" and isinstance(calls, list) and bool(calls)
+
+
 def _is_empty(value: str | list[dict[str, str]]) -> bool:
     if isinstance(value, str):
         return not value.strip()
-    return not any(message["content"].strip() for message in value)
+    return not any(_is_tool_call(message) or (message.get("content") or "").strip() for message in value)
 
 
 def _check_row(row: Mapping[str, Any], layout: _Layout, at: str, max_length: int | None, tokenizer: Any) -> None:

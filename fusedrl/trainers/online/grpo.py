@@ -33,9 +33,9 @@ import time
 from collections import deque
 
 import torch
-from accelerate.utils import gather, gather_object, is_peft_model, set_seed
+from accelerate.utils import gather, is_peft_model, set_seed
+from datasets import IterableDataset
 
-from fusedrl.ops.advantages import group_advantages
 from fusedrl.ops.logprobs import linear_token_logprobs
 from fusedrl.ops.policy import linear_policy_loss
 from fusedrl.trainers.adapters.joint_rollout import JointRollouts, examples_batch
@@ -44,17 +44,17 @@ from fusedrl.trainers.data.validation import check_prompt_dataset
 from fusedrl.trainers.head import IGNORE_INDEX
 from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.online.grpo_config import GRPOConfig
+from fusedrl.trainers.online.grpo_scoring import GroupScoring
 from fusedrl.trainers.online.resume import RoundCheckpointing, RoundState
 from fusedrl.trainers.online.rollout import eos_token_ids_of, generate_completions, sampling_config
 from fusedrl.trainers.online.row_seeds import trainer_row_seeds
 from fusedrl.trainers.online.sampling import (
     RepeatSampler,
     identity_collator,
-    nanstd,
     print_completions,
+    repeated_stream,
     shuffle_rows,
     split_rows,
-    zero_std_groups,
 )
 from fusedrl.trainers.rewards import prepare_reward_models, resolve_rewards, reward_weights_tensor, score_completions
 
@@ -78,7 +78,7 @@ def _grpo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_
     )
 
 
-class GRPOTrainer(RoundCheckpointing, FusedTrainer):
+class GRPOTrainer(GroupScoring, RoundCheckpointing, FusedTrainer):
     """Group Relative Policy Optimization (https://huggingface.co/papers/2402.03300), as ``trl.GRPOTrainer`` 1.16.
 
     ``model``: a path or a causal LM (or a PeftModel). ``reward_funcs``: one or a list of registered names
@@ -101,8 +101,16 @@ class GRPOTrainer(RoundCheckpointing, FusedTrainer):
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: a Dataset with a 'prompt' column")
         if self._joint_datasets(args, train_dataset, eval_dataset) is train_dataset:
-            check_prompt_dataset(train_dataset, "train_dataset")
+            check_prompt_dataset(train_dataset, "train_dataset", streamed_ok=True)
             check_prompt_dataset(eval_dataset, "eval_dataset")
+            if isinstance(train_dataset, IterableDataset):
+                # The stream carries the prompt repeats (repeated_stream): one worker keeps each group whole, and
+                # every process collates its own slice (strings cannot be dispatched).
+                args.accelerator_config.dispatch_batches = False
+                if args.dataloader_num_workers:
+                    logger.warning("an IterableDataset needs dataloader_num_workers=0 to keep prompt groups whole; "
+                                   "using 0 (was %d)", args.dataloader_num_workers)
+                    args.dataloader_num_workers = 0
         else:  # several adapters trained together: one dataset per adapter (adapters/joint_rollout.py)
             for name in args.model_adapter_name:
                 check_prompt_dataset(train_dataset[name], f"train_dataset[{name!r}]")
@@ -161,7 +169,13 @@ class GRPOTrainer(RoundCheckpointing, FusedTrainer):
         if self._joint is not None:
             return self._joint.train_dataloader(self._train_batch_size * self.args.steps_per_generation,
                                                 examples_batch)
-        return self._get_dataloader(dataset=self.train_dataset, description="Training",
+        dataset = self.train_dataset
+        if isinstance(dataset, IterableDataset):  # no sampler on a stream: the stream carries the sampler's order
+            dataset = repeated_stream(dataset, self.num_generations,
+                                      self.args.generation_batch_size // self.num_generations,
+                                      self.args.num_iterations * self.args.steps_per_generation,
+                                      shuffle=self.args.shuffle_dataset, seed=self.args.seed)
+        return self._get_dataloader(dataset=dataset, description="Training",
                                     batch_size=self._train_batch_size * self.args.steps_per_generation,
                                     sampler_fn=self._get_train_sampler, is_training=True)
 
@@ -307,57 +321,6 @@ class GRPOTrainer(RoundCheckpointing, FusedTrainer):
         batch["advantages"] = advantages[local]
         self._record_rollout(mode, rollout, rewards_per_func, advantages, num_generations)
         return batch
-
-    def _weighted_rewards(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
-        """``[N]`` weighted sum of the rewards; NaN where every function returned None (unscorable)."""
-        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(1)
-        return rewards.masked_fill(rewards_per_func.isnan().all(1), math.nan)
-
-    def _advantages(self, rewards_per_func: torch.Tensor, batch: dict, num_generations: int, mode: str):
-        """``[N]`` advantages of the gathered batch (TRL's two multi-objective aggregations)."""
-        args = self.args
-        if args.multi_objective_aggregation == "sum_then_normalize":
-            rewards = self._weighted_rewards(rewards_per_func)
-            advantages = group_advantages(rewards, num_generations, scale=args.scale_rewards)
-            zero_std = (zero_std_groups(rewards, num_generations) if args.scale_rewards != "batch"
-                        else torch.isclose(nanstd(rewards), rewards.new_zeros(())).expand_as(rewards))
-        else:
-            # Each reward normalised within its group first, so no single reward's scale dominates the sum.
-            normalised = torch.stack([group_advantages(rewards_per_func[:, k], num_generations, scale="group")
-                                      for k in range(rewards_per_func.shape[1])], dim=1)
-            normalised = normalised.masked_fill(rewards_per_func.isnan(), math.nan)
-            rewards = self._weighted_rewards(normalised)
-            advantages = group_advantages(rewards, rewards.numel(), scale="group")  # whole batch as one group
-            zero_std = torch.isclose(nanstd(rewards), rewards.new_zeros(())).expand_as(rewards)
-        self.record(mode, "frac_reward_zero_std", zero_std.float().mean().item())
-        return advantages
-
-    def _record_rollout(self, mode: str, rollout, rewards_per_func, advantages, num_generations) -> None:
-        lengths = torch.tensor([len(ids) for ids in rollout.completion_ids_list], device=self.accelerator.device)
-        prompt_tokens = self.accelerator.gather(rollout.prompt_mask.sum()).sum()
-        lengths = self.accelerator.gather(lengths).float()
-        truncated = self.accelerator.gather(rollout.is_truncated.to(self.accelerator.device))
-        if mode == "train":
-            self.state.num_input_tokens_seen += int(prompt_tokens.item() + lengths.sum().item())
-        self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
-        self.record(mode, "completions/mean_length", lengths.mean().item())
-        self.record(mode, "completions/min_length", lengths.min().item())
-        self.record(mode, "completions/max_length", lengths.max().item())
-        self.record(mode, "completions/clipped_ratio", truncated.float().mean().item())
-        terminated = lengths[~truncated] if (~truncated).any() else lengths.new_zeros(1)
-        self.record(mode, "completions/mean_terminated_length", terminated.mean().item())
-        self.record(mode, "completions/min_terminated_length", terminated.min().item())
-        self.record(mode, "completions/max_terminated_length", terminated.max().item())
-        for i, name in enumerate(self.reward_func_names):
-            self.record(mode, f"rewards/{name}/mean", rewards_per_func[:, i].nanmean().item())
-            self.record(mode, f"rewards/{name}/std", nanstd(rewards_per_func[:, i]).item())
-        rewards = self._weighted_rewards(rewards_per_func)
-        self.record(mode, "reward", rewards.nanmean().item())
-        self.record(mode, "reward_std", nanstd(rewards).item())
-        if self.args.log_completions:
-            rows = zip(gather_object(rollout.prompts_text), gather_object(rollout.completions_text),
-                       rewards.tolist(), advantages.tolist(), strict=True)
-            self._completion_log.extend(rows)
 
     # --- loss ---------------------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterator, Sized
 
 import torch
+from datasets import IterableDataset
 from torch.utils.data import Sampler
 
 
@@ -60,6 +61,26 @@ class RepeatSampler(Sampler[int]):
 def identity_collator(rows: list[dict]) -> list[dict]:
     """Rows stay rows: prompts are tokenized at generation time."""
     return rows
+
+
+def repeated_stream(dataset: IterableDataset, mini_repeat_count: int, batch_size: int, repeat_count: int,
+                    *, shuffle: bool, seed: int) -> IterableDataset:
+    """:class:`RepeatSampler`'s order on a stream (an ``IterableDataset`` cannot be indexed): rows in chunks of
+    ``batch_size`` prompts (an incomplete last chunk dropped), each chunk ``repeat_count`` times, each row
+    ``mini_repeat_count`` times in a row; ``shuffle`` is the stream's buffered shuffle with ``seed``, as TRL's."""
+    source = dataset.shuffle(seed=seed) if shuffle else dataset
+
+    def rows():
+        chunk = []
+        for row in source:
+            chunk.append(row)
+            if len(chunk) == batch_size:
+                for _ in range(repeat_count):
+                    for kept in chunk:
+                        yield from [kept] * mini_repeat_count
+                chunk = []
+
+    return IterableDataset.from_generator(rows)
 
 
 def shuffle_rows(batch: dict) -> dict:

@@ -108,9 +108,12 @@ class DPOTrainer(FusedTrainer):
 
     Arguments as ``trl.DPOTrainer`` 1.16: ``model`` is a path or a causal LM (or a PeftModel); ``ref_model`` None
     means the initial policy (a frozen copy, or the PEFT base with adapters disabled); ``train_dataset`` has
-    ``prompt``/``chosen``/``rejected`` (standard or conversational; the prompt may be implicit). ``compute_metrics``
-    is refused: it needs logits, which this trainer never builds.
+    ``prompt``/``chosen``/``rejected`` (standard or conversational; the prompt may be implicit). An evaluation's
+    ``compute_metrics`` gets TRL's predictions: the policy's ``[N, T, V]`` logits of the batch's ``input_ids``,
+    built only for it (``FusedHeadMixin.sequence_logits``, which says what they cost).
     """
+
+    eval_predictions = "logits"
 
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
@@ -142,7 +145,7 @@ class DPOTrainer(FusedTrainer):
 
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
-                         optimizers=optimizers)
+                         optimizers=optimizers, compute_metrics=compute_metrics)
 
         self._setup_router_aux_loss(args)
         self._setup_reference(ref_model, args)

@@ -22,8 +22,9 @@ One step, for N examples (``preference_data.UnpairedCollator``; a paired dataset
 
 Deliberate differences from TRL: a model given as a path loads in fp32 unless ``model_init_kwargs`` says otherwise,
 and the reference is a copy of the loaded policy rather than a second load from the path (same weights);
-precomputed reference log-probs are added as columns, not cached in a file keyed by the model's hash; vision data,
-``compute_metrics`` and ``return_outputs`` (they need logits) are refused.
+precomputed reference log-probs are added as columns, not cached in a file keyed by the model's hash; vision data and
+``return_outputs`` (it needs logits) are refused. ``compute_metrics`` gets TRL's predictions, the policy's
+``[N, T, V]`` logits, built only for it.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ class KTOTrainer(FusedTrainer):
     conversational), or is a paired ``prompt``/``chosen``/``rejected`` dataset, unpaired on the way in.
     """
 
+    eval_predictions = "logits"  # for compute_metrics, as TRL's
+
     def __init__(self, model, ref_model=None, args: KTOConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
                  optimizers=(None, None), quantization_config=None, peft_config=None):
@@ -126,7 +129,7 @@ class KTOTrainer(FusedTrainer):
 
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
-                         optimizers=optimizers)
+                         optimizers=optimizers, compute_metrics=compute_metrics)
 
         self._setup_router_aux_loss(args)
         self._setup_reference(ref_model, args)

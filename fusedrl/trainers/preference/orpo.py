@@ -22,8 +22,8 @@ Deliberate differences from TRL: a row whose prompt alone fills ``max_length`` i
 answer and a NaN loss); a model given as a path loads in fp32 unless ``model_init_kwargs`` says otherwise (TRL leaves
 it to transformers' default), and ``model_init_kwargs`` next to a model instance is ignored with a warning (TRL
 raises); ``padding_value`` pads the whole row (TRL pads each half with the tokenizer's pad id first, which only moves
-the padding part of logits/*); encoder-decoder models and ``model_init`` are not supported; ``compute_metrics`` and
-``preprocess_logits_for_metrics`` (they need logits) and ``generate_during_eval`` (W&B/Comet) are refused.
+the padding part of logits/*); encoder-decoder models and ``model_init`` are not supported; ``preprocess_logits_for_metrics`` (it needs logits) and ``generate_during_eval`` (W&B/Comet) are refused;
+``compute_metrics`` gets TRL's predictions, ``[logits/chosen, logits/rejected]`` of each eval batch.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
     """
 
     config_class: type[FusedConfig] = FusedConfig
+    eval_predictions = "mean_logits"  # compute_metrics gets [logits/chosen, logits/rejected], as TRL's
     method = ""
 
     def __init__(self, model, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
@@ -68,10 +69,9 @@ class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
             raise ValueError("`train_dataset` is required")
         if model_init is not None:
             raise ValueError(f"model_init is not supported by fusedrl's {type(self).__name__}; pass model")
-        for what, value in (("compute_metrics", compute_metrics),
-                            ("preprocess_logits_for_metrics", preprocess_logits_for_metrics)):
-            if value is not None:
-                raise ValueError(f"{what} needs logits, which fusedrl's {type(self).__name__} never builds")
+        if preprocess_logits_for_metrics is not None:
+            raise ValueError(f"preprocess_logits_for_metrics needs logits, which fusedrl's {type(self).__name__} "
+                             "never builds (compute_metrics gets [logits/chosen, logits/rejected], as TRL's)")
         if args.generate_during_eval:
             raise ValueError("generate_during_eval=True is not supported (TRL logs the generations to "
                                       "W&B/Comet); use a completions callback from fusedrl.trainers.callbacks")
@@ -101,7 +101,7 @@ class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
 
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
-                         optimizers=optimizers)
+                         optimizers=optimizers, compute_metrics=compute_metrics)
         # TRL's experimental trainers read the MoE router settings from the model config alone.
         self.aux_loss_enabled = getattr(self.model.config, "output_router_logits", False)
         self.aux_loss_coef = getattr(self.model.config, "router_aux_loss_coef", 0.0)
