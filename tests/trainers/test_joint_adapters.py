@@ -9,12 +9,13 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from transformers import TrainerCallback
 
 import fusedrl
 from fusedrl.cli.presets import build_tokenizer
 from fusedrl.trainers.adapters import routing
+from tests.helpers.adapters import adapter_state, lora_adapters
 from tests.helpers.data import CHOSEN, EVAL_PAIRS, LORA, PROMPTS, REJECTED, standard_pairs
 from tests.helpers.models import tiny_llama
 
@@ -26,16 +27,7 @@ REF = "frozen"  # PEFT warns about adapter names found inside "lora_" (a, r...)
 def adapters_model(names=NAMES2, **lora) -> torch.nn.Module:
     """The tiny Llama with LoRA adapters ``names`` plus the reference adapter ``REF``; lora_B drawn non-zero so that
     every adapter (and the reference) computes something different from the base."""
-    config = LoraConfig(**{**LORA, **lora})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        model = get_peft_model(tiny_llama(), config, adapter_name=names[0])
-        for name in (*names[1:], REF):
-            model.add_adapter(name, config)
-        for param_name, param in model.named_parameters():
-            if "lora_B" in param_name:
-                param.data.normal_(0, 0.05)
-    return model
+    return lora_adapters(tiny_llama(), (*names, REF), LoraConfig(**{**LORA, **lora}))
 
 
 def pair_datasets(names) -> dict[str, Dataset]:
@@ -68,19 +60,15 @@ def run(method: str, model, names, datasets, tmp_path, *, steps: int = 3, **over
     return trainer
 
 
-def adapter_weights(model, name: str) -> dict[str, torch.Tensor]:
-    return {key: param.detach().clone() for key, param in model.named_parameters() if f".{name}." in key}
-
-
 def assert_matches_separate_runs(method, names, datasets, tmp_path, metric: str) -> None:
     start = adapters_model(names)
-    initial = {name: adapter_weights(start, name) for name in names}
+    initial = {name: adapter_state(start, name) for name in names}
     joint = run(method, copy.deepcopy(start), list(names), datasets, tmp_path)
     for name in names:
         alone = run(method, copy.deepcopy(start), name, datasets[name], tmp_path)
-        for key, weight in adapter_weights(alone.model, name).items():
+        for key, weight in adapter_state(alone.model, name).items():
             assert not torch.equal(weight, initial[name][key]) or "lora_B" not in key  # the adapter trained
-            torch.testing.assert_close(adapter_weights(joint.model, name)[key], weight, rtol=0, atol=5e-6)
+            torch.testing.assert_close(adapter_state(joint.model, name)[key], weight, rtol=0, atol=5e-6)
         steps = [log for log in alone.state.log_history if "loss" in log]
         joint_steps = [log for log in joint.state.log_history if "loss" in log]
         assert len(steps) == len(joint_steps) == 3
@@ -88,7 +76,7 @@ def assert_matches_separate_runs(method, names, datasets, tmp_path, metric: str)
             assert together[f"{name}/grad_norm"] == pytest.approx(own["grad_norm"], rel=1e-5)
             assert together[f"{name}/{metric}"] == pytest.approx(own[metric], rel=1e-5, abs=1e-6)
     # The reference adapter never trains.
-    torch.testing.assert_close(adapter_weights(joint.model, REF), adapter_weights(start, REF), rtol=0, atol=0)
+    torch.testing.assert_close(adapter_state(joint.model, REF), adapter_state(start, REF), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("method", "metric"), [("DPO", "rewards/margins"), ("ORPO", "log_odds_ratio"),
@@ -218,5 +206,5 @@ def test_resume_mid_epoch_restores_every_adapter_exactly(tmp_path):
 
     assert len(steps_after_3(straight)) == 3 and steps_after_3(resumed) == steps_after_3(straight)
     for name in NAMES2:
-        for key, weight in adapter_weights(straight.model, name).items():
-            assert torch.equal(adapter_weights(resumed.model, name)[key], weight), key
+        for key, weight in adapter_state(straight.model, name).items():
+            assert torch.equal(adapter_state(resumed.model, name)[key], weight), key

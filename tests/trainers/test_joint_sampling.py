@@ -7,11 +7,12 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 
 import fusedrl
 from fusedrl.cli import presets
 from fusedrl.trainers.adapters import routing
+from tests.helpers.adapters import lora_adapters
 from tests.helpers.online import char_reward
 
 NAMES = ("p0", "p1")
@@ -19,17 +20,8 @@ REF = "frozen"
 
 
 def adapters_model() -> torch.nn.Module:
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        model = get_peft_model(presets.load_preset_model("tiny", seed=0, tokenizer=presets.build_tokenizer()),
-                               config, adapter_name=NAMES[0])
-        for name in (*NAMES[1:], REF):
-            model.add_adapter(name, config)
-        for key, param in model.named_parameters():
-            if "lora_B" in key:
-                param.data.normal_(0, 0.05)
-    return model
+    return lora_adapters(presets.load_preset_model("tiny", seed=0, tokenizer=presets.build_tokenizer()),
+                         (*NAMES, REF), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
 
 
 def prompt_datasets() -> dict:

@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from datasets import Dataset
 
-from fusedrl.runtime.hidden import catch_final_hidden
+from fusedrl.runtime.hidden import final_hidden_states
 from fusedrl.trainers.adapters.routing import AdapterRouter
 
 logger = logging.getLogger("fusedrl")
@@ -60,7 +60,7 @@ def check_joint_datasets(datasets, names: Sequence[str], field: str, *, required
                              "needs map-style datasets.Dataset splits (each adapter's order is its own run's)")
 
 
-def check_joint_config(args, trainer_name: str) -> None:
+def check_joint_config(args) -> None:
     for flag in ("sync_ref_model", "precompute_ref_log_probs"):
         if getattr(args, flag, False):
             raise ValueError(f"{flag}=True cannot be combined with several adapters trained together "
@@ -116,9 +116,9 @@ class JointLoader:
             yield batch
 
 
-def split_union(batch: dict, counts: list[int]) -> tuple[dict, list[dict], dict[str, int]]:
-    """``(union, subs, row_kinds)``: the union batch with its paired rows regrouped per adapter, one sub-batch per
-    adapter made of contiguous views of it, and per key the rows per example (1, or 2 for ``[chosen; rejected]``)."""
+def split_union(batch: dict, counts: list[int]) -> tuple[dict, list[dict]]:
+    """``(union, subs)``: the union batch with its paired ``[chosen; rejected]`` rows regrouped per adapter, and one
+    sub-batch per adapter made of contiguous views of it."""
     total = sum(counts)
     starts = [sum(counts[:k]) for k in range(len(counts))]
     union, kinds = {}, {}
@@ -146,15 +146,15 @@ def split_union(batch: dict, counts: list[int]) -> tuple[dict, list[dict], dict[
     for k, (start, count) in enumerate(zip(starts, counts)):
         subs.append({key: value[start * kinds[key]:(start + count) * kinds[key]] if key in kinds
                      else value[k] if isinstance(value, PerAdapter) else value for key, value in union.items()})
-    return union, subs, kinds
+    return union, subs
 
 
 class _Step:
     """What one joint micro-batch shares across the adapters' loss computations."""
 
-    def __init__(self, union: dict, counts: list[int], kinds: dict[str, int]) -> None:
+    def __init__(self, union: dict, counts: list[int]) -> None:
         self.union_ids = {id(value): key for key, value in union.items() if isinstance(value, torch.Tensor)}
-        self.union, self.counts, self.kinds = union, counts, kinds
+        self.union, self.counts = union, counts
         self.adapter = 0
         self.policy_route = None
         self.forwards: dict[tuple, tuple] = {}
@@ -169,12 +169,12 @@ class JointAdapters:
         self.router = AdapterRouter(peft_model, self.names)
         self.router.install()  # checks the adapters once, at construction
         self.router.remove()
-        for name, param in peft_model.named_parameters():
-            if any(f".{adapter}." in name for adapter in self.names):
-                param.requires_grad_(True)
+        peft_model.set_requires_grad(list(self.names), requires_grad=True)
         self._single_compute_loss = trainer.compute_loss
         self._hook_depth = 0
         self._step: _Step | None = None
+        # Each adapter's parameters, listed at the first clipping: after accelerate's prepare, which may replace them.
+        self._adapter_params: dict[str, list[torch.nn.Parameter]] | None = None
 
     # --- the hook, installed while the trainer trains or evaluates -----------------------------------------------
 
@@ -197,20 +197,22 @@ class JointAdapters:
         """``batch_size`` examples per adapter per batch (default: the trainer's), collated by ``collate`` (default:
         the trainer's data collator)."""
         trainer = self.trainer
-        args = trainer.args
-        loaders = []
-        for name in self.names:
-            dataset = trainer._remove_unused_columns(trainer.train_dataset[name], description=f"Training {name}")
-            loaders.append(trainer.accelerator.prepare(torch.utils.data.DataLoader(
-                dataset, batch_size=batch_size or trainer._train_batch_size, sampler=trainer._get_train_sampler(dataset),
-                collate_fn=_as_list, drop_last=args.dataloader_drop_last, num_workers=args.dataloader_num_workers,
-                pin_memory=args.dataloader_pin_memory, persistent_workers=args.dataloader_persistent_workers,
-            )))
+        original = trainer.data_collator
+        # Each loader is the one Trainer builds for that dataset alone (columns, sampler, workers, accelerate), but
+        # yields the raw examples: they are collated together, once, by JointLoader.
+        trainer.data_collator = _as_list
+        try:
+            loaders = [trainer._get_dataloader(trainer.train_dataset[name], description=f"Training {name}",
+                                               batch_size=batch_size or trainer._train_batch_size,
+                                               sampler_fn=trainer._get_train_sampler, is_training=True)
+                       for name in self.names]
+        finally:
+            trainer.data_collator = original
         lengths = {name: len(loader) for name, loader in zip(self.names, loaders)}
         if len(set(lengths.values())) > 1:
             logger.warning("fusedrl: adapters' datasets give %s batches per epoch; a joint epoch ends with the "
                            "shortest", lengths)
-        return JointLoader(loaders, collate or trainer.data_collator)
+        return JointLoader(loaders, collate or original)
 
     # --- loss -----------------------------------------------------------------------------------------------------
 
@@ -219,8 +221,8 @@ class JointAdapters:
             return self._single_compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         counts = inputs.pop(COUNTS_KEY).tolist()
-        union, subs, kinds = split_union(inputs, counts)
-        self._step = _Step(union, counts, kinds)
+        union, subs = split_union(inputs, counts)
+        self._step = _Step(union, counts)
         losses = []
         try:
             for k, (name, sub) in enumerate(zip(self.names, subs)):
@@ -273,9 +275,8 @@ class JointAdapters:
                                                        .device), torch.tensor(step.counts) * per_example)
             routing = (self.router.rows(ids, keep_for_backward=torch.is_grad_enabled()) if is_policy
                        else contextlib.nullcontext())
-            with routing, catch_final_hidden(model) as final:
-                outputs = model(**union_inputs, use_cache=False, logits_to_keep=1)
-            step.forwards[key] = (outputs, final.value)
+            with routing:
+                step.forwards[key] = final_hidden_states(model, **union_inputs)
         outputs, hidden = step.forwards[key]
         return outputs, hidden[offset:offset + rows]
 
@@ -283,11 +284,13 @@ class JointAdapters:
 
     def clip_grad_norm(self, model, max_norm: float) -> torch.Tensor:
         """Clip each adapter's gradient to ``max_norm`` on its own; returns the norm of all of them, before."""
-        named = list(self.trainer.accelerator.unwrap_model(model).named_parameters())
+        if self._adapter_params is None:
+            named = list(self.trainer.accelerator.unwrap_model(model).named_parameters())
+            self._adapter_params = {name: [param for param_name, param in named if f".{name}." in param_name]
+                                    for name in self.names}
         norms = []
-        for name in self.names:
-            params = [param for param_name, param in named if f".{name}." in param_name and param.grad is not None]
-            norm = self.trainer.accelerator.clip_grad_norm_(params, max_norm)
+        for name, params in self._adapter_params.items():
+            norm = self.trainer.accelerator.clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
             norm = torch.as_tensor(norm, dtype=torch.float32)
             self.trainer.record("train", f"{name}/grad_norm", norm.item())
             norms.append(norm)

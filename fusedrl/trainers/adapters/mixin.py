@@ -7,7 +7,7 @@ import contextlib
 
 from accelerate.utils import is_peft_model
 
-from fusedrl.runtime.hidden import catch_final_hidden
+from fusedrl.runtime.hidden import final_hidden_states
 from fusedrl.trainers.adapters.joint import (
     JointAdapters,
     JointLoader,
@@ -29,10 +29,10 @@ class JointAdapterMixin:
         names = joint_adapter_names(args)
         if not names:
             return train_dataset
-        if type(self).__name__ in _UNSUPPORTED or any(cls.__name__ in _UNSUPPORTED for cls in type(self).__mro__):
+        if any(cls.__name__ in _UNSUPPORTED for cls in type(self).__mro__):
             raise ValueError(f"{type(self).__name__} trains one adapter at a time: model_adapter_name must be a single "
                              f"name, got {list(names)}. Several adapters train together with DPO, ORPO, CPO, KTO, GRPO and RLOO")
-        check_joint_config(args, type(self).__name__)
+        check_joint_config(args)
         check_joint_datasets(train_dataset, names, "train_dataset", required=True)
         check_joint_datasets(eval_dataset, names, "eval_dataset", required=False)
         return train_dataset[names[0]]
@@ -97,9 +97,7 @@ class JointAdapterMixin:
             cached = self._joint.cached_forward(model, model_inputs)
             if cached is not None:
                 return cached
-        with catch_final_hidden(model) as final:
-            outputs = model(**model_inputs, use_cache=False, logits_to_keep=1, **extra)
-        return outputs, final.value
+        return final_hidden_states(model, **model_inputs, **extra)
 
 
 def mean_over_adapters(metrics: dict[str, float], adapters, logs: dict) -> dict[str, float]:

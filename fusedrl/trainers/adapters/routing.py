@@ -41,7 +41,7 @@ def lora_linear_layers(peft_model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def check_routable(peft_model: torch.nn.Module, names: Sequence[str]) -> None:
     """Refuse adapters whose forward ``multi_lora_linear`` does not compute (it is plain LoRA with dropout 0)."""
-    from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.lora.layer import Linear, LoraLayer
 
     for module_name, module in peft_model.named_modules():
         if not isinstance(module, LoraLayer):
@@ -50,7 +50,7 @@ def check_routable(peft_model: torch.nn.Module, names: Sequence[str]) -> None:
         if not present:
             continue
         where = f"{module_name} ({type(module).__name__})"
-        if module not in lora_linear_layers(peft_model) or getattr(module, "fan_in_fan_out", False):
+        if not isinstance(module, Linear) or getattr(module, "fan_in_fan_out", False):
             raise ValueError(f"model_adapter_name: training several adapters together routes LoRA Linear layers only; "
                              f"{where} is not one. Restrict target_modules to nn.Linear projections")
         if not isinstance(module.base_layer, torch.nn.Linear):
