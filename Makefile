@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fusedrl-installed
 
 CONSTRAINTS := constraints.txt
 
-.PHONY: demo test test-latest bench aot gpu-check lint clean
+.PHONY: demo test test-latest bench aot gpu-check lint clean trl-suite
 
 # On a machine without an NVIDIA driver, install the pinned CPU torch wheel first: an unpinned `torch`
 # (asked for by any dependency) resolves to a multi-GB CUDA build.
@@ -45,6 +45,15 @@ aot: $(STAMP)
 # runs/gpu-check/ (fusedrl/cli/gpu_check.py). Without CUDA it prints one line and exits 0.
 gpu-check: $(STAMP)
 	$(PY) -m fusedrl gpu-check
+
+# TRL's own trainer test files against trl and fusedrl, offline on stand-in models and data (trl_suite/README.md);
+# not part of `make test`. Example: make trl-suite TRL_TESTS=~/trl/tests TRL_FILES=test_rloo_trainer.py TRL_NAME=rloo
+TRL_FILES ?= test_rloo_trainer.py
+TRL_NAME ?= $(basename $(notdir $(firstword $(TRL_FILES))))
+trl-suite: $(STAMP)
+	@test -n "$(TRL_TESTS)" || { echo "set TRL_TESTS to a TRL checkout's tests/ folder"; exit 2; }
+	$(PY) -m trl_suite.run --trl-tests $(TRL_TESTS) $(foreach f,$(TRL_FILES),--file $(f)) --name $(TRL_NAME) \
+		$(if $(TRL_K),-k "$(TRL_K)")
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fusedrl benchmarks tests

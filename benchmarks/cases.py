@@ -17,12 +17,15 @@ from __future__ import annotations
 from benchmarks.ops import ddim, gae, logprobs, multi_lora, policy, preference
 from benchmarks.spec import Case, Target, TrainerCase
 
-__all__ = ["CASES", "START_COMMIT", "Case", "Target", "TrainerCase", "by_name", "select"]
+__all__ = ["CASES", "ISSUE15_START", "START_COMMIT", "Case", "Target", "TrainerCase", "by_name", "select"]
 
 # The commit issue 10 (the fused head+loss path, bf16) starts from, and the trainer path running fusedrl as of it
 # (trainers.PATHS; any "fusedrl@<commit>" path runs the same way).
 START_COMMIT = "c973dc0"
 _START = f"fusedrl@{START_COMMIT}"
+# The commit issue 15 (shared-prefix training) starts from: every row through the trunk whole.
+ISSUE15_START = "b17127b"
+_ISSUE15 = f"fusedrl@{ISSUE15_START}"
 _DPO_CONFIG = {"learning_rate": 1e-4, "beta": 0.1, "loss_type": ["sigmoid"]}
 # bf16 rows: logged losses agree within this. bf16 keeps 8 significant bits (relative rounding up to 2^-9 ~ 2e-3)
 # and the model's weights themselves are bf16, so the two trainers' first AdamW updates already round differently;
@@ -44,7 +47,7 @@ TRAINER_CASES: tuple[TrainerCase, ...] = (
         # 8 pairs of a 256-token prompt and a 2-4 token completion: 16 rows of ~260 positions, ~60 of them labelled.
         shape={"B": 8, "P": 256},
         quick_shape={"B": 4, "P": 128},
-        paths=("fusedrl", "fusedrl_reference", "trl"),
+        paths=("fusedrl", "fusedrl_plain", _ISSUE15, "fusedrl_reference", "trl"),
         base="fusedrl",
         description=(
             "DPO (sigmoid, beta 0.1) optimizer steps, fp32, gradient checkpointing on (TRL's default), on the "
@@ -57,6 +60,9 @@ TRAINER_CASES: tuple[TrainerCase, ...] = (
         targets=(
             Target("fusedrl", "speedup_min", 1.5, vs="trl"),
             Target("fusedrl", "peak_ratio_max", 1.0, vs="trl"),
+            # Issue 15: each pair's prompt through the trunk once (policy and reference), memory no higher.
+            Target("fusedrl", "speedup_min", 1.6, vs=_ISSUE15),
+            Target("fusedrl", "peak_ratio_max", 1.0, vs="fusedrl_plain"),
         ),
     ),
     TrainerCase(
@@ -166,6 +172,30 @@ TRAINER_CASES: tuple[TrainerCase, ...] = (
         ),
         config={"learning_rate": 1e-4, "num_generations": 4, "max_completion_length": 8},
         agreement_metric="grad_norm",
+    ),
+    # Issue 15: 8 completions per prompt, so a step's policy forward carries each 256-token prompt 8 times.
+    TrainerCase(
+        name="grpo_trainer_g8",
+        op="grpo_trainer_g8",
+        trainer="grpo",
+        model="bench-head",
+        # B completions per step (B / 8 prompts, 8 generations each) of a P-token prompt, up to 8 sampled tokens.
+        shape={"B": 16, "P": 256},
+        quick_shape={"B": 16, "P": 64},
+        paths=("fusedrl", "fusedrl_plain", _ISSUE15, "trl"),
+        base="fusedrl",
+        description=(
+            "grpo_trainer with num_generations=8: 2 prompts of P tokens, 8 completions of up to 8 tokens each per "
+            "step, sampled with model.generate (KV cache), scored, one loss step (TRL's defaults otherwise: dapo, "
+            f"beta 0), fp32, gradient checkpointing on. {_ISSUE15}: fusedrl before shared prefixes; fusedrl_plain: "
+            "today's fusedrl with shared_prefix=False. Gradient norms must agree"
+        ),
+        config={"learning_rate": 1e-4, "num_generations": 8, "max_completion_length": 8},
+        agreement_metric="grad_norm",
+        targets=(
+            Target("fusedrl", "speedup_min", 2.0, vs=_ISSUE15),
+            Target("fusedrl", "peak_ratio_max", 1.0, vs="fusedrl_plain"),
+        ),
     ),
     TrainerCase(
         name="grpo_trainer_long",

@@ -92,6 +92,10 @@ PATHS: dict[str, TrainerPath] = {
                                     config=(("compile", True), ("compile_blocks", True))),
     f"fusedrl@{cases.START_COMMIT}": TrainerPath("fusedrl.trainers", f"fusedrl at {cases.START_COMMIT}, where "
                                                  "issue 10 starts; default kernels", commit=cases.START_COMMIT),
+    "fusedrl_plain": TrainerPath("fusedrl.trainers", "fusedrl, shared_prefix=False (every row whole)",
+                                 config=(("shared_prefix", False),)),
+    f"fusedrl@{cases.ISSUE15_START}": TrainerPath("fusedrl.trainers", f"fusedrl at {cases.ISSUE15_START}, where "
+                                                  "issue 15 (shared prefixes) starts", commit=cases.ISSUE15_START),
     "trl": TrainerPath("trl", "trl, the same trainer"),
     "trl_compact": TrainerPath("trl", "trl, LM head forced to score completion tokens only (as on GPU)",
                                trl_compact=True),
@@ -163,6 +167,28 @@ def _step_timer():
     return StepTimer()
 
 
+def _count_trunk_positions(trainer) -> dict[str, int]:
+    """A forward pre-hook on the decoder trunk of the policy and the reference model: positions each trunk forward
+    runs (rows x length of its input; a KV-cached decoding step counts its new tokens only), summed. The same count
+    for every path, TRL's included."""
+    counts = {"positions": 0}
+
+    def count(module, args, kwargs):
+        tensor = kwargs.get("input_ids")
+        if tensor is None:
+            tensor = kwargs.get("inputs_embeds")
+        if tensor is None and args:
+            tensor = args[0]
+        if tensor is not None:
+            counts["positions"] += int(tensor.shape[0] * tensor.shape[1])
+
+    models = {id(m): m for m in (trainer.model, getattr(trainer, "ref_model", None)) if m is not None}
+    for model in models.values():
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.get_decoder().register_forward_pre_hook(count, with_kwargs=True)
+    return counts
+
+
 def _settings(case: cases.TrainerCase, spec: TrainerPath, shape, steps: int, out_dir: str) -> dict:
     """The config fields of one path: the shared ones, the case's, the case's dtype, then the path's own."""
     settings = {
@@ -230,6 +256,7 @@ def measure(case: cases.TrainerCase, path: str, *, quick: bool) -> dict:
         setup_s = time.perf_counter() - setup_start
         timer = _step_timer()
         trainer.add_callback(timer)
+        trunk = _count_trunk_positions(trainer)
         # Trainer prints every log line when tqdm is off; the logs themselves are in state.log_history.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -268,6 +295,10 @@ def measure(case: cases.TrainerCase, path: str, *, quick: bool) -> dict:
         # Where `import fusedrl` resolved (the trainers of fusedrl paths; presets and data for every path).
         "fusedrl_source": str(Path(fusedrl_package.__file__).resolve().parent),
         "trl_compact_calls": len(compact_calls) if spec.trl_compact else None,
+        # Trunk positions per optimizer step (generation included), and fusedrl's own count of its training
+        # forwards: what ran and what the plain layout would have run (None where this fusedrl has no record).
+        "trunk_positions_per_step": trunk["positions"] / steps,
+        "shared_prefix_counts": dict(trainer.prefix_sharing.counts) if hasattr(trainer, "prefix_sharing") else None,
         "num_threads": torch.get_num_threads(),
         # 1-minute load averages at the start and end (2 cores: above ~2.5 other work shares the machine).
         "loadavg_1min": [load_start[0], os.getloadavg()[0]],

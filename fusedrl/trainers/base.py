@@ -48,6 +48,7 @@ from fusedrl.runtime.memory import MemoryCallback, SelectiveCheckpointCallback
 from fusedrl.runtime.offload import ActivationOffloader
 from fusedrl.runtime.resumable import ResumableTrainer
 from fusedrl.runtime.sharded_head import is_zero3_param, prepare_reference
+from fusedrl.runtime.shared_prefix import PrefixSharing
 from fusedrl.trainers.adapters.mixin import JointAdapterMixin
 from fusedrl.trainers.adapters.named import NamedAdapterTrainer, reference_adapter, use_adapter
 from fusedrl.trainers.data.validation import PRECOMPUTE_ITERABLE_ERROR
@@ -75,6 +76,12 @@ class FusedTrainer(TrainerMetrics, FusedHeadMixin, JointAdapterMixin, ResumableT
 
     # compute_loss returns a per-micro-batch mean, so Trainer divides it by the accumulation steps (as for TRL's DPO).
     loss_is_scaled_for_ga = False
+
+    @functools.cached_property
+    def prefix_sharing(self) -> PrefixSharing:
+        """The shared-prefix forwards of this trainer's models (``args.shared_prefix``); its ``counts`` are the trunk
+        positions run so far and what the plain layout would have run."""
+        return PrefixSharing(getattr(self.args, "shared_prefix", False))
 
     @property
     def _tag_names(self) -> list[str]:  # TRL's name; Trainer writes them into the model card

@@ -99,6 +99,14 @@ class FusedConfig(TrainingArguments):
                                          "False: each process's global RNG, as TRL."}
     )
 
+    shared_prefix: bool = field(
+        default=True, metadata={"help": "Run rows that start alike (a pair's chosen and rejected, a prompt's "
+                                         "completions) through the trunk once: the shared prompt once, each "
+                                         "completion after it under a mask that keeps siblings apart "
+                                         "(runtime/shared_prefix/). Used where it is exact and cheaper, decided "
+                                         "per model (logged once) and per batch; False: every row whole."}
+    )
+
     max_nonfinite_steps: int = field(
         default=DEFAULT_MAX_NONFINITE_STEPS,
         metadata={"help": "Optimizer steps with a non-finite loss or gradient to skip before training stops with an "

@@ -75,7 +75,9 @@ class FusedHeadMixin:
         # The final (normed) hidden states come from a hook on the decoder trunk (runtime/hidden.py): asking for
         # output_hidden_states would install transformers' capture hooks, which compiled blocks cannot trace.
         # logits_to_keep=1 leaves a [N, 1, V] slice of logits, whose gradient is zero.
-        outputs, final_NTH = self._model_forward(model, model_inputs, **extra)
+        # ORPO/CPO's all-position logits metric reads the padded positions too: keep them in a shared layout.
+        outputs, final_NTH = self._model_forward(model, model_inputs, keep_padding=all_position_mean_logits,
+                                                 **extra)
         weight_VH, bias_V = self._lm_head(model)
         length = labels_NT.shape[1]
         # Prompt-learning PEFT prepends virtual tokens: the real positions are the last T. The head runs in the
@@ -119,7 +121,7 @@ class FusedHeadMixin:
         0.5 GiB), which Trainer keeps for the whole eval set unless ``eval_accumulation_steps`` moves them to the CPU;
         the size is logged once."""
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        _, final_NTH = self._model_forward(model, model_inputs)
+        _, final_NTH = self._model_forward(model, model_inputs, keep_padding=True)  # logits at every position
         weight_VH, bias_V = self._lm_head(model)
         logits = final_NTH.new_empty((*final_NTH.shape[:2], weight_VH.shape[0]), dtype=weight_VH.dtype)
         if not getattr(self, "_logged_logits_cost", False):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, T5Config, T5ForConditionalGeneration
 
 TINY_LLAMA = {"vocab_size": 128, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
@@ -36,3 +36,18 @@ def tiny_llama(seed: int = 0, *, model_cls: type[PreTrainedModel] = LlamaForCaus
     with torch.random.fork_rng(devices=[]) if isolate_rng else contextlib.nullcontext():
         torch.manual_seed(seed)
         return model_cls(config)
+
+
+# The encoder-decoder stand-in (ORPO/CPO): T5 of the same widths and the preset tokenizer's ids (pad 0 also starts the
+# decoder, as in T5). T5Config's tie_word_embeddings=False means "T5 v1.1": weights still tied, no d_model**-0.5.
+TINY_T5 = {"vocab_size": 128, "d_model": 48, "d_kv": 12, "d_ff": 96, "num_layers": 2, "num_heads": 4,
+           "relative_attention_num_buckets": 8, "relative_attention_max_distance": 32, "dropout_rate": 0.0,
+           "pad_token_id": 0, "decoder_start_token_id": 0, "eos_token_id": 2, "bos_token_id": 1}
+
+
+def tiny_t5(seed: int = 0, **overrides) -> T5ForConditionalGeneration:
+    """``T5ForConditionalGeneration(T5Config(**TINY_T5, **overrides))`` initialised right after
+    ``torch.manual_seed(seed)``, the global CPU generator restored afterwards (two calls give equal weights)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return T5ForConditionalGeneration(T5Config(**{**TINY_T5, **overrides}))

@@ -302,7 +302,7 @@ def test_fullgraph_compile_and_opcheck(backend):
     assert_close(compiled.grad, eager.grad, name="grad")
     for sequence in (False, True):
         args = (logps.clone().requires_grad_(), old, adv, mask.float(), torch.full((3,), 0.01), (entropy > 1).float(),
-                ref, 0.04, 0.2, 0.28, 1.5, sequence, "k3", backend)
+                ref, 0.04, 0.2, 0.28, 1.5, sequence, "k3", "clip", [0.0] * 4, backend)
         torch.library.opcheck(ops._policy_rows_op, args)
 
 

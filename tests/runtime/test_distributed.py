@@ -86,6 +86,43 @@ def baselines(dataset, tmp_path_factory) -> dict[str, torch.Tensor]:
     return losses
 
 
+@pytest.fixture(scope="module")
+def long_prompt_dataset(tmp_path_factory) -> Path:
+    """The same pairs behind a 60-character worked-examples context (the preset tokenizer is character level): pairs
+    whose prompts are long enough for the shared-prefix layout to be chosen."""
+    from fusedrl.cli import presets
+
+    path = tmp_path_factory.mktemp("data") / "arithmetic_long"
+    pairs = presets.load_preset_dataset("arithmetic", "train", n=STEPS * PAIRS_PER_STEP)
+    context = "Worked examples:\n3+4=7\n12-5=7\n20+22=42\n9-3=6\n13+29=42\n8-6=2\nNow: "
+    pairs.map(lambda row: {"prompt": context + row["prompt"]}).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("config", ["fsdp2", "zero3"])
+def test_shared_prefix_under_sharding_matches_one_plain_process(config, long_prompt_dataset, tmp_path, caplog):
+    """Two sharded processes with shared prefixes (the default) give the losses of one process running every row
+    whole (shared_prefix=False); one process with the default logs that it shares."""
+    code = cli_main(["dpo", *_common(long_prompt_dataset), "--shared_prefix", "False",
+                     "--per_device_train_batch_size", str(PAIRS_PER_STEP), "--output_dir", str(tmp_path / "plain")])
+    assert code == 0
+    with caplog.at_level("INFO", logger="fusedrl"):
+        code = cli_main(["dpo", *_common(long_prompt_dataset), "--max_steps", "1", "--save_strategy", "no",
+                         "--per_device_train_batch_size", str(PAIRS_PER_STEP), "--output_dir", str(tmp_path / "one")])
+    assert code == 0 and "shared_prefix: on" in caplog.text
+    argv = [
+        sys.executable, "-m", "fusedrl", "dpo", "--accelerate_config", config,
+        "--num_processes", str(NUM_PROCESSES), "--main_process_port", str(_free_port()),
+        *_common(long_prompt_dataset), "--per_device_train_batch_size", str(PAIRS_PER_STEP // NUM_PROCESSES),
+        "--output_dir", str(tmp_path / "shared"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_close(_losses(tmp_path / "shared"), _losses(tmp_path / "plain"), name=f"{config} shared-prefix losses")
+
+
 CASES = [
     ("ddp", "plain", []),
     ("zero2", "plain", []),

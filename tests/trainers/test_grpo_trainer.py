@@ -135,7 +135,7 @@ def test_golden_trajectory(preset_model_dir, tmp_path):
     ({"num_generations": 1}, "needs num_generations >= 2"),
     ({"per_device_train_batch_size": 6}, r"generation_batch_size \(6\) must be divisible by num_generations \(4\)"),
     ({"generation_batch_size": 16, "steps_per_generation": 2}, "cannot both be set"),
-    ({"loss_type": "cispo"}, "loss_type must be one of"),
+    ({"loss_type": "ppo"}, "loss_type must be one of"),
     ({"scale_rewards": "std"}, "scale_rewards must be group, batch or none"),
     ({"prompt_truncation": "keep_start"}, "prompt_truncation must be one of"),
     ({"reward_failure": "ignore"}, "reward_failure must be one of"),

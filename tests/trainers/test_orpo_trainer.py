@@ -86,7 +86,7 @@ def test_prompt_filling_max_length_is_dropped(tmp_path):
     trainer = make_trainer(fused, tiny_llama(), tmp_path, max_length=20)
     prompts = [p for p in PROMPTS if len(build_tokenizer()(p)["input_ids"]) >= 20]
     assert prompts and len(trainer.train_dataset) == len(PROMPTS) - len(prompts)
-    assert all(len(row["chosen_prompt_ids"]) + len(row["chosen_ids"]) <= 20 for row in trainer.train_dataset)
+    assert all(len(row["chosen_input_ids"]) <= 20 for row in trainer.train_dataset)
 
 
 BAD_DATA = {

@@ -11,8 +11,14 @@ Backends of the ``policy_loss`` op (``reference.py`` documents every formula, TR
 Both custom-op backends compute ``d loss / d logps`` in the forward pass (``[B, T]`` floats, the loss is elementwise
 given per-row quantities), so the backward is one multiply. The aggregation (``loss_type``) is folded into a
 per-row weight and the top-entropy mask (a quantile over the whole batch) is computed in torch before the launch
-(``compiled.high_entropy_keep``: a sort, no data-dependent shapes). The custom op captures as one opaque node
-under ``torch.compile(fullgraph=True)``. Old and reference log-probs and advantages are constants: no gradient.
+(``compiled.high_entropy_keep``: a sort, no data-dependent shapes). Every ``loss_type`` runs on every backend: the
+custom op takes the loss type's objective (``compiled.OBJECTIVES``: clip, cispo, sapo, vespo) and its parameters;
+the sequence-level pieces (GSPO's mean log-ratio, VESPO's clamped log-ratio sum) are per-row pre-passes, so no loss
+type leaves the per-row weight scheme. The entropy bonus (``entropy_coef``) is a masked mean of ``entropy_BT``: plain
+torch beside the custom op on ``compiled`` / ``triton`` (its gradient goes to the entropies, not the log-probs), and
+folded into the fused head's entropy gradient on the fused path (``fused_head.py``). The custom op captures as one
+opaque node under ``torch.compile(fullgraph=True)``. Old and reference log-probs and advantages are constants: no
+gradient.
 Why a custom op rather than ``torch.compile`` of the reference with compiled autograd: it is the same autograd
 node as the Triton backend, and it saves one ``[B, T]`` gradient instead of the intermediates of an autograd graph.
 Its cost is not the point either way: measured on the 2-core CPU (1 thread, B=16, T=1024, grpo + k3 KL, loaded
@@ -34,7 +40,12 @@ import torch
 from fusedrl.ops import dispatch
 from fusedrl.ops.logprobs import checked_head, linear_token_logprobs
 from fusedrl.ops.policy import compiled, fused_head, reference
-from fusedrl.ops.policy.checks import check_policy_request, check_ratio_kl_request, check_value_request
+from fusedrl.ops.policy.checks import (
+    check_entropy_coef,
+    check_policy_request,
+    check_ratio_kl_request,
+    check_value_request,
+)
 from fusedrl.ops.policy.fused_head import row_metrics as _row_metrics
 from fusedrl.ops.policy.fused_head import row_scale as _row_scale
 
@@ -42,9 +53,12 @@ dispatch.register_op("policy_loss", "GRPO/PPO clipped policy loss (+ KL) on per-
 
 
 class PolicyLoss(NamedTuple):
-    """``loss``: fp32 scalar, differentiable w.r.t. ``logps_BT``. Metrics (TRL's logged names without the
-    ``clip_ratio/`` prefix), detached fp32 scalars: ``kl`` (None without ``ref_logps_BT``), the clip ratios, and
-    ``entropy`` (masked token mean, None without ``entropy_BT``)."""
+    """``loss``: fp32 scalar, differentiable w.r.t. ``logps_BT`` (and ``entropy_BT`` with an entropy bonus). Metrics
+    (TRL's logged names without the ``clip_ratio/`` prefix), detached fp32 scalars: ``kl`` (None without
+    ``ref_logps_BT``), the clip ratios (``cispo``: its one clip share as ``clip_ratio_high``; ``sapo``, ``vespo``:
+    0), ``entropy`` (masked token mean, None without ``entropy_BT``), ``phi_mean`` (``vespo`` only: TRL's
+    ``vespo/phi_seq_mean``), and ``bonus_entropy_sum`` / ``bonus_tokens`` (None without ``entropy_BT``): the entropy
+    summed over the tokens the bonus acts on and their count (TRL's adaptive entropy controller's window sums)."""
 
     loss: torch.Tensor
     kl: torch.Tensor | None
@@ -52,6 +66,9 @@ class PolicyLoss(NamedTuple):
     clip_ratio_high: torch.Tensor
     clip_ratio_region: torch.Tensor
     entropy: torch.Tensor | None
+    phi_mean: torch.Tensor | None = None
+    bonus_entropy_sum: torch.Tensor | None = None
+    bonus_tokens: torch.Tensor | None = None
 
 
 class LinearPolicyLoss(NamedTuple):
@@ -67,6 +84,9 @@ class LinearPolicyLoss(NamedTuple):
     clip_ratio_high: torch.Tensor
     clip_ratio_region: torch.Tensor
     mean_entropy: torch.Tensor | None
+    phi_mean: torch.Tensor | None = None
+    bonus_entropy_sum: torch.Tensor | None = None
+    bonus_tokens: torch.Tensor | None = None
 
 
 class RatioWeightedKL(NamedTuple):
@@ -100,7 +120,7 @@ def _rows_backward(ctx, grad_loss_B, *_unused):
     grad = grad_loss_B.unsqueeze(1) * grad_BT
     if ctx.sequence:
         grad = grad + torch.where(mask > 0, (grad_loss_B * slope_B).unsqueeze(1), 0.0)
-    return (grad, *([None] * 12))  # only logps (the first of compiled.policy_rows' 13 inputs) has a gradient
+    return (grad, *([None] * 14))  # only logps (the first of compiled.policy_rows' 15 inputs) has a gradient
 
 
 # Both implementations are named, not bound: looked up per call, so a patched module attribute is what runs.
@@ -133,18 +153,29 @@ def policy_loss(
     num_items_in_batch: float | torch.Tensor | None = None,
     entropy_BT: torch.Tensor | None = None,
     top_entropy_quantile: float = 1.0,
+    entropy_coef: float | torch.Tensor = 0.0,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
 ) -> PolicyLoss:
-    """TRL 1.16's GRPO loss (``GRPOTrainer._compute_loss`` for ``loss_type`` grpo / bnpo / dr_grpo / dapo).
+    """TRL 1.16's GRPO loss (``GRPOTrainer._compute_loss``, every ``loss_type``: grpo / bnpo / dr_grpo / dapo /
+    cispo / sapo / luspo / vespo; ``reference.py`` gives each formula).
 
     logps_BT: ``[B, T]`` policy log-probs of the completion tokens (fp32/bf16/fp16, differentiable).
     old_logps_BT: ``[B, T]``, or None for on-policy (``logps.detach()``: ratio 1, TRL with ``num_iterations=1``).
     advantages: ``[B]`` or ``[B, T]``. mask_BT: ``[B, T]`` completion mask (bool/int/float).
     ref_logps_BT: ``[B, T]``, needed when ``beta != 0``; with ``beta = 0`` it only feeds the ``kl`` metric.
-    ``epsilon_low``/``epsilon_high``: TRL's ``epsilon``/``epsilon_high``; ``delta``: dual clip (upper cap of the
-    ratio); ``importance_sampling_level``: "token" or "sequence" (GSPO); ``kl_estimator``: "k1"/"k2"/"k3" (TRL: k3);
-    ``max_completion_length``: required for ``dr_grpo``; ``num_items_in_batch``: ``dapo``'s normaliser (the
-    generation batch's token count per process and accumulation window; default: this call's tokens);
-    ``entropy_BT`` + ``top_entropy_quantile`` < 1: keep the policy term of the top-entropy tokens only.
+    ``epsilon_low``/``epsilon_high``: TRL's ``epsilon``/``epsilon_high`` (``cispo``: ``epsilon_high`` caps the ratio
+    itself); ``delta``: dual clip (upper cap of the ratio); ``importance_sampling_level``: "token" or "sequence"
+    (GSPO); ``kl_estimator``: "k1"/"k2"/"k3" (TRL: k3); ``max_completion_length``: required for ``dr_grpo``;
+    ``num_items_in_batch``: the normaliser of ``dapo``, ``cispo`` and ``vespo`` (the generation batch's token count
+    per process and accumulation window; default: this call's tokens); ``entropy_BT`` + ``top_entropy_quantile``
+    < 1: keep the policy term of the top-entropy tokens only; ``entropy_coef`` (float or 0-d tensor): subtract
+    ``entropy_coef`` times the mean of ``entropy_BT`` over the tokens the policy term acts on (gradient into
+    ``entropy_BT``; needs it); ``sapo_temperature_*`` and ``vespo_*``: TRL's parameters of those loss types.
     Returns :class:`PolicyLoss`; the loss runs on the ``policy_loss`` backend.
     """
     check_policy_request(
@@ -152,7 +183,13 @@ def policy_loss(
         epsilon_high=epsilon_high, delta=delta, importance_sampling_level=importance_sampling_level,
         kl_estimator=kl_estimator, loss_type=loss_type, max_completion_length=max_completion_length,
         num_items_in_batch=num_items_in_batch, entropy_BT=entropy_BT, top_entropy_quantile=top_entropy_quantile,
+        entropy_coef=entropy_coef, sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
+        vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg,
     )
+    type_params = {"sapo_temperature_pos": sapo_temperature_pos, "sapo_temperature_neg": sapo_temperature_neg,
+                   "vespo_k_pos": vespo_k_pos, "vespo_lambda_pos": vespo_lambda_pos, "vespo_k_neg": vespo_k_neg,
+                   "vespo_lambda_neg": vespo_lambda_neg}
     backend = dispatch.traced_backend("policy_loss", logps_BT.device)
     if backend == "reference":
         out = reference.policy_loss_reference(
@@ -160,26 +197,43 @@ def policy_loss(
             epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
             importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator, loss_type=loss_type,
             max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-            entropy_BT=entropy_BT, top_entropy_quantile=top_entropy_quantile,
+            entropy_BT=entropy_BT, top_entropy_quantile=top_entropy_quantile, entropy_coef=entropy_coef,
+            **type_params,
         )
         return PolicyLoss(out.loss, out.kl, out.clip_ratio_low, out.clip_ratio_high, out.clip_ratio_region,
-                          out.entropy)
+                          out.entropy, out.phi_mean, out.bonus_entropy_sum, out.bonus_tokens)
     logps = logps_BT.float()
     mask = mask_BT.float()
     sequence = importance_sampling_level == "sequence"
+    objective = reference.OBJECTIVES[loss_type]
+    params = compiled.objective_params(objective, epsilon_high=epsilon_high, **type_params)
     keep = None
     if entropy_BT is not None and top_entropy_quantile < 1.0:
         keep = compiled.high_entropy_keep(entropy_BT.detach().float(), mask, top_entropy_quantile)
     old = logps.detach() if old_logps_BT is None else old_logps_BT.detach().float()
     ref = None if ref_logps_BT is None else ref_logps_BT.detach().float()
+    adv = advantages.detach().float().contiguous()
     loss_B, _, _, kl_B, low_B, high_B = _policy_rows_op(
-        logps, old.contiguous(), advantages.detach().float().contiguous(), mask.contiguous(),
+        logps, old.contiguous(), adv, mask.contiguous(),
         _row_scale(mask, loss_type, max_completion_length, num_items_in_batch), keep,
         None if ref is None else ref.contiguous(), float(beta), float(epsilon_low), float(epsilon_high),
-        float("inf") if delta is None else float(delta), sequence, kl_estimator, backend,
+        float("inf") if delta is None else float(delta), sequence, kl_estimator, objective, params, backend,
     )
-    return PolicyLoss(loss_B.sum(), *_row_metrics(mask, kl_B, low_B, high_B, sequence and advantages.dim() == 1,
-                                                  ref is not None, entropy_BT))
+    loss = loss_B.sum()
+    bonus_sum = bonus_tokens = None
+    if entropy_BT is not None:
+        bonus, bonus_sum, bonus_tokens = reference.entropy_bonus(entropy_BT, mask, keep)
+        if _bonus_on(entropy_coef):
+            loss = loss - entropy_coef * bonus
+    phi_mean = fused_head.phi_mean(logps.detach(), old, mask, adv, params) if objective == "vespo" else None
+    return PolicyLoss(loss, *_row_metrics(mask, kl_B, low_B, high_B, sequence and advantages.dim() == 1,
+                                          ref is not None, entropy_BT), phi_mean, bonus_sum, bonus_tokens)
+
+
+def _bonus_on(entropy_coef) -> bool:
+    """Whether the entropy bonus is added: a tensor coefficient always (its value may change between calls of one
+    compiled graph), a number when non-zero (so the loss of ``entropy_coef=0`` is bitwise the plain one)."""
+    return isinstance(entropy_coef, torch.Tensor) or entropy_coef != 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,7 +265,9 @@ def linear_policy_loss(
     hidden_BTH: ``[B, T, H]`` (the states that predict each completion token, already shifted); weight_VH: ``[V, H]``;
     bias: ``[V]`` or None; completion_ids_BT: ``[B, T]`` int64; mask_BT: ``[B, T]``; masked positions get label -100
     and cost no head compute. ``temperature`` divides the logits, as TRL's sampling temperature does.
-    ``compute_entropy=False`` skips the entropy (then the ``entropy`` metric is None; top-entropy masking needs it).
+    ``compute_entropy=False`` skips the entropy (then the ``entropy`` metric is None; top-entropy masking and a
+    non-zero ``entropy_coef`` compute it anyway). With ``entropy_coef`` the entropy bonus's gradient reaches hidden,
+    weight and bias through the entropies (the returned ``entropy`` stays detached).
     ``sum_log_probs``: the loss sees one log-prob per row, the sum over its masked tokens (RLOO's sequence ratio);
     ``old_logps_BT`` is then ``[B, 1]`` (summed likewise) and the loss's mask is ones ``[B, 1]``.
     ``ratio_weighted``: the ``beta`` KL term is TRL's ratio-weighted one (:func:`ratio_weighted_kl`, GRPO's
@@ -229,7 +285,9 @@ def linear_policy_loss(
         got = tuple(mask_BT.shape) if isinstance(mask_BT, torch.Tensor) else type(mask_BT).__name__
         raise ValueError(f"mask_BT must be a tensor shaped like completion_ids_BT "
                          f"{tuple(getattr(completion_ids_BT, 'shape', ()))}, got {got}")
-    with_entropy = compute_entropy or loss_options.get("top_entropy_quantile", 1.0) < 1.0
+    entropy_coef = loss_options.get("entropy_coef", 0.0)
+    bonus_on = _bonus_on(entropy_coef)
+    with_entropy = compute_entropy or loss_options.get("top_entropy_quantile", 1.0) < 1.0 or bonus_on
     ratio_weighted = ratio_weighted and loss_options.get("beta", 0.0) != 0.0
     if ratio_weighted and (sum_log_probs or loss_options.get("ref_logps_BT") is None):
         raise ValueError("ratio_weighted=True weights a per-token KL term: it needs ref_logps_BT and per-token "
@@ -244,23 +302,31 @@ def linear_policy_loss(
             # policy_loss's checks (and error messages) on a placeholder of the log-probs the head would give.
             placeholder = hidden_BTH.new_zeros(labels_BT.shape[0], 1 if sum_log_probs else labels_BT.shape[1],
                                                dtype=torch.float32)
+            # The entropies are the head's (per token, also when the loss sees summed log-probs): the coefficient is
+            # checked on its own.
+            check_entropy_coef(entropy_coef)
             check_policy_request(placeholder, old_logps_BT, advantages,
                                  torch.ones_like(placeholder) if sum_log_probs else mask_BT,
-                                 **{**_POLICY_DEFAULTS, **loss_options, "entropy_BT": None})
+                                 **{**_POLICY_DEFAULTS, **loss_options, "entropy_BT": None, "entropy_coef": 0.0})
             return LinearPolicyLoss(*fused_head.fused_policy_loss(
                 hidden_BTH, weight_VH, bias, labels_BT, mask_BT, old_logps_BT, advantages, temperature=temperature,
                 with_entropy=with_entropy, sum_tokens=sum_log_probs, ratio_kl=ratio_weighted,
                 head_backend=head_backend, loss_backend=loss_backend, options={**_POLICY_DEFAULTS, **loss_options}))
     out = linear_token_logprobs(hidden_BTH, weight_VH, labels_BT, bias=bias, temperature=temperature,
                                 with_entropy=with_entropy)
-    # The entropy only selects tokens and feeds a metric: no gradient flows through it.
-    logps_BT, entropy_BT = (out.logprobs, out.entropy.detach()) if with_entropy else (out, None)
+    # Without a bonus the entropy only selects tokens and feeds a metric: no gradient flows through it.
+    logps_BT, entropy_BT = (out.logprobs, out.entropy if bonus_on else out.entropy.detach()) if with_entropy \
+        else (out, None)
     if sum_log_probs:
         logps_B1 = (logps_BT * mask_BT).sum(-1, keepdim=True)
-        out = policy_loss(logps_B1, old_logps_BT, advantages, torch.ones_like(logps_B1), **loss_options)
+        out = policy_loss(logps_B1, old_logps_BT, advantages, torch.ones_like(logps_B1),
+                          **{**loss_options, "entropy_coef": 0.0})
         if entropy_BT is not None:  # the token mean over the mask, as policy_loss's entropy metric
-            mask = mask_BT.float()
-            out = out._replace(entropy=(entropy_BT.float() * mask).sum() / mask.sum().clamp(min=1.0))
+            check_entropy_coef(entropy_coef)
+            bonus, bonus_sum, bonus_tokens = reference.entropy_bonus(entropy_BT, mask_BT, None)
+            out = out._replace(entropy=bonus.detach(), bonus_entropy_sum=bonus_sum, bonus_tokens=bonus_tokens)
+            if bonus_on:
+                out = out._replace(loss=out.loss - entropy_coef * bonus)
     elif ratio_weighted:
         beta = loss_options.get("beta", 0.0)
         out = policy_loss(logps_BT, old_logps_BT, advantages, mask_BT, entropy_BT=entropy_BT,
@@ -271,9 +337,10 @@ def linear_policy_loss(
         out = out._replace(loss=out.loss + beta * kl.loss, kl=kl.kl)  # TRL logs the ratio-weighted KL as `kl`
     else:
         out = policy_loss(logps_BT, old_logps_BT, advantages, mask_BT, entropy_BT=entropy_BT, **loss_options)
-    entropy = torch.zeros_like(logps_BT.detach()) if entropy_BT is None else entropy_BT
+    entropy = torch.zeros_like(logps_BT.detach()) if entropy_BT is None else entropy_BT.detach()
     return LinearPolicyLoss(out.loss, logps_BT, entropy, out.kl, out.clip_ratio_low, out.clip_ratio_high,
-                            out.clip_ratio_region, out.entropy)
+                            out.clip_ratio_region, out.entropy, out.phi_mean, out.bonus_entropy_sum,
+                            out.bonus_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------

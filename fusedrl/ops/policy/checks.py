@@ -66,9 +66,32 @@ def _check_level_and_estimator(importance_sampling_level, kl_estimator) -> None:
         raise ValueError(f"kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, got {kl_estimator!r}")
 
 
+def check_entropy_coef(entropy_coef) -> None:
+    """A finite number or a one-element float tensor (a tensor is not read: a host sync would break a compiled
+    graph, and the adaptive controller changes it every optimizer step)."""
+    if isinstance(entropy_coef, torch.Tensor):
+        if entropy_coef.numel() != 1 or not entropy_coef.is_floating_point():
+            raise ValueError(f"entropy_coef must be a number or a one-element float tensor, got a "
+                             f"{entropy_coef.dtype} tensor of shape {tuple(entropy_coef.shape)}")
+        return
+    _check_number("entropy_coef", entropy_coef, low=-math.inf)
+
+
+def _check_loss_type_params(*, sapo_temperature_pos, sapo_temperature_neg, vespo_k_pos, vespo_lambda_pos,
+                            vespo_k_neg, vespo_lambda_neg) -> None:
+    # SAPO divides by its temperatures; VESPO's k and lambda enter an exponent (lambda is floored at 1e-4 as TRL).
+    _check_number("sapo_temperature_pos", sapo_temperature_pos, low=0.0, low_inclusive=False)
+    _check_number("sapo_temperature_neg", sapo_temperature_neg, low=0.0, low_inclusive=False)
+    for name, value in (("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
+                        ("vespo_k_neg", vespo_k_neg), ("vespo_lambda_neg", vespo_lambda_neg)):
+        _check_number(name, value, low=-math.inf)
+
+
 def check_policy_request(logps_BT, old_logps_BT, advantages, mask_BT, *, ref_logps_BT, beta, epsilon_low,
                          epsilon_high, delta, importance_sampling_level, kl_estimator, loss_type,
-                         max_completion_length, num_items_in_batch, entropy_BT, top_entropy_quantile) -> None:
+                         max_completion_length, num_items_in_batch, entropy_BT, top_entropy_quantile,
+                         entropy_coef=0.0, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
+                         vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0) -> None:
     _check_logps(logps_BT, old_logps_BT)
     _check_like("mask_BT", mask_BT, logps_BT, floating=False)
     checks.check_float("advantages", advantages)
@@ -93,6 +116,12 @@ def check_policy_request(logps_BT, old_logps_BT, advantages, mask_BT, *, ref_log
         raise ValueError(f"top_entropy_quantile must lie in [0, 1] (1 keeps every token), got {top_entropy_quantile}")
     if top_entropy_quantile < 1.0 and entropy_BT is None:
         raise ValueError("top_entropy_quantile < 1 masks by entropy: pass entropy_BT (linear_policy_loss computes it)")
+    check_entropy_coef(entropy_coef)
+    if entropy_BT is None and (isinstance(entropy_coef, torch.Tensor) or entropy_coef != 0.0):
+        raise ValueError("entropy_coef != 0 adds an entropy bonus: pass entropy_BT (linear_policy_loss computes it)")
+    _check_loss_type_params(sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+                            vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                            vespo_lambda_neg=vespo_lambda_neg)
 
 
 def check_ratio_kl_request(logps_BT, old_logps_BT, ref_logps_BT, mask_BT, *, importance_sampling_level,

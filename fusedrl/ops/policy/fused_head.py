@@ -12,7 +12,11 @@ implementations run the head's row functions of that backend; the loss runs on `
 and the normaliser, both known before the head runs), so each row's loss and ``d loss / d logp`` depend on that row
 alone: chunks hold whole rows, and once a chunk's tiles exist its rows go through the per-row loss, whose gradient
 (plus the sequence-level slope on every masked token) is each token's upstream gradient. The top-entropy mask
-(a quantile over the whole batch) couples the rows: the caller takes the unfused path for it.
+(a quantile over the whole batch) couples the rows: the caller takes the unfused path for it. Every loss type fits:
+its objective and parameters go to the per-row loss, VESPO's weight and GSPO's ratio are per-row pre-passes. The
+entropy bonus (``entropy_coef``) is ``-c * sum of the labelled tokens' entropies / their count`` (count known before
+the head runs, as the top-entropy mask, which would change it, takes the unfused path): each token's entropy
+gradient is the constant ``-c / count``, handed to the head's backward beside the log-prob gradient.
 
 Only ``loss`` is differentiable: the forward returns the ``[B, T, H]`` / ``[V, H]`` / ``[V]`` gradients and the
 backward scales them by the incoming gradient. Log-probs, entropies and the per-row metrics are detached.
@@ -27,6 +31,7 @@ import torch
 from fusedrl.ops import dispatch
 from fusedrl.ops.logprobs import fused as head
 from fusedrl.ops.policy import compiled
+from fusedrl.ops.policy.reference import AGGREGATIONS, OBJECTIVES, entropy_bonus
 
 
 def row_scale(mask_BT: torch.Tensor, loss_type: str, max_completion_length, num_items_in_batch) -> torch.Tensor:
@@ -34,6 +39,9 @@ def row_scale(mask_BT: torch.Tensor, loss_type: str, max_completion_length, num_
     ``fusedrl::policy_loss_rows`` and of the fused op."""
     num_rows = mask_BT.shape[0]
     counts_B = mask_BT.sum(-1)
+    loss_type = AGGREGATIONS[loss_type]
+    if loss_type == "luspo":  # every token of a row counts fully, rows averaged
+        return torch.full_like(counts_B, 1.0 / num_rows)
     if loss_type == "grpo":
         return 1.0 / (num_rows * counts_B.clamp(min=1.0))
     if loss_type == "dr_grpo":
@@ -58,6 +66,18 @@ def row_metrics(mask, kl_B, low_B, high_B, per_sequence: bool, has_ref: bool, en
     entropy = None if entropy_BT is None else (entropy_BT.detach().float() * mask).sum() / total
     # low and high are exclusive (they need A < 0 and A > 0), so the region share is their sum.
     return kl, low, high, low + high, entropy
+
+
+@torch.no_grad()
+def phi_mean(logps_BU, old_BU, mask_BU, advantages, params: list[float]) -> torch.Tensor:
+    """VESPO's ``phi_mean`` metric (TRL's ``vespo/phi_seq_mean``) from detached fp32 log-probs ``[B, U]``: the mean
+    of the rows' weights with ``[B]`` advantages (every row counts), the masked token mean with ``[B, U]``."""
+    log_w_B1 = compiled.vespo_log_weight(logps_BU, old_BU, mask_BU).unsqueeze(1)
+    adv = advantages.float().unsqueeze(1) if advantages.dim() == 1 else advantages.float()
+    phi = compiled.vespo_phi(log_w_B1, adv, *params)
+    if phi.shape[1] == 1:
+        return phi.mean()
+    return (phi * mask_BU).sum() / mask_BU.sum().clamp(min=1.0)
 
 
 def ratio_kl_rows(logps, old, ref, mask, row_scale_b, beta: float, sequence: bool, estimator: str):
@@ -93,10 +113,12 @@ def _policy_rows_fn(loss_backend: str):
 
 def _run(rows: head.RowFunctions, hidden, weight, bias, labels, old, advantages, mask, scale_B, ref, beta,
          epsilon_low, epsilon_high, delta, sequence, kl_estimator, ratio_kl, sum_tokens, inv_temperature,
-         with_entropy, needs_input_grad, loss_backend):
+         with_entropy, needs_input_grad, loss_backend, objective, objective_params, entropy_coef):
     num_rows, num_cols = labels.shape
     device = hidden.device
     labelled_BT = labels != -100
+    # The entropy bonus: -c * (sum of the labelled tokens' entropies) / their count, so d / d entropy = -c / count.
+    bonus_grad = None if entropy_coef is None else -entropy_coef.float() / labelled_BT.sum().clamp(min=1)
     rows_B = torch.arange(num_rows, device=device)
     # The whole batch as one group when its tiles fit: the tiles, and so the log-probs, are then exactly those of
     # linear_token_logprobs on the same labels (the old and reference log-probs' pass). Else row by row.
@@ -126,7 +148,8 @@ def _run(rows: head.RowFunctions, hidden, weight, bias, labels, old, advantages,
         ref_bU, mask_bU, scale_b = rows_of(ref), rows_of(mask), rows_of(scale_B)
         loss_b, grad_bU, slope_b, kl_b, low_b, high_b = policy_rows(
             logps_bU, old_bU, rows_of(advantages), mask_bU, scale_b, None, None if ratio_kl else ref_bU,
-            0.0 if ratio_kl else beta, epsilon_low, epsilon_high, delta, sequence, kl_estimator,
+            0.0 if ratio_kl else beta, epsilon_low, epsilon_high, delta, sequence, kl_estimator, objective,
+            objective_params,
         )
         loss.add_(loss_b.sum())
         kl_B[first:end], low_B[first:end], high_B[first:end] = kl_b, low_b, high_b
@@ -137,10 +160,15 @@ def _run(rows: head.RowFunctions, hidden, weight, bias, labels, old, advantages,
                                                             sequence, kl_estimator)
             loss.add_(loss_k)
             grad_bU = grad_bU + grad_k
+        grad_entropy_C = None
+        if bonus_grad is not None:
+            loss.add_(bonus_grad * chunk.entropy.sum())
+            grad_entropy_C = bonus_grad.expand(chunk.entropy.shape)
         local_C = index_C - first * num_cols
         if sum_tokens:
-            return grad_bU[:, 0].index_select(0, torch.div(local_C, num_cols, rounding_mode="floor")), None
-        return grad_bU.reshape(-1).index_select(0, local_C), None
+            return (grad_bU[:, 0].index_select(0, torch.div(local_C, num_cols, rounding_mode="floor")),
+                    grad_entropy_C)
+        return grad_bU.reshape(-1).index_select(0, local_C), grad_entropy_C
 
     out = head.fused_head(hidden_KH, weight, bias, labels_K, layout.group_ends, loss_fn,
                           inv_temperature=inv_temperature, ignore_index=-100, with_entropy=with_entropy,
@@ -161,7 +189,8 @@ def linear_policy_rows_compiled(
     old: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor, scale_B: torch.Tensor,
     ref: torch.Tensor | None, beta: float, epsilon_low: float, epsilon_high: float, delta: float, sequence: bool,
     kl_estimator: str, ratio_kl: bool, sum_tokens: bool, inv_temperature: float, with_entropy: bool,
-    needs_input_grad: list[bool], loss_backend: str,
+    needs_input_grad: list[bool], loss_backend: str, objective: str, objective_params: list[float],
+    entropy_coef: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
     """The compiled backend of ``fusedrl::linear_policy_loss_rows`` (its signature is the schema): ``(loss,
@@ -169,12 +198,15 @@ def linear_policy_rows_compiled(
     gradients of hidden, weight and bias (empty where not asked). hidden ``[B, T, H]``; labels ``[B, T]`` (-100 off
     the completion); old, mask, ref ``[B, U]`` (old None: on-policy, ratio 1); advantages ``[B]`` or ``[B, U]``;
     scale_B ``[B]`` (:func:`row_scale`); all fp32. ``ratio_kl``: the KL term is TRL's ratio-weighted one
-    (:func:`ratio_kl_rows`) and ``kl_B`` its sums."""
+    (:func:`ratio_kl_rows`) and ``kl_B`` its sums. ``objective`` / ``objective_params``: as
+    ``compiled.policy_rows``. ``entropy_coef``: a 0-d tensor adds the entropy bonus (needs ``with_entropy``), None
+    none."""
     from fusedrl.ops.logprobs import compiled as rows
 
     return _run(head.RowFunctions(rows.rows_fwd, rows.rows_bwd, rows.rows_stats), hidden, weight, bias, labels, old,
                 advantages, mask, scale_B, ref, beta, epsilon_low, epsilon_high, delta, sequence, kl_estimator,
-                ratio_kl, sum_tokens, inv_temperature, with_entropy, needs_input_grad, loss_backend)
+                ratio_kl, sum_tokens, inv_temperature, with_entropy, needs_input_grad, loss_backend, objective,
+                objective_params, entropy_coef)
 
 
 def linear_policy_rows_triton(*args):
@@ -185,7 +217,7 @@ def linear_policy_rows_triton(*args):
 
 def _fake(hidden, weight, bias, labels, old, advantages, mask, scale_B, ref, beta, epsilon_low, epsilon_high,
           delta, sequence, kl_estimator, ratio_kl, sum_tokens, inv_temperature, with_entropy, needs_input_grad,
-          loss_backend):
+          loss_backend, objective, objective_params, entropy_coef):
     tokens = hidden.new_empty(labels.shape, dtype=torch.float32)
     per_row = hidden.new_empty(labels.shape[:1], dtype=torch.float32)
 
@@ -198,7 +230,7 @@ def _fake(hidden, weight, bias, labels, old, advantages, mask, scale_B, ref, bet
 
 
 def _backward(ctx, grad_loss, *_unused):
-    return head.scaled_head_gradients(ctx, grad_loss, num_inputs=21)  # only hidden, weight and bias have gradients
+    return head.scaled_head_gradients(ctx, grad_loss, num_inputs=24)  # only hidden, weight and bias have gradients
 
 
 linear_policy_rows_op = dispatch.define_op(
@@ -211,12 +243,17 @@ linear_policy_rows_op = dispatch.define_op(
 def fused_policy_loss(hidden_BTH, weight_VH, bias, labels_BT, mask_BT, old_logps, advantages, *, temperature,
                       with_entropy, sum_tokens, ratio_kl, head_backend, loss_backend, options) -> tuple:
     """Run the custom op on ``head_backend`` with the loss on ``loss_backend``; ``options``: every keyword of
-    ``policy_loss``, defaults filled in. Returns ``(loss, logps_BT, entropy_BT, kl, clip_ratio_low,
-    clip_ratio_high, clip_ratio_region, mean_entropy)`` (``LinearPolicyLoss``'s fields)."""
+    ``policy_loss``, defaults filled in. Returns ``LinearPolicyLoss``'s fields in order (``loss, logps_BT,
+    entropy_BT, kl, clip_ratio_low, clip_ratio_high, clip_ratio_region, mean_entropy, phi_mean, bonus_entropy_sum,
+    bonus_tokens``)."""
     token_mask = mask_BT.float()
     unit_mask = torch.ones_like(token_mask[:, :1]) if sum_tokens else token_mask
     ref, delta = options["ref_logps_BT"], options["delta"]
     sequence = options["importance_sampling_level"] == "sequence"
+    objective = OBJECTIVES[options["loss_type"]]
+    params = compiled.objective_params(objective, **options)
+    coef = options["entropy_coef"]
+    bonus_on = isinstance(coef, torch.Tensor) or coef != 0.0
 
     def detached(t):
         return None if t is None else t.detach().float().contiguous()
@@ -227,11 +264,19 @@ def fused_policy_loss(hidden_BTH, weight_VH, bias, labels_BT, mask_BT, old_logps
                                           options["num_items_in_batch"]),
         detached(ref), float(options["beta"]), float(options["epsilon_low"]), float(options["epsilon_high"]),
         float("inf") if delta is None else float(delta), sequence, options["kl_estimator"], ratio_kl, sum_tokens,
-        1.0 / temperature, with_entropy, head.needs_gradients(hidden_BTH, weight_VH, bias), loss_backend,
+        1.0 / temperature, with_entropy, head.needs_gradients(hidden_BTH, weight_VH, bias), loss_backend, objective,
+        params, torch.as_tensor(coef, dtype=torch.float32, device=hidden_BTH.device).reshape(()) if bonus_on else None,
         head_backend,
     )
     loss, logps_BT, entropy_BT, kl_B, low_B, high_B = out[:6]
     kl, low, high, region, _ = row_metrics(unit_mask, kl_B, low_B, high_B, sequence and advantages.dim() == 1,
                                            ref is not None, None)
-    mean_entropy = row_metrics(token_mask, kl_B, low_B, high_B, False, False, entropy_BT)[4] if with_entropy else None
-    return loss, logps_BT, entropy_BT, kl, low, high, region, mean_entropy
+    mean_entropy = bonus_sum = bonus_tokens = phi = None
+    if with_entropy:
+        mean_entropy = row_metrics(token_mask, kl_B, low_B, high_B, False, False, entropy_BT)[4]
+        _, bonus_sum, bonus_tokens = entropy_bonus(entropy_BT, token_mask, None)
+    if objective == "vespo":  # from the units the loss saw: the summed log-probs with sum_tokens (RLOO)
+        logps_BU = (logps_BT * token_mask).sum(-1, keepdim=True) if sum_tokens else logps_BT
+        phi = phi_mean(logps_BU, logps_BU if old_logps is None else detached(old_logps), unit_mask, advantages,
+                       params)
+    return loss, logps_BT, entropy_BT, kl, low, high, region, mean_entropy, phi, bonus_sum, bonus_tokens

@@ -12,6 +12,9 @@ the row's ratio. Its gradient reaches every token through that mean, i.e. as the
 after the row: the kernel writes the per-token (KL) part and the slope per row, and the backward adds
 ``slope_b * mask`` in the same elementwise expression as the upstream multiply. The top-entropy mask is a quantile
 over the whole batch: the caller computes it in torch (``compiled.high_entropy_keep``) and passes it as ``keep``.
+The objective (clip, cispo, sapo, vespo) is a constexpr: each compiles its own kernel. VESPO's weight needs the row's
+clamped log-ratio sum first: the same kind of torch pre-pass (``compiled.vespo_log_weight``) passes it in per row.
+CISPO and VESPO differentiate ``logp`` directly, so at sequence level their gradient stays per token (no slope).
 Optional inputs are constexpr-gated (absent ones cost no load); all math is fp32.
 """
 
@@ -21,9 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedrl.ops.policy.compiled import PolicyRows, sequence_log_ratio
+from fusedrl.ops.policy.compiled import DIRECT_OBJECTIVES, PolicyRows, sequence_log_ratio, vespo_log_weight
 
 KL_CODES = {"k1": 0, "k2": 1, "k3": 2}
+OBJECTIVE_CODES = {"clip": 0, "cispo": 1, "sapo": 2, "vespo": 3}
 
 
 @triton.jit
@@ -59,10 +63,43 @@ def _clip_terms(ratio, adv, lo, hi, delta):
 
 
 @triton.jit
+def _objective_terms(ratio, adv, logp, log_w, lo, hi, delta, p0, p1, p2, p3, OBJECTIVE: tl.constexpr):
+    """(pg, d pg, is_low, is_high) of one objective (OBJECTIVE_CODES): d pg w.r.t. the log-ratio for clip and sapo,
+    w.r.t. logp for cispo and vespo; p0..p3 as compiled.objective_params; log_w VESPO's row log-weight."""
+    if OBJECTIVE == 0:
+        pg, slope, is_low, is_high = _clip_terms(ratio, adv, lo, hi, delta)
+    elif OBJECTIVE == 1:
+        capped = tl.minimum(ratio, p0)
+        pg = -capped * adv * logp
+        slope = -capped * adv
+        is_low = ratio < 0.0  # never: a ratio is an exponential (an all-False mask of the right shape)
+        is_high = (ratio > p0) & (adv > 0.0)
+    elif OBJECTIVE == 2:
+        tau = tl.where(adv > 0.0, p0, p1)
+        gate = tl.sigmoid(tau * (ratio - 1.0))
+        pg = -(gate * 4.0 / tau) * adv
+        slope = -adv * 4.0 * gate * (1.0 - gate) * ratio
+        is_low = ratio < 0.0
+        is_high = ratio < 0.0
+    else:
+        non_negative = adv >= 0.0
+        k = tl.where(non_negative, p0, p2)
+        lam = tl.where(non_negative, p1, p3)
+        phi = tl.exp(lam + k * log_w - lam * tl.exp(log_w))
+        phi = tl.where(phi < float("inf"), phi, 0.0)  # +inf and NaN -> 0 (phi >= 0), as TRL's nan_to_num
+        pg = -phi * adv * logp
+        slope = -phi * adv
+        is_low = ratio < 0.0
+        is_high = ratio < 0.0
+    return pg, slope, is_low, is_high
+
+
+@triton.jit
 def _policy_fwd_kernel(
     logps_ptr,  # [B, T] fp32 policy log-probs (contiguous)
     old_ptr,  # [B, T] fp32 old-policy log-probs (read only at token level)
     ratio_ptr,  # [B] fp32 exp(masked mean log-ratio) of each row (read only when SEQUENCE)
+    log_w_ptr,  # [B] fp32 VESPO's clamped row log-weight (read only when OBJECTIVE is vespo)
     adv_ptr,  # [B, T] fp32 when ADV_PER_TOKEN, else [B]
     mask_ptr,  # [B, T] fp32 completion mask (> 0: token counts)
     row_scale_ptr,  # [B] fp32 aggregation weight of each of the row's tokens
@@ -79,7 +116,10 @@ def _policy_fwd_kernel(
     clip_low,  # fp32 1 - eps_low (formed in double on the host, as the reference's bound)
     clip_high,  # fp32 1 + eps_high
     delta,  # fp32 dual-clip cap of the ratio (inf: none)
+    p0, p1, p2, p3,  # fp32 objective parameters (compiled.objective_params)
     KL: tl.constexpr,  # KL_CODES
+    OBJECTIVE: tl.constexpr,  # OBJECTIVE_CODES
+    DIRECT: tl.constexpr,  # the objective differentiates logp itself (cispo, vespo): per-token gradient, no slope
     SEQUENCE: tl.constexpr,  # one ratio per row (GSPO) instead of per token
     ADV_PER_TOKEN: tl.constexpr,
     HAS_KEEP: tl.constexpr,
@@ -93,6 +133,9 @@ def _policy_fwd_kernel(
         row_adv = tl.load(adv_ptr + row)
     if SEQUENCE:
         row_ratio = tl.load(ratio_ptr + row)
+    row_log_w = 0.0
+    if OBJECTIVE == 3:
+        row_log_w = tl.load(log_w_ptr + row)
 
     loss_acc = tl.zeros((BLOCK_T,), tl.float32)
     slope_acc = tl.zeros((BLOCK_T,), tl.float32)
@@ -109,11 +152,16 @@ def _policy_fwd_kernel(
             adv = tl.full((BLOCK_T,), 0.0, tl.float32) + row_adv
         if SEQUENCE:
             ratio = tl.full((BLOCK_T,), 0.0, tl.float32) + row_ratio
+            if HAS_REF or DIRECT:
+                logp = tl.load(logps_ptr + base + offs, mask=on, other=0.0)
+            else:
+                logp = ratio  # never read: the clip and sapo objectives see logp only through the ratio
         else:
             logp = tl.load(logps_ptr + base + offs, mask=on, other=0.0)
             old = tl.load(old_ptr + base + offs, mask=on, other=0.0)
             ratio = tl.exp(tl.where(on, logp - old, 0.0))
-        pg, dpg, is_low, is_high = _clip_terms(ratio, adv, clip_low, clip_high, delta)
+        pg, dpg, is_low, is_high = _objective_terms(ratio, adv, logp, row_log_w, clip_low, clip_high, delta, p0, p1,
+                                                    p2, p3, OBJECTIVE)
         w = tl.where(on, row_scale, 0.0)
         if HAS_KEEP:
             keep = tl.load(keep_ptr + base + offs, mask=on, other=0.0)
@@ -123,15 +171,13 @@ def _policy_fwd_kernel(
         pg_grad = tl.where(on, w * keep * dpg, 0.0)
         grad = tl.zeros((BLOCK_T,), tl.float32)
         if HAS_REF:
-            if SEQUENCE:
-                logp = tl.load(logps_ptr + base + offs, mask=on, other=0.0)
             ref = tl.load(ref_ptr + base + offs, mask=on, other=0.0)
             kl, dkl = _kl_terms(logp - ref, KL)
             kl = tl.where(on, kl, 0.0)
             kl_acc += kl
             term += beta * kl
             grad += tl.where(on, w * beta * dkl, 0.0)
-        if SEQUENCE:
+        if SEQUENCE and not DIRECT:
             slope_acc += pg_grad
         else:
             grad += pg_grad
@@ -157,11 +203,12 @@ def launch_config(num_cols: int) -> tuple[int, int]:
 def policy_rows(
     logps: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, row_scale: torch.Tensor,
     keep: torch.Tensor | None, ref: torch.Tensor | None, beta: float, epsilon_low: float, epsilon_high: float,
-    delta: float, sequence: bool, kl_estimator: str,
+    delta: float, sequence: bool, kl_estimator: str, objective: str, objective_params: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:class:`PolicyRows` of ``compiled.token_level_rows`` / ``sequence_level_rows`` in one launch (after the
-    sequence level's per-row torch pre-pass). logps, old, mask and the optional keep and ref: fp32 ``[B, T]``;
-    advantages: fp32 ``[B]`` or ``[B, T]``; row_scale: fp32 ``[B]``; delta: the dual-clip cap (inf: none)."""
+    sequence level's and VESPO's per-row torch pre-passes). logps, old, mask and the optional keep and ref: fp32
+    ``[B, T]``; advantages: fp32 ``[B]`` or ``[B, T]``; row_scale: fp32 ``[B]``; delta: the dual-clip cap (inf:
+    none); objective and its 4 objective_params as ``compiled.policy_rows``."""
     logps = logps.contiguous()
     num_rows, num_cols = logps.shape
     grad = torch.empty_like(logps)
@@ -172,17 +219,20 @@ def policy_rows(
     if sequence:
         log_ratio, inv_count = sequence_log_ratio(logps, old, mask)
         ratio = torch.exp(log_ratio)
+    log_w = vespo_log_weight(logps, old, mask).contiguous() if objective == "vespo" else None
+    direct = objective in DIRECT_OBJECTIVES
     block, num_warps = launch_config(num_cols)
 
     def ptr(t: torch.Tensor | None) -> torch.Tensor:
         return logps if t is None else t.contiguous()  # absent inputs are never read (constexpr-gated)
 
     _policy_fwd_kernel[(num_rows,)](
-        logps, ptr(old), ptr(ratio), ptr(advantages), ptr(mask), ptr(row_scale), ptr(keep), ptr(ref), loss, grad,
-        slope, kl, low, high, num_cols, float(beta), 1.0 - float(epsilon_low), 1.0 + float(epsilon_high), float(delta),
-        KL=KL_CODES[kl_estimator], SEQUENCE=sequence, ADV_PER_TOKEN=advantages.dim() == 2, HAS_KEEP=keep is not None,
-        HAS_REF=ref is not None, BLOCK_T=block, num_warps=num_warps,
+        logps, ptr(old), ptr(ratio), ptr(log_w), ptr(advantages), ptr(mask), ptr(row_scale), ptr(keep), ptr(ref),
+        loss, grad, slope, kl, low, high, num_cols, float(beta), 1.0 - float(epsilon_low), 1.0 + float(epsilon_high),
+        float(delta), *(float(p) for p in objective_params), KL=KL_CODES[kl_estimator],
+        OBJECTIVE=OBJECTIVE_CODES[objective], DIRECT=direct, SEQUENCE=sequence, ADV_PER_TOKEN=advantages.dim() == 2,
+        HAS_KEEP=keep is not None, HAS_REF=ref is not None, BLOCK_T=block, num_warps=num_warps,
     )
-    if sequence:
+    if sequence and not direct:
         slope = slope * inv_count  # each token's share of the row's mean log-ratio
     return PolicyRows(loss, grad, slope, kl, low, high)

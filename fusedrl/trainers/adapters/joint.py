@@ -33,7 +33,6 @@ from collections.abc import Iterator, Sequence
 import torch
 from datasets import Dataset
 
-from fusedrl.runtime.hidden import final_hidden_states
 from fusedrl.trainers.adapters.routing import AdapterRouter
 
 logger = logging.getLogger("fusedrl")
@@ -246,7 +245,7 @@ class JointAdapters:
         finally:
             self.trainer._metric_prefix = previous
 
-    def cached_forward(self, model, model_inputs: dict) -> tuple | None:
+    def cached_forward(self, model, model_inputs: dict, *, keep_padding: bool = False) -> tuple | None:
         """``(outputs, final_hidden)`` of adapter k's rows, cut from one forward of the union rows (run at the first
         request of that pass), or None when ``model_inputs`` are not rows of the union batch (the caller then runs
         its own forward, routed to adapter k)."""
@@ -268,15 +267,20 @@ class JointAdapters:
         route = self.router.top()
         is_policy = route is step.policy_route
         key = (id(model), tuple((k, id(v)) for k, v in union_inputs.items()), None if is_policy else route,
-               torch.is_grad_enabled())
+               torch.is_grad_enabled(), keep_padding)
         if key not in step.forwards:
             per_example = rows // step.counts[step.adapter]
             ids = torch.repeat_interleave(torch.arange(len(self.names), device=union_inputs[next(iter(union_inputs))]
                                                        .device), torch.tensor(step.counts) * per_example)
-            routing = (self.router.rows(ids, keep_for_backward=torch.is_grad_enabled()) if is_policy
-                       else contextlib.nullcontext())
-            with routing:
-                step.forwards[key] = final_hidden_states(model, **union_inputs)
+            keep_for_backward = torch.is_grad_enabled()
+
+            def routing(row_ids):  # the adapter of each row run: plain rows, or shared rows (one adapter each)
+                return self.router.rows(row_ids, keep_for_backward=keep_for_backward)
+
+            # Rows of different adapters never share a prefix: their trunks differ from the first LoRA layer on.
+            step.forwards[key] = self.trainer.prefix_sharing.forward(
+                model, union_inputs, row_keys_N=ids if is_policy else None, keep_padding=keep_padding,
+                around=routing if is_policy else None)
         outputs, hidden = step.forwards[key]
         return outputs, hidden[offset:offset + rows]
 

@@ -7,7 +7,6 @@ import contextlib
 
 from accelerate.utils import is_peft_model
 
-from fusedrl.runtime.hidden import final_hidden_states
 from fusedrl.trainers.adapters.joint import (
     JointAdapters,
     JointLoader,
@@ -90,14 +89,15 @@ class JointAdapterMixin:
         self.log(mean)
         return {**metrics, **mean}
 
-    def _model_forward(self, model, model_inputs: dict, **extra):
-        """``(outputs, final hidden states [N, T, H])`` of ``model(**model_inputs)``; in joint mode, cut from the
-        union forward when the inputs are rows of the union batch."""
+    def _model_forward(self, model, model_inputs: dict, *, keep_padding: bool = False, **extra):
+        """``(outputs, final hidden states [N, T, H])`` of ``model(**model_inputs)``, in the shared-prefix layout where
+        it applies (``prefix_sharing``: hidden states at padded positions are then zero unless ``keep_padding``); in
+        joint mode, cut from the union forward when the inputs are rows of the union batch."""
         if self._joint is not None and not extra:
-            cached = self._joint.cached_forward(model, model_inputs)
+            cached = self._joint.cached_forward(model, model_inputs, keep_padding=keep_padding)
             if cached is not None:
                 return cached
-        return final_hidden_states(model, **model_inputs, **extra)
+        return self.prefix_sharing.forward(model, model_inputs, keep_padding=keep_padding, **extra)
 
 
 def mean_over_adapters(metrics: dict[str, float], adapters, logs: dict) -> dict[str, float]:

@@ -1,5 +1,6 @@
-"""Pieces the PPO and online DPO trainers share: raw-row batches, the scoring inputs of a rollout, scores from reward
-functions/models, verdicts from a pairwise judge (the sampler and collator are ``sampling.py``'s).
+"""Pieces the online trainers share: raw-row batches, the scoring inputs of a rollout, scores from reward
+functions/models, verdicts from a pairwise judge, TRL's reward attributes (the sampler and collator are
+``sampling.py``'s).
 
 Legend: B rollout rows, P prompt positions (left-padded), C completion positions, F reward functions.
 """
@@ -13,6 +14,23 @@ import torch
 from fusedrl.trainers.online.judges import check_verdicts
 from fusedrl.trainers.online.rollout import Rollout
 from fusedrl.trainers.rewards import Reward, score_completions
+
+
+class RewardAttributes:
+    """TRL's public reward attributes, read from the trainer's resolved ``self.rewards`` (a list of
+    ``rewards.Reward``), so they always show the rewards the trainer scores with (after ``prepare_reward_models``).
+
+    ``reward_funcs``: the callables and models, in order; ``reward_processing_classes``: one entry per reward, the
+    reward model's tokenizer (the one given, or loaded from the model's name) or None for a function.
+    """
+
+    @property
+    def reward_funcs(self) -> list:
+        return [reward.func for reward in self.rewards]
+
+    @property
+    def reward_processing_classes(self) -> list:
+        return [reward.processing_class for reward in self.rewards]
 
 
 def row_columns(rows: list[dict], repeat: int = 1) -> dict[str, list]:

@@ -16,8 +16,8 @@ One generation round (every ``steps_per_generation * num_iterations`` micro-step
 4. every reward scores every completion (``rewards/``); the weighted sum gives group advantages
    (``fusedrl.group_advantages``);
 5. the rows are shuffled and cut into ``steps_per_generation`` micro-batches, consumed by ``compute_loss``:
-   a policy forward to the last hidden states, then ``fusedrl.linear_policy_loss`` (clipped ratio, k3 KL, TRL's
-   ``loss_type`` aggregation) and TRL's metrics.
+   a policy forward to the last hidden states, then ``fusedrl.linear_policy_loss`` (the ``loss_type``'s objective
+   and aggregation, k3 KL, the entropy bonus) and TRL's metrics (``grpo_loss.py``: the loss-side pieces).
 
 A checkpoint inside a round also holds the round (``resume.py``): a resumed run finishes it rather than sampling a
 new one from moved weights (TRL 1.16 does), so it repeats the uninterrupted run bitwise.
@@ -44,6 +44,7 @@ from fusedrl.trainers.data.validation import check_prompt_dataset
 from fusedrl.trainers.head import IGNORE_INDEX
 from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.online.grpo_config import GRPOConfig
+from fusedrl.trainers.online.grpo_loss import TOKEN_NORMALISED_LOSS_TYPES, GRPOLossTerms, loss_type_options
 from fusedrl.trainers.online.grpo_scoring import GroupScoring
 from fusedrl.trainers.online.resume import RoundCheckpointing, RoundState
 from fusedrl.trainers.online.rollout import eos_token_ids_of, generate_completions, sampling_config
@@ -62,11 +63,12 @@ logger = logging.getLogger("fusedrl")
 
 
 def _grpo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_logps_BC, advantages_B, ref_logps_BC,
-                 normaliser, args: GRPOConfig):
+                 normaliser, entropy_coef, args: GRPOConfig):
     """The loss region (compiled whole with ``compile=True``): completion hidden states -> fused head -> TRL's
     GRPO loss (``linear_policy_loss(fused=True)``: loss, gradient, entropy and clip counts from one pass over each
-    logits tile, 3 head passes), with TRL's ratio-weighted KL when ``use_bias_correction_kl``. The top-entropy
-    mask (a quantile over the batch) takes the unfused path."""
+    logits tile, 3 head passes), with TRL's ratio-weighted KL when ``use_bias_correction_kl`` and the entropy bonus
+    (``entropy_coef``: 0.0 or a 0-d tensor, ``grpo_loss.py``). The top-entropy mask (a quantile over the batch)
+    takes the unfused path."""
     return linear_policy_loss(
         hidden_BCH, weight_VH, completion_ids_BC, mask_BC, old_logps_BC, advantages_B, bias=bias_V,
         temperature=args.temperature, ref_logps_BT=ref_logps_BC, beta=args.beta,
@@ -74,11 +76,12 @@ def _grpo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_
         epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high, delta=args.delta,
         importance_sampling_level=args.importance_sampling_level, loss_type=args.loss_type,
         max_completion_length=args.max_completion_length, num_items_in_batch=normaliser,
-        top_entropy_quantile=args.top_entropy_quantile, fused=True,
+        top_entropy_quantile=args.top_entropy_quantile, entropy_coef=entropy_coef, **loss_type_options(args),
+        fused=True,
     )
 
 
-class GRPOTrainer(GroupScoring, RoundCheckpointing, FusedTrainer):
+class GRPOTrainer(GRPOLossTerms, GroupScoring, RoundCheckpointing, FusedTrainer):
     """Group Relative Policy Optimization (https://huggingface.co/papers/2402.03300), as ``trl.GRPOTrainer`` 1.16.
 
     ``model``: a path or a causal LM (or a PeftModel). ``reward_funcs``: one or a list of registered names
@@ -88,7 +91,7 @@ class GRPOTrainer(GroupScoring, RoundCheckpointing, FusedTrainer):
     ``reward_processing_classes``: tokenizers of reward models (one per reward, None entries allowed).
     """
 
-    loss_is_scaled_for_ga = True  # grpo/bnpo/dr_grpo divide by the accumulation steps, dapo by its token count
+    loss_is_scaled_for_ga = True  # most loss types divide by the accumulation steps, dapo/cispo/vespo by tokens
     config_class = GRPOConfig
     method = "GRPO"
 
@@ -151,6 +154,7 @@ class GRPOTrainer(GroupScoring, RoundCheckpointing, FusedTrainer):
             self.add_callback(self.reference_sync_callback())
         self.rewards = prepare_reward_models(self.rewards, self.accelerator)
         self._step = 0  # micro-steps, counting accumulation
+        self._init_entropy_control(args)
         self._buffered_inputs = None
         self._joint_rollouts = None if self._joint is None else JointRollouts(self, self._joint.names)
         self._step_time = 0.0
@@ -287,7 +291,7 @@ class GRPOTrainer(GroupScoring, RoundCheckpointing, FusedTrainer):
             prompt_truncation=args.prompt_truncation, eos_token_ids=self.eos_token_ids,
             chat_template_kwargs=args.chat_template_kwargs, pad_to_multiple_of=args.pad_to_multiple_of,
             accelerator=self.accelerator, generation_config=self.generation_config,
-            row_seeds=trainer_row_seeds(self, len(prompts)),
+            row_seeds=trainer_row_seeds(self, len(prompts)), share_prompt_prefill=self.prefix_sharing.enabled,
         )
         completion_mask = rollout.completion_mask
         if args.mask_truncated_completions:
@@ -330,54 +334,26 @@ class GRPOTrainer(GroupScoring, RoundCheckpointing, FusedTrainer):
         args, mode = self.args, self._mode()
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         normaliser = None
-        if args.loss_type == "dapo":
+        if args.loss_type in TOKEN_NORMALISED_LOSS_TYPES:
             # The round's completion tokens, per process and per accumulation window (TRL's normaliser).
             normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normaliser = normaliser * accumulation / args.steps_per_generation
+        entropy_coef = self._entropy_coef_for_loss(mode, accumulation, self.accelerator.device)
         hidden_BCH, aux_loss = self._completion_hidden(model, inputs, router_logits=self.aux_loss_enabled)
         weight_VH, bias_V = self._lm_head(model)
         with self.head_region(hidden_BCH.device):
             out = self.loss_region(_grpo_region)(
                 hidden_BCH.to(weight_VH.dtype), weight_VH, bias_V, inputs["completion_ids"], inputs["completion_mask"],
                 inputs.get("old_per_token_logps"), inputs["advantages"], inputs.get("ref_per_token_logps"),
-                normaliser, args)
-        loss = out.loss if args.loss_type == "dapo" else out.loss / accumulation
+                normaliser, entropy_coef, args)
+        loss = out.loss if args.loss_type in TOKEN_NORMALISED_LOSS_TYPES else out.loss / accumulation
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self.record(mode, "aux_loss", self.gathered_mean(aux_loss))
         self._record_loss_metrics(mode, inputs, out)
+        self._record_entropy_bonus(mode, out, entropy_coef)
         return loss
-
-    @torch.no_grad()
-    def _record_loss_metrics(self, mode: str, inputs: dict, out) -> None:
-        mask = inputs["completion_mask"].float()
-        # Token means (sequence shares at sequence level) of this process's micro-batch, weighted across processes.
-        tokens = mask.sum()
-        if self.args.beta != 0.0:
-            self.record(mode, "kl", self.weighted_mean(out.kl, tokens))
-        self.record(mode, "entropy", self.masked_mean(out.entropy, inputs["completion_mask"]))
-        clipped = tokens if self.args.importance_sampling_level == "token" else mask.shape[0]
-        for key, value in (("low_mean", out.clip_ratio_low), ("high_mean", out.clip_ratio_high),
-                           ("region_mean", out.clip_ratio_region)):
-            self.record(mode, f"clip_ratio/{key}", self.weighted_mean(value, clipped))
-        # Per-sequence extremes (TRL's clip_ratio/low_min and high_max) from the ratio the loss used.
-        old = inputs.get("old_per_token_logps")
-        log_ratio = out.logps.detach() - (out.logps.detach() if old is None else old)
-        if self.args.importance_sampling_level == "sequence":
-            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None].expand_as(mask)
-        ratio = log_ratio.exp() if self.args.delta is None else log_ratio.exp().clamp(max=self.args.delta)
-        advantages = inputs["advantages"].float()
-        advantages = advantages[:, None] if advantages.dim() == 1 else advantages
-        epsilon_high = self.args.epsilon if self.args.epsilon_high is None else self.args.epsilon_high
-        low = ((ratio < 1 - self.args.epsilon) & (advantages < 0)).float()
-        high = ((ratio > 1 + epsilon_high) & (advantages > 0)).float()
-        per_sequence = [(x * mask).sum(-1) / mask.sum(-1) for x in (low, high)]  # NaN for empty rows, skipped
-        low_seq, high_seq = (self.accelerator.gather(x) for x in per_sequence)
-        self.record(mode, "clip_ratio/low_min", low_seq.nan_to_num(math.inf).min().item() if
-                    (~low_seq.isnan()).any() else math.nan)
-        self.record(mode, "clip_ratio/high_max", high_seq.nan_to_num(-math.inf).max().item() if
-                    (~high_seq.isnan()).any() else math.nan)
 
     # --- logging ------------------------------------------------------------------------------------------------
 

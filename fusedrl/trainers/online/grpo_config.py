@@ -5,19 +5,25 @@ Additions: ``max_prompt_length`` + ``prompt_truncation`` (TRL 1.16 has no prompt
 ``reward_funcs`` (reward names used when the trainer gets no ``reward_funcs`` argument, so YAML and the CLI can name
 them) and ``reward_failure`` (``"raise"`` or ``"skip"`` a reward function that fails; ``rewards/scoring.py``).
 Not implemented (fields absent, so a config naming them fails loudly): vLLM, continuous batching, tools and
-environments, the ``cispo``/``sapo``/``luspo``/``vespo`` loss types, the entropy bonus (``entropy_coef`` and the
-adaptive controller), ``cast_lm_head_to_fp32`` (the fused head computes in fp32 already), off-policy masking.
+environments, ``cast_lm_head_to_fp32`` (the fused head computes in fp32 already), off-policy masking.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 
 from fusedrl.trainers.config import FusedConfig, resolve_pad_to_multiple_of
 from fusedrl.trainers.online.rollout import PROMPT_TRUNCATION_MODES
 from fusedrl.trainers.rewards.scoring import ON_ERROR
 
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+# Loss types whose per-token terms are summed over a sequence: at sequence level they weight each sequence by its
+# length (TRL 1.16 warns; GSPO's paper uses grpo).
+TOKEN_SUMMED_LOSS_TYPES = ("bnpo", "dr_grpo", "dapo", "cispo")
+
+logger = logging.getLogger("fusedrl")
 
 
 @dataclass
@@ -83,7 +89,10 @@ class OnlineConfig(FusedConfig):
     num_iterations: int = field(default=1, metadata={"help": "Optimisation passes per generation round (mu)."})
     epsilon: float = field(default=0.2, metadata={"help": "Lower clipping epsilon (and upper when epsilon_high "
                                                           "is None)."})
-    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clipping epsilon; DAPO uses 0.28."})
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "Upper clipping epsilon; DAPO uses 0.28. With loss_type='cispo' it caps the "
+                                        "ratio itself (ScaleRL recommends 5.0)."}
+    )
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "One weight per reward function; None = 1.0 each."}
     )
@@ -164,10 +173,15 @@ class GRPOConfig(OnlineConfig):
     """Configuration of :class:`fusedrl.GRPOTrainer`; every field means what it means in ``trl.GRPOConfig`` 1.16
     (see :class:`OnlineConfig` for the shared ones and the module docstring for what is absent).
 
-    Loss: ``loss_type`` (``dapo``; or ``grpo``, ``bnpo``, ``dr_grpo``), ``epsilon``/``epsilon_high``, ``delta``
-    (two-sided clipping), ``importance_sampling_level`` (``token`` or ``sequence``: GSPO), ``beta`` with the k3 KL,
-    ``top_entropy_quantile``, ``use_bias_correction_kl``. Advantages: ``scale_rewards`` (``group``, ``batch``, ``none``; True/False map to
-    group/none), ``multi_objective_aggregation`` (``sum_then_normalize`` or ``normalize_then_sum``).
+    Loss: ``loss_type`` (``dapo``; or ``grpo``, ``bnpo``, ``dr_grpo``, ``cispo``, ``sapo``, ``luspo``, ``vespo``;
+    ``fusedrl/ops/policy/reference.py`` gives each formula), ``epsilon``/``epsilon_high`` (cispo: the ratio cap),
+    ``sapo_temperature_pos``/``_neg``, ``vespo_k_pos``/``vespo_lambda_pos``/``vespo_k_neg``/``vespo_lambda_neg``,
+    ``delta`` (two-sided clipping), ``importance_sampling_level`` (``token`` or ``sequence``: GSPO), ``beta`` with
+    the k3 KL, ``top_entropy_quantile``, ``use_bias_correction_kl``; the entropy bonus ``entropy_coef`` (``- coef *
+    mean entropy``) and its adaptive controller (``use_adaptive_entropy``, ``entropy_coef_min``/``_max``/``_delta``,
+    ``entropy_target``: ``grpo_loss.py``). Advantages: ``scale_rewards`` (``group``, ``batch``, ``none``;
+    True/False map to group/none), ``multi_objective_aggregation`` (``sum_then_normalize`` or
+    ``normalize_then_sum``).
     """
 
     delta: float | None = field(default=None, metadata={"help": "Upper cap of the unclipped ratio (INTELLECT-2)."})
@@ -182,13 +196,47 @@ class GRPOConfig(OnlineConfig):
     scale_rewards: str = field(
         default="group", metadata={"help": "Advantage scaling: group, batch or none (True/False = group/none)."}
     )
-    loss_type: str = field(default="dapo", metadata={"help": "grpo, bnpo, dr_grpo or dapo."})
+    loss_type: str = field(
+        default="dapo", metadata={"help": "grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo or vespo."}
+    )
+    sapo_temperature_neg: float = field(
+        default=1.05, metadata={"help": "SAPO's gate temperature for tokens with non-positive advantage."}
+    )
+    sapo_temperature_pos: float = field(
+        default=1.0, metadata={"help": "SAPO's gate temperature for tokens with positive advantage."}
+    )
+    vespo_k_pos: float = field(
+        default=2.0, metadata={"help": "VESPO's power exponent k for non-negative advantages (down-weights w < 1)."}
+    )
+    vespo_lambda_pos: float = field(
+        default=3.0, metadata={"help": "VESPO's decay lambda for non-negative advantages (down-weights w > 1)."}
+    )
+    vespo_k_neg: float = field(default=3.0, metadata={"help": "VESPO's power exponent k for negative advantages."})
+    vespo_lambda_neg: float = field(default=2.0, metadata={"help": "VESPO's decay lambda for negative advantages."})
     top_entropy_quantile: float = field(
         default=1.0, metadata={"help": "Keep the policy term of the top-rho quantile of tokens by entropy."}
     )
     use_bias_correction_kl: bool = field(
         default=True, metadata={"help": "Multiply the KL term by the importance ratio (DeepSeek-V3.2): unbiased "
                                         "reverse-KL gradient; changes the gradient whenever beta != 0."}
+    )
+    entropy_coef: float = field(
+        default=0.0, metadata={"help": "Entropy bonus: subtract entropy_coef x the mean per-token entropy (the same "
+                                       "meaning for every loss_type); the initial value when adaptive."}
+    )
+    use_adaptive_entropy: bool = field(
+        default=False, metadata={"help": "Skywork-OR1's controller: each optimizer step, entropy_coef += "
+                                         "entropy_coef_delta while entropy <= entropy_target, else -=; the bonus "
+                                         "applies only while entropy <= entropy_target."}
+    )
+    entropy_coef_min: float = field(default=0.0, metadata={"help": "Lower bound of the adaptive entropy_coef."})
+    entropy_coef_max: float = field(default=1.0, metadata={"help": "Upper bound of the adaptive entropy_coef."})
+    entropy_coef_delta: float = field(
+        default=0.005, metadata={"help": "Step of the adaptive entropy_coef per optimizer step."}
+    )
+    entropy_target: float = field(
+        default=0.2, metadata={"help": "Target mean per-token entropy (nats) of the adaptive controller, over the "
+                                       "tokens the policy term acts on."}
     )
 
     def __post_init__(self):
@@ -208,3 +256,38 @@ class GRPOConfig(OnlineConfig):
                              f"{self.multi_objective_aggregation!r}")
         if not 0.0 <= self.top_entropy_quantile <= 1.0:
             raise ValueError(f"top_entropy_quantile must lie in [0, 1], got {self.top_entropy_quantile}")
+        self._check_loss_type_fields()
+        self._check_entropy_fields()
+
+    def _check_loss_type_fields(self) -> None:
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 < value < math.inf):
+                raise ValueError(f"{name} must be a finite number > 0 (SAPO divides by it), got {value!r}")
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        # TRL 1.16's warnings about combinations that depart from the papers' setups, in its words.
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            logger.warning("When using `'luspo'` loss, `importance_sampling_level` should be set to `'sequence'` to "
+                           "mirror the paper's setup.")
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            logger.warning("VESPO computes sequence-level importance weights internally. `importance_sampling_level` "
+                           "should be set to `'token'` (the default).")
+        if self.importance_sampling_level == "sequence" and self.loss_type in TOKEN_SUMMED_LOSS_TYPES:
+            logger.warning(f"When using `importance_sampling_level='sequence'`, the `'{self.loss_type}'` loss sums "
+                           "per-token contributions, which effectively weights each sequence by its completion length "
+                           "instead of optimizing the per-sequence objective. To reproduce the GSPO paper's setup, set "
+                           "`loss_type='grpo'`.")
+
+    def _check_entropy_fields(self) -> None:
+        for name in ("entropy_coef", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if self.use_adaptive_entropy:
+            if self.entropy_coef_min > self.entropy_coef_max:
+                raise ValueError(f"entropy_coef_min ({self.entropy_coef_min}) must be <= entropy_coef_max "
+                                 f"({self.entropy_coef_max}): they bound the adaptive entropy_coef")
+            if self.entropy_coef_delta < 0:
+                raise ValueError(f"entropy_coef_delta must be >= 0 (the adaptive controller's step), got "
+                                 f"{self.entropy_coef_delta}")

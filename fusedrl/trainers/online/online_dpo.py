@@ -41,10 +41,10 @@ from fusedrl.trainers.base import FusedTrainer
 from fusedrl.trainers.data.validation import check_prompt_dataset
 from fusedrl.trainers.head import IGNORE_INDEX
 from fusedrl.trainers.models import load_causal_lm, tokenizer_of
-from fusedrl.trainers.online.common import judge_pairs, rollout_scores, sequence_inputs
+from fusedrl.trainers.online.common import RewardAttributes, judge_pairs, rollout_scores, sequence_inputs
 from fusedrl.trainers.online.judges import TIE
 from fusedrl.trainers.online.online_dpo_config import OnlineDPOConfig
-from fusedrl.trainers.online.rollout import generate_completions
+from fusedrl.trainers.online.rollout import eos_token_ids_of, generate_completions, sampling_config
 from fusedrl.trainers.online.row_seeds import trainer_row_seeds
 from fusedrl.trainers.online.sampling import identity_collator
 from fusedrl.trainers.rewards import prepare_reward_models, resolve_rewards, reward_weights_tensor
@@ -52,7 +52,7 @@ from fusedrl.trainers.rewards import prepare_reward_models, resolve_rewards, rew
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 
-class OnlineDPOTrainer(FusedTrainer):
+class OnlineDPOTrainer(RewardAttributes, FusedTrainer):
     """Online DPO, per the module docstring. Arguments as ``trl.experimental.online_dpo.OnlineDPOTrainer`` 1.16, plus
     ``judge``: exactly one of ``reward_funcs`` (names, callables, reward models or paths; default
     ``args.reward_funcs`` + ``args.reward_model_path``) and ``judge`` ranks the pairs. ``train_dataset``: prompt-only
@@ -65,6 +65,10 @@ class OnlineDPOTrainer(FusedTrainer):
         if isinstance(train_dataset, IterableDataset):
             raise ValueError("OnlineDPOTrainer needs a map-style Dataset, not an IterableDataset")  # noqa: TRY004
         args = self._checked_inputs(model, args, OnlineDPOConfig, train_dataset, compute_metrics)
+        if args.use_vllm:
+            raise ValueError("use_vllm=True is not supported by fusedrl's OnlineDPOTrainer: it samples with "
+                             "model.generate (KV cache on); set use_vllm=False")
+        self.use_vllm = False
         check_prompt_dataset(train_dataset, "train_dataset")
         if reward_funcs is None and judge is None:
             reward_funcs = list(args.reward_funcs or []) + ([args.reward_model_path] if args.reward_model_path else [])
@@ -87,6 +91,14 @@ class OnlineDPOTrainer(FusedTrainer):
             reward_funcs, reward_processing_classes, model_init_kwargs=args.model_init_kwargs,
             trust_remote_code=args.trust_remote_code)
         self.reward_weights = reward_weights_tensor(args.reward_weights, len(self.rewards)) if self.rewards else None
+        # TRL's attribute: the sampling settings, generation_kwargs on top (cache_implementation included).
+        self.eos_token_ids = eos_token_ids_of(model, self._tokenizer)
+        self.generation_config = sampling_config(
+            max_completion_length=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+            pad_token_id=self._tokenizer.pad_token_id, bos_token_id=self._tokenizer.bos_token_id,
+            eos_token_ids=self.eos_token_ids, cache_implementation=args.cache_implementation,
+            generation_kwargs=args.generation_kwargs)
         super().__init__(model=model, args=args, data_collator=data_collator or identity_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          callbacks=callbacks, optimizers=optimizers)
@@ -109,11 +121,9 @@ class OnlineDPOTrainer(FusedTrainer):
         rollout = generate_completions(
             self.model, self._tokenizer, [row["prompt"] for row in rows], num_generations=2,
             max_prompt_length=args.max_prompt_length, prompt_truncation=args.prompt_truncation,
-            max_completion_length=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-            generation_kwargs={**({"cache_implementation": args.cache_implementation}
-                                  if args.cache_implementation else {}), **(args.generation_kwargs or {})},
-            accelerator=self.accelerator, row_seeds=trainer_row_seeds(self, 2 * len(rows)))
+            eos_token_ids=self.eos_token_ids, generation_config=self.generation_config, accelerator=self.accelerator,
+            row_seeds=trainer_row_seeds(self, 2 * len(rows)),
+            share_prompt_prefill=self.prefix_sharing.enabled)
         device = rollout.completion_ids.device
         num_pairs = len(rows)
         scores_N = None

@@ -1,10 +1,12 @@
 """``OnlineDPOConfig``: TRL 1.16's ``trl.experimental.online_dpo.OnlineDPOConfig`` fields, names and defaults (the
 transformers-generation ones), plus fusedrl's ``kernels`` and the reward fields shared with GRPO/PPO.
 
-Differences from TRL: no vLLM fields (generation is ``model.generate``); ``reward_funcs`` / ``reward_failure`` /
+Differences from TRL: generation is always ``model.generate``: the vLLM fields exist with TRL's names, defaults and
+checks (so configs and TRL's config tests carry over), but the trainer refuses ``use_vllm=True``;
+``ds3_gather_for_generation`` is kept for the same reason and has no effect (under ZeRO-3 generation gathers layer
+by layer, the processes stepping together: ``rollout.py``). ``reward_funcs`` / ``reward_failure`` /
 ``max_prompt_length`` / ``prompt_truncation`` are fusedrl's (the trainer's ``reward_funcs`` or ``judge`` argument
-ranks the pairs); ``ds3_gather_for_generation`` is dropped (under ZeRO-3 generation gathers layer by layer, the
-processes stepping together: ``rollout.py``).
+ranks the pairs).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from fusedrl.trainers.config import FusedConfig
 
 LOSS_TYPES = ("sigmoid", "ipo")
+VLLM_MODES = ("server", "colocate")
 
 
 @dataclass
@@ -68,6 +71,22 @@ class OnlineDPOConfig(FusedConfig):
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "Keep the last max_prompt_length prompt tokens; None keeps prompts whole."}
     )
+    # --- TRL's vLLM fields: accepted and checked as TRL does; OnlineDPOTrainer refuses use_vllm=True.
+    use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM (not supported by fusedrl)."})
+    vllm_model_impl: str = field(default="vllm", metadata={"help": "vLLM model implementation: vllm or transformers."})
+    vllm_structured_outputs_regex: str | None = field(default=None, metadata={"help": "vLLM structured outputs."})
+    vllm_gpu_memory_utilization: float | None = field(default=0.55, metadata={"help": "vLLM GPU memory share."})
+    vllm_mode: str = field(default="colocate", metadata={"help": "server or colocate.", "choices": list(VLLM_MODES)})
+    vllm_server_base_url: str | None = field(default=None, metadata={"help": "vLLM server URL."})
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "vLLM server host."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "vLLM server port."})
+    vllm_server_timeout: float = field(default=240.0, metadata={"help": "Seconds to wait for the vLLM server."})
+    vllm_group_port: int = field(default=51216, metadata={"help": "vLLM weight-update group port."})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallel size."})
+    vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "vLLM sleep mode between generations."})
+    ds3_gather_for_generation: bool = field(
+        default=True, metadata={"help": "TRL's ZeRO-3 gather for generation; fusedrl gathers layer by layer anyway."}
+    )
     prompt_truncation: str = field(
         default="keep_end", metadata={"help": "keep_end or error.", "choices": ["keep_end", "error"]}
     )
@@ -79,6 +98,8 @@ class OnlineDPOConfig(FusedConfig):
             raise ValueError("beta must be a float or a non-empty list of floats")
         if len(self.beta) == 1:
             self.beta = self.beta[0]
+        if self.vllm_mode not in VLLM_MODES:
+            raise ValueError(f"vllm_mode must be one of {VLLM_MODES}, got {self.vllm_mode!r}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES} (TRL's online DPO), got {self.loss_type!r}")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:

@@ -37,6 +37,7 @@ from transformers import GenerationConfig
 
 from fusedrl.runtime.compile import eager_generation
 from fusedrl.runtime.sharded_head import is_sharded
+from fusedrl.runtime.shared_prefix.prefill import cache_keyword, shared_prompt_cache
 from fusedrl.trainers.online.row_seeds import row_seeded_generation
 
 PROMPT_TRUNCATION_MODES = ("keep_end", "error")
@@ -228,6 +229,7 @@ def generate_completions(
     accelerator=None,
     generation_config: GenerationConfig | None = None,
     row_seeds: Sequence[int] | None = None,
+    share_prompt_prefill: bool = False,
 ) -> Rollout:
     """Sample ``num_generations`` completions of each prompt with ``model.generate`` (KV cache on).
 
@@ -239,7 +241,8 @@ def generate_completions(
     Prompt truncation (``max_prompt_length``, ``prompt_truncation``) and masks: see the module docstring.
     Uses the global torch RNG: ``torch.manual_seed`` before the call reproduces the samples. ``row_seeds`` (one per
     row, prompts x num_generations) gives each row its own random stream instead, so its completion does not depend
-    on the other rows of the batch (``row_seeds.py``).
+    on the other rows of the batch (``row_seeds.py``). ``share_prompt_prefill``: a prompt repeated in the batch (a
+    GRPO group) is prefilled once and its KV cache copied to its rows (``runtime/shared_prefix/prefill.py``).
     """
     if num_generations < 1:
         raise ValueError(f"num_generations must be >= 1, got {num_generations}")
@@ -275,9 +278,14 @@ def generate_completions(
         synced = (is_sharded(generator) and torch.distributed.is_available() and torch.distributed.is_initialized()
                   and torch.distributed.get_world_size() > 1)
         with eager_generation():  # compiled blocks (compile_blocks=True) would recompile every decoding step
+            # A cache of its own (e.g. cache_implementation="static") or lock-step sharded decoding: plain prefill.
+            own_cache = getattr(generation_config, "cache_implementation", None) not in (None, "dynamic")
+            cache = (shared_prompt_cache(generator, prompt_ids, prompt_mask)
+                     if share_prompt_prefill and not (synced or own_cache) else None)
             output = generator.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                                         generation_config=generation_config, logits_processor=processors,
-                                        synced_gpus=True if synced else None)
+                                        synced_gpus=True if synced else None,
+                                        **({cache_keyword(generator): cache} if cache is not None else {}))
     completion_ids = output[:, prompt_ids.shape[1]:]
     completion_mask = completion_mask_after_eos(completion_ids, eos_token_ids)
     lengths = completion_mask.sum(1)

@@ -9,11 +9,11 @@ https://arxiv.org/abs/2405.14734, margin ``simpo_gamma``) on length-averaged one
 AlphaPO reward ``(1 - p^-alpha) / alpha`` in any of them, and ``loss_type="alphapo"`` is SimPO with that reward and no
 NLL.
 
-The data path, batch layout and step skeleton are ORPO's (``fusedrl.trainers.preference.orpo.ReferenceFreeTrainer``: TRL's
-ORPO and CPO sources are copies apart from the loss), including the deliberate differences listed there. One step:
-per-token log-probs of the completions of the 2B rows ``[chosen; rejected]``; sums or means per row; the loss; TRL's
-metrics: rewards/{chosen,rejected,accuracies,margins}, logps/*, logits/* (over every position of the padded rows,
-as TRL), nll_loss (0 when ``cpo_alpha == 0``, which TRL does not compute either).
+The data path, batch layout and step skeleton are ORPO's (``fusedrl.trainers.preference.orpo.ReferenceFreeTrainer``:
+TRL's ORPO and CPO sources are copies apart from the loss), encoder-decoder models and the deliberate differences
+listed there included. One step: per-token log-probs of the completions of the 2B rows ``[chosen; rejected]``; sums
+or means per row; the loss; TRL's metrics: rewards/{chosen,rejected,accuracies,margins}, logps/*, logits/* (over
+every position of the padded rows, as TRL), nll_loss (0 when ``cpo_alpha == 0``, which TRL does not compute either).
 
 AlphaPO rewards use ``-expm1(-alpha * logp) / alpha``; TRL's ``(1 - exp(logp) ** -alpha) / alpha`` is the same
 value, but overflows to inf once ``p`` underflows (``logp < -104`` in fp32), where this stays finite.
@@ -37,8 +37,9 @@ _AVERAGED_LOSS_TYPES = ("ipo", "simpo")
 
 class CPOTrainer(ReferenceFreeTrainer):
     """Contrastive Preference Optimization and its variants (``loss_type``, ``alpha``). Arguments as
-    ``trl.experimental.cpo.CPOTrainer`` 1.16: ``model`` is a path or a causal LM (or a PeftModel); ``train_dataset``
-    has ``prompt``/``chosen``/``rejected`` (standard or conversational; the prompt may be implicit)."""
+    ``trl.experimental.cpo.CPOTrainer`` 1.16: ``model`` is a path or a causal LM, or an encoder-decoder model
+    instance (or a PeftModel); ``train_dataset`` has ``prompt``/``chosen``/``rejected`` (standard or conversational;
+    the prompt may be implicit) or TRL's tokenized columns."""
 
     config_class = CPOConfig
     method = "CPO"

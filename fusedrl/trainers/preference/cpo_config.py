@@ -15,9 +15,10 @@ class CPOConfig(FusedConfig):
     Model: ``model_init_kwargs``, ``trust_remote_code``, ``disable_dropout``. Data: ``max_length`` (1024; None means
     512, as in TRL), ``dataset_num_proc``. Loss: ``loss_type`` (sigmoid, hinge, ipo, simpo; ``"alphapo"`` becomes
     ``"simpo"`` with ``cpo_alpha=0``, as in TRL), ``beta``, ``label_smoothing`` (sigmoid/simpo only), ``cpo_alpha``
-    (weight of the chosen NLL), ``simpo_gamma``, ``alpha`` (AlphaPO reward shape, any loss type). Kept for
-    compatibility, refused when set: ``generate_during_eval``, ``is_encoder_decoder``; ``max_completion_length``
-    only applies to encoder-decoder models, which are not supported.
+    (weight of the chosen NLL), ``simpo_gamma``, ``alpha`` (AlphaPO reward shape, any loss type). Encoder-decoder
+    models (T5): ``max_completion_length`` cuts the answers (None means 128, as in TRL); ``is_encoder_decoder`` is read
+    from the model's config, as TRL does whenever it is given a model. Kept for compatibility, refused when set:
+    ``generate_during_eval``.
     Defaults that differ from TrainingArguments, as in TRL: ``learning_rate=1e-6``, ``logging_steps=10``,
     ``gradient_checkpointing=True``, ``bf16=True`` unless ``fp16``.
     """
@@ -27,7 +28,7 @@ class CPOConfig(FusedConfig):
         default=1024, metadata={"help": "Longest prompt + completion; the completion is cut. None means 512."}
     )
     max_completion_length: int | None = field(
-        default=None, metadata={"help": "Encoder-decoder only in TRL (unsupported here); ignored."}
+        default=None, metadata={"help": "Encoder-decoder models: longest answer (None means 128); else unused."}
     )
     beta: float = field(default=0.1, metadata={"help": "Inverse temperature of the preference term (tau for ipo)."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the sigmoid/simpo losses."})
@@ -44,7 +45,7 @@ class CPOConfig(FusedConfig):
         default=False, metadata={"help": "Unsupported (TRL logs generations to W&B/Comet); must stay False."}
     )
     is_encoder_decoder: bool | None = field(
-        default=None, metadata={"help": "Only decoder-only models are supported; None or False."}
+        default=None, metadata={"help": "Unused: the model's config says whether it is encoder-decoder (as in TRL)."}
     )
 
     def __post_init__(self):

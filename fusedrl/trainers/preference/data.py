@@ -17,10 +17,10 @@ construction with its index and field. With ``max_length=None`` nothing is trunc
 model's context is an error; with ``keep_start`` truncation a row whose prompt alone fills ``max_length`` is dropped
 (no completion token would survive), as TRL does, and the count is logged.
 
-Two other layouts reuse these pieces: ORPO and CPO (``trl.experimental``) tokenize text without special tokens and
-cut answers, never prompts (:func:`tokenize_answer_pair_row`), then share :class:`PreferenceCollator`; KTO's
-unpaired rows (:func:`prepare_unpaired_dataset`) are tokenized like the pairs above and batched ``[N, T]`` by
-:class:`UnpairedCollator`, with the mismatched prompt/completion pairs of its KL estimate.
+ORPO and CPO (``trl.experimental``) tokenize their own way, into TRL's column names (``answer_pairs.py``, which
+reuses the validation and row dropping here). KTO's unpaired rows (:func:`prepare_unpaired_dataset`) are tokenized
+like the pairs above and batched ``[N, T]`` by :class:`UnpairedCollator`, with the mismatched prompt/completion pairs
+of its KL estimate.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ from fusedrl.trainers.data import (
     DatasetFormatError,
     extract_prompt,
     is_conversational,
-    maybe_apply_chat_template,
-    maybe_extract_prompt,
     unpair_preference_dataset,
     validate_preference_dataset,
 )
@@ -47,7 +45,6 @@ from fusedrl.trainers.data import (
 logger = logging.getLogger("fusedrl")
 
 TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-ANSWER_PAIR_COLUMNS = ("chosen_prompt_ids", "chosen_ids", "rejected_prompt_ids", "rejected_ids")
 # A streamed dataset cannot be validated whole before training; its first rows are.
 _STREAMED_ROWS_CHECKED = 1000
 
@@ -161,60 +158,6 @@ def prepare_preference_dataset(
     return dataset
 
 
-# --- ORPO / CPO: TRL's experimental tokenization ---------------------------------------------------------------------
-
-
-def tokenize_answer_pair_row(row: dict[str, Any], index: int, tokenizer, *, max_length: int) -> dict[str, list[int]]:
-    """``chosen_prompt_ids``/``chosen_ids``/``rejected_prompt_ids``/``rejected_ids`` of one (validated) preference
-    row, as TRL 1.16's ``trl.experimental`` ORPO and CPO trainers build them (their ``tokenize_row``).
-
-    Unlike DPO's: a conversational row is rendered to text by the chat template, and all text is tokenized without
-    special tokens; each side's prompt is the tokenized prompt, one token shorter when its last token merges with the
-    answer (so the sides may differ by that token; more is an error); BOS is prepended to each prompt and EOS
-    appended to each answer unless already there; the *answer* is cut so prompt + answer fits ``max_length``, the
-    prompt never is.
-    """
-    row = {**row, **maybe_extract_prompt(row)}
-    row = {**row, **maybe_apply_chat_template(row, tokenizer)}
-    prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-    sides = {}
-    for side in ("chosen", "rejected"):
-        full = tokenizer(row["prompt"] + row[side], add_special_tokens=False)["input_ids"]
-        start = len(prompt_ids) - int(full[: len(prompt_ids)] != prompt_ids)
-        sides[side] = (full[:start], full[start:])
-    chosen_prompt, rejected_prompt = sides["chosen"][0], sides["rejected"][0]
-    if (sum(a != b for a, b in zip(chosen_prompt, rejected_prompt)) > 1
-            or abs(len(chosen_prompt) - len(rejected_prompt)) > 1):
-        raise DatasetFormatError(f"row {index}, field 'prompt': the tokenized prompts of chosen and rejected differ "
-                                 "by more than a last merged token")
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    out = {}
-    for side, (prompt, answer) in sides.items():
-        if bos is not None and prompt[:1] != [bos]:
-            prompt = [bos, *prompt]
-        if answer[-1:] != [eos]:
-            answer = [*answer, eos]
-        out[f"{side}_prompt_ids"], out[f"{side}_ids"] = prompt, answer[: max(0, max_length - len(prompt))]
-    return out
-
-
-def prepare_answer_pair_dataset(dataset: Dataset | IterableDataset, tokenizer, *, max_length: int,
-                                num_proc: int | None = None, name: str = "train") -> Dataset | IterableDataset:
-    """Validate and tokenize a paired dataset for ORPO/CPO (:func:`tokenize_answer_pair_row`).
-
-    A row whose prompt alone fills ``max_length`` is dropped and the count logged: TRL keeps it with an empty answer,
-    whose mean log-prob is 0/0, so its loss would be NaN.
-    """
-    if all(column in _columns(dataset) for column in ANSWER_PAIR_COLUMNS):
-        return dataset
-    _validated(dataset, tokenizer, paired=True, max_length=max_length, max_positions=None, name=name)
-    dataset = dataset.map(tokenize_answer_pair_row, with_indices=True,
-                          fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
-                          **_map_kwargs(dataset, num_proc, f"Tokenizing {name} dataset"))
-    return _drop_rows(dataset, lambda row: len(row["chosen_ids"]) > 0 and len(row["rejected_ids"]) > 0,
-                      num_proc=num_proc, name=name, reason=f"whose prompt alone fills max_length={max_length}")
-
-
 # --- KTO: unpaired rows ----------------------------------------------------------------------------------------------
 
 
@@ -289,8 +232,7 @@ def _floats(examples: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, 
 class PreferenceCollator:
     """Rows with ``prompt_ids``/``chosen_ids``/``rejected_ids`` -> ``input_ids``, ``attention_mask`` and
     ``completion_mask``, all int64 ``[2B, T]`` right-padded, chosen sequences first; plus ``ref_chosen_logps`` /
-    ``ref_rejected_logps`` fp32 ``[B]`` when the rows carry precomputed reference log-probs. Rows with
-    ``chosen_prompt_ids``/``rejected_prompt_ids`` (ORPO/CPO) use those as each side's prompt.
+    ``ref_rejected_logps`` fp32 ``[B]`` when the rows carry precomputed reference log-probs.
 
     Each sequence is truncated to ``max_length`` before padding: its start is kept (``keep_start``) or, deprecated in
     TRL 1.16, its end (``keep_end``).
@@ -313,8 +255,7 @@ class PreferenceCollator:
         prompts, completions = [], []
         for side in ("chosen", "rejected"):
             for example in examples:
-                own_prompt = f"{side}_prompt_ids"
-                prompts.append(example[own_prompt] if own_prompt in example else example["prompt_ids"])
+                prompts.append(example["prompt_ids"])
                 completions.append(example[f"{side}_ids"])
         batch = _pad_sequences(prompts, completions, pad_token_id=self.pad_token_id, kept=kept,
                                multiple=self.pad_to_multiple_of)

@@ -207,8 +207,28 @@ class KTOTrainer(FusedTrainer):
 
     def _reference_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         with self.reference_context() as reference:
+            if self.calculate_kl and self.prefix_sharing.enabled:
+                return self._paired_sequence_logps(reference, batch)
             ref_kl = self._sequence_logps(reference, batch, "KL_") if self.calculate_kl else None
             return self._sequence_logps(reference, batch), ref_kl
+
+    def _paired_sequence_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples' and their KL pairs' sequence log-probs from ONE forward: example i and its KL row share
+        prompt i, so the shared-prefix layout runs each prompt once for both (the two right-padded row sets are
+        padded to one length; padding is masked and unlabelled, so no kept position changes)."""
+        (inputs, labels, mask_NT), (kl_inputs, kl_labels, kl_mask_NT) = self._sequences(batch), \
+            self._sequences(batch, "KL_")
+        length = max(labels.shape[1], kl_labels.shape[1])
+
+        def padded(tensor, value):
+            return torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=value)
+
+        joint = {key: torch.cat([padded(inputs[key], 0), padded(kl_inputs[key], 0)]) for key in inputs}
+        joint_labels = torch.cat([padded(labels, IGNORE_INDEX), padded(kl_labels, IGNORE_INDEX)])
+        logps = self.token_logprobs(model, joint, joint_labels).logps
+        logps, kl_logps = logps.split(labels.shape[0])
+        return (sequence_logps(logps[:, :mask_NT.shape[1]], mask_NT),
+                sequence_logps(kl_logps[:, :kl_mask_NT.shape[1]], kl_mask_NT))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:

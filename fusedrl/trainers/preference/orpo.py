@@ -6,11 +6,15 @@ pushes the odds of the chosen completion above the rejected one's (``fusedrl.ops
 older experimental one, which CPO shares (:class:`ReferenceFreeTrainer`, also used by
 ``fusedrl.trainers.preference.cpo``):
 
-- tokenization (``preference_data.tokenize_answer_pair_row``): text without special tokens, BOS/EOS added by hand,
-  answers (never prompts) cut to ``max_length``;
-- a batch of B pairs is 2B rows ``[chosen; rejected]`` (``preference_data.PreferenceCollator``);
+- tokenization (``answer_pairs.tokenize_answer_pair_row``) into TRL's columns (``chosen_input_ids``,
+  ``chosen_labels``...; a dataset already tokenized that way is taken as it is): text without special tokens, BOS/EOS
+  added by hand, answers (never prompts) cut to ``max_length``;
+- a batch of B pairs is 2B rows ``[chosen; rejected]`` (``answer_pairs.AnswerPairCollator``);
 - ``logits/*`` average the logits over every position of the padded rows, padding included, as TRL's do (from the
-  final hidden states: ``mean_v(logits) = h . mean_v(w)``, so no ``[N, T, V]`` tensor is built here either).
+  final hidden states: ``mean_v(logits) = h . mean_v(w)``, so no ``[N, T, V]`` tensor is built here either);
+- encoder-decoder models (T5), as TRL runs them (``encoder_decoder.py``): the prompt, tokenized with special tokens,
+  feeds the encoder, the answers (cut to ``max_completion_length``, 128 if None) are the decoder's labels, and the
+  fused head runs on what the model hands its LM head (T5's ``d_model**-0.5`` scaling included).
 
 One ORPO step: per-token log-probs of the chosen rows' whole sequences (the NLL is over prompt and completion, as in
 TRL) and of the rejected rows' completions; mean completion log-probs per row; ``loss = nll + mean(-beta *
@@ -22,8 +26,9 @@ Deliberate differences from TRL: a row whose prompt alone fills ``max_length`` i
 answer and a NaN loss); a model given as a path loads in fp32 unless ``model_init_kwargs`` says otherwise (TRL leaves
 it to transformers' default), and ``model_init_kwargs`` next to a model instance is ignored with a warning (TRL
 raises); ``padding_value`` pads the whole row (TRL pads each half with the tokenizer's pad id first, which only moves
-the padding part of logits/*); encoder-decoder models and ``model_init`` are not supported; ``preprocess_logits_for_metrics`` (it needs logits) and ``generate_during_eval`` (W&B/Comet) are refused;
-``compute_metrics`` gets TRL's predictions, ``[logits/chosen, logits/rejected]`` of each eval batch.
+the padding part of logits/*); ``model_init`` is not supported; ``preprocess_logits_for_metrics`` (it needs logits)
+and ``generate_during_eval`` (W&B/Comet) are refused; encoder-decoder models train one adapter at a time (no joint
+mode); ``compute_metrics`` gets TRL's predictions, ``[logits/chosen, logits/rejected]`` of each eval batch.
 """
 
 from __future__ import annotations
@@ -36,11 +41,19 @@ from datasets import IterableDataset
 from transformers import set_seed
 
 from fusedrl.ops.preference import LinearORPOLoss, linear_orpo_loss
+from fusedrl.trainers.adapters.joint import joint_adapter_names
 from fusedrl.trainers.base import FusedTrainer
 from fusedrl.trainers.config import FusedConfig
 from fusedrl.trainers.head import IGNORE_INDEX, HeadInputs
 from fusedrl.trainers.models import tokenizer_of
-from fusedrl.trainers.preference.data import ANSWER_PAIR_COLUMNS, PreferenceCollator, prepare_answer_pair_dataset
+from fusedrl.trainers.preference.answer_pairs import (
+    ANSWER_PAIR_COLUMNS,
+    DEFAULT_MAX_COMPLETION_LENGTH,
+    ENCODER_DECODER_COLUMNS,
+    AnswerPairCollator,
+    prepare_answer_pair_dataset,
+)
+from fusedrl.trainers.preference.encoder_decoder import EncoderDecoderHeadMixin, check_encoder_decoder
 from fusedrl.trainers.preference.orpo_config import ORPOConfig
 
 logger = logging.getLogger("fusedrl")
@@ -49,7 +62,7 @@ logger = logging.getLogger("fusedrl")
 _DEFAULT_MAX_LENGTH = 512
 
 
-class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
+class ReferenceFreeTrainer(EncoderDecoderHeadMixin, FusedTrainer, abc.ABC):
     """What TRL 1.16's experimental ORPO and CPO trainers share (their sources are copies apart from the loss):
     construction, data, the one policy forward per step, metrics. Subclasses set ``config_class``/``method`` and
     implement :meth:`scored_rows` and :meth:`head_loss`.
@@ -75,8 +88,6 @@ class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
         if args.generate_during_eval:
             raise ValueError("generate_during_eval=True is not supported (TRL logs the generations to "
                                       "W&B/Comet); use a completions callback from fusedrl.trainers.callbacks")
-        if args.is_encoder_decoder:
-            raise ValueError(f"fusedrl's {type(self).__name__} supports decoder-only models only")
         first_dataset = self._joint_datasets(args, train_dataset, eval_dataset)  # joint mode: a dict per adapter
         if isinstance(first_dataset, IterableDataset):
             args.accelerator_config.dispatch_batches = False
@@ -88,15 +99,17 @@ class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
         set_seed(args.seed)  # PEFT initialises adapters randomly
         model, processing_class = self._setup_model(model, args, processing_class, peft_config=peft_config,
                                                     ref_model=None, quantization_config=None, reference=False)
-        if model.config.is_encoder_decoder:
-            raise ValueError(f"fusedrl's {type(self).__name__} supports decoder-only models only")
+        self._setup_encoder_decoder(model, args)
         tokenizer = tokenizer_of(processing_class)
         if args.max_length is None:
             logger.warning("max_length is None: using %d, as TRL does", _DEFAULT_MAX_LENGTH)
         self.max_length = _DEFAULT_MAX_LENGTH if args.max_length is None else args.max_length
         if data_collator is None:
             padding_value = getattr(args, "padding_value", None)
-            data_collator = PreferenceCollator(tokenizer.pad_token_id if padding_value is None else padding_value)
+            # TRL pads an encoder-decoder prompt with the tokenizer's pad id (its attention mask hides it anyway).
+            if self.is_encoder_decoder or padding_value is None:
+                padding_value = tokenizer.pad_token_id
+            data_collator = AnswerPairCollator(padding_value, is_encoder_decoder=self.is_encoder_decoder)
         train_dataset, eval_dataset = self._prepare_splits(train_dataset, eval_dataset, tokenizer, args)
 
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
@@ -112,15 +125,36 @@ class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
     def check_config(self, args) -> None:
         """Configuration errors of the method, raised at construction."""
 
+    def _setup_encoder_decoder(self, model, args) -> None:
+        """``is_encoder_decoder`` and ``max_completion_length`` as TRL sets them: the model's config decides (the
+        config field only matters to TRL when no model is given, which fusedrl does not take)."""
+        self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
+        if args.is_encoder_decoder is not None and bool(args.is_encoder_decoder) != self.is_encoder_decoder:
+            logger.warning("is_encoder_decoder=%s is ignored: %s's config says %s, as TRL reads it",
+                           args.is_encoder_decoder, type(model).__name__, self.is_encoder_decoder)
+        self.max_completion_length = args.max_completion_length
+        if not self.is_encoder_decoder:
+            return
+        check_encoder_decoder(model)
+        if joint_adapter_names(args):
+            raise ValueError(f"model_adapter_name={list(joint_adapter_names(args))}: an encoder-decoder model trains "
+                             "one adapter at a time in fusedrl; pass a single name")
+        if self.max_completion_length is None:
+            logger.warning("max_completion_length is None: using %d for the encoder-decoder model's answers, as "
+                           "TRL does", DEFAULT_MAX_COMPLETION_LENGTH)
+            self.max_completion_length = DEFAULT_MAX_COMPLETION_LENGTH
+
     # --- data ---------------------------------------------------------------------------------------------------
 
     def _prepare(self, dataset, tokenizer, args, name: str):
         return prepare_answer_pair_dataset(dataset, tokenizer, max_length=self.max_length,
+                                           is_encoder_decoder=self.is_encoder_decoder,
+                                           max_completion_length=self.max_completion_length,
                                            num_proc=args.dataset_num_proc, name=name)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = list(ANSWER_PAIR_COLUMNS)
+            self._signature_columns = list(ENCODER_DECODER_COLUMNS if self.is_encoder_decoder else ANSWER_PAIR_COLUMNS)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         # A dataset passed here gets the preparation __init__ gives eval_dataset (prepared data is left as is).
@@ -136,7 +170,13 @@ class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
 
     @abc.abstractmethod
     def scored_rows(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[2B, T]`` 0/1 mask of the tokens whose log-probs the loss needs."""
+        """``[2B, T]`` 0/1 mask of the tokens whose log-probs the loss needs (decoder-only; an encoder-decoder model
+        scores its ``labels``, the answers)."""
+
+    def completion_positions(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The answers' 0/1 mask aligned with ``HeadInputs.labels_NT``: ``[2B, T - 1]`` next-token positions for a
+        causal LM, ``[2B, L]`` decoder positions (no shift) for an encoder-decoder model."""
+        return inputs["completion_mask"] if self.is_encoder_decoder else inputs["completion_mask"][:, 1:]
 
     @abc.abstractmethod
     def head_loss(self, head: HeadInputs, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -152,10 +192,13 @@ class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError(f"return_outputs=True needs logits, which {type(self).__name__} never builds")
-        labels = inputs["input_ids"].masked_fill(self.scored_rows(inputs) == 0, IGNORE_INDEX)
-        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        head = self.head_inputs(model, model_inputs, labels, all_position_mean_logits=True,
-                                router_logits=self.aux_loss_enabled)
+        if self.is_encoder_decoder:
+            head = self.encoder_decoder_head_inputs(model, inputs, router_logits=self.aux_loss_enabled)
+        else:
+            labels = inputs["input_ids"].masked_fill(self.scored_rows(inputs) == 0, IGNORE_INDEX)
+            model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+            head = self.head_inputs(model, model_inputs, labels, all_position_mean_logits=True,
+                                    router_logits=self.aux_loss_enabled)
         with self.head_region(head.hidden_NTH.device):
             loss, metrics = self.head_loss(head, inputs)
         if self.aux_loss_enabled:
@@ -181,8 +224,9 @@ class ReferenceFreeTrainer(FusedTrainer, abc.ABC):
 
 class ORPOTrainer(ReferenceFreeTrainer):
     """Odds Ratio Preference Optimization. Arguments as ``trl.experimental.orpo.ORPOTrainer`` 1.16: ``model`` is a
-    path or a causal LM (or a PeftModel); ``train_dataset`` has ``prompt``/``chosen``/``rejected`` (standard or
-    conversational; the prompt may be implicit)."""
+    path or a causal LM, or an encoder-decoder model instance (or a PeftModel); ``train_dataset`` has
+    ``prompt``/``chosen``/``rejected`` (standard or conversational; the prompt may be implicit) or TRL's tokenized
+    columns."""
 
     config_class = ORPOConfig
     method = "ORPO"
@@ -193,11 +237,12 @@ class ORPOTrainer(ReferenceFreeTrainer):
         return torch.cat([inputs["attention_mask"][:num_pairs], inputs["completion_mask"][num_pairs:]])
 
     def logits_positions(self, mean_logits_NT):
-        return mean_logits_NT[:, :-1]
+        # TRL drops a causal LM's last position (it predicts nothing); a decoder's positions all predict a label.
+        return mean_logits_NT if self.is_encoder_decoder else mean_logits_NT[:, :-1]
 
     def head_loss(self, head, inputs):
         out = self.loss_region(_orpo_region)(head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT,
-                                             inputs["completion_mask"][:, 1:], self.args.beta)
+                                             self.completion_positions(inputs), self.args.beta)
         metrics = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
                    "chosen_logps": out.chosen_logps.detach(), "rejected_logps": out.rejected_logps.detach(),
                    "nll_loss": out.chosen_nll.detach(), "log_odds_ratio": out.log_odds_ratio.mean(),
