@@ -26,6 +26,7 @@ from fusedrl.trainers.head import (
     labelled_mean_logits,
     vocab_mean_logits,
 )
+from fusedrl.trainers.models import head_logit_multiplier
 
 logger = logging.getLogger("fusedrl")
 # Rows of full logits projected at once for compute_metrics: bounds the head's transient output to 4 [T, V] rows.
@@ -45,6 +46,12 @@ class FusedHeadMixin:
         if is_peft_model(unwrapped):
             unwrapped = unwrapped.get_base_model()
         weight_VH, bias_V = whole_head(unwrapped.get_output_embeddings())
+        # Cohere's logit_scale, Granite's logits_scaling: a constant factor on the logits, folded into the weight
+        # (one [V, H] copy per call, differentiable).
+        multiplier = head_logit_multiplier(unwrapped)
+        if multiplier != 1.0:
+            weight_VH = weight_VH * multiplier
+            bias_V = None if bias_V is None else bias_V * multiplier
         # bf16 mixed precision (bf16=True; accelerate runs the model's forward under autocast, the head runs after
         # it): the head runs in bf16, as autocast runs every other linear layer, and its ops accumulate in fp32
         # inside. A bf16 matmul is ~4x an fp32 one on this CPU's AMX (537 vs 133 GFLOP/s) and on tensor cores. The

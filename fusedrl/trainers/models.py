@@ -17,12 +17,23 @@ from fusedrl.trainers.adapters.named import REF_ADAPTER, check_adapter_names, cr
 
 logger = logging.getLogger("fusedrl")
 
-__all__ = ["REF_ADAPTER", "check_plain_head", "check_vocab_fits", "disable_dropout", "load_causal_lm",
-           "load_tokenizer", "prepare_model", "pretrained_kwargs", "tokenizer_of"]
+__all__ = ["REF_ADAPTER", "check_plain_head", "check_vocab_fits", "disable_dropout", "head_logit_multiplier",
+           "load_causal_lm", "load_tokenizer", "prepare_model", "pretrained_kwargs", "tokenizer_of"]
 # Config attributes through which some architectures rescale or soft-cap their logits. The fused head projects with
-# the plain LM-head weight, so such a model would silently get wrong log-probs; it is refused instead.
+# the plain LM-head weight, so such a model would silently get wrong log-probs; it is refused instead, unless the
+# transform is a constant factor (_LINEAR_LOGIT_SCALES).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
+# Models whose logits are the head's output times a constant (model_type -> config field, divides?): the fused head
+# folds the constant into its weight (hidden @ (c W).T == c * (hidden @ W.T)), so their log-probs stay exact. Read
+# from each model's forward in transformers 5.25: Cohere multiplies by logit_scale, Granite divides by logits_scaling,
+# HyperCLOVA X multiplies by it.
+_LINEAR_LOGIT_SCALES = {
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), ("logit_scale", False)),
+    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa",
+                     "granitemoe_swa"), ("logits_scaling", True)),
+    "hyperclovax": ("logits_scaling", False),
+}
 _DTYPE_NAMES = ("bfloat16", "float16", "float32")
 # The from_pretrained arguments that say which files are read; a tokenizer loaded for a model given by path is read
 # with the same ones, so a pinned revision (or a cache directory, a token) applies to both.
@@ -141,11 +152,25 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def check_plain_head(model: PreTrainedModel) -> None:
+def head_logit_multiplier(model: PreTrainedModel) -> float:
+    """The constant the model multiplies its head's output by (1.0 for most models; Cohere's ``logit_scale``,
+    Granite's ``1 / logits_scaling``)."""
     config = model.config.get_text_config()
+    field, divides = _LINEAR_LOGIT_SCALES.get(getattr(config, "model_type", None), (None, False))
+    value = getattr(config, field, None) if field is not None else None
+    if value is None:
+        return 1.0
+    return 1.0 / float(value) if divides else float(value)
+
+
+def check_plain_head(model: PreTrainedModel) -> None:
+    """Refuse a model whose logits are not ``hidden @ W.T + b`` up to a constant factor (a final softcapping, an
+    unknown multiplier): the fused head would give it wrong log-probs."""
+    config = model.config.get_text_config()
+    linear_field = _LINEAR_LOGIT_SCALES.get(getattr(config, "model_type", None), (None, False))[0]
     for name in _LOGIT_TRANSFORMS:
         value = getattr(config, name, None)
-        if value is not None and value != 1.0:
+        if name != linear_field and value is not None and value != 1.0:
             raise ValueError(
                 f"{type(model).__name__} transforms its logits ({name}={value}); fusedrl's fused LM head computes "
                 "log_softmax(hidden @ lm_head.weight.T + bias) and would give this model wrong log-probs"
