@@ -157,7 +157,7 @@ class FusedTrainer(TrainerMetrics, FusedHeadMixin, JointAdapterMixin, ResumableT
         if compute_metrics is not None and self.eval_predictions is None:
             raise ValueError(f"compute_metrics needs logits, which fusedrl's {trainer} never builds")
         if isinstance(train_dataset, IterableDataset):
-            if args.precompute_ref_log_probs:
+            if getattr(args, "precompute_ref_log_probs", False):  # online DPO's config has no such field
                 raise ValueError(PRECOMPUTE_ITERABLE_ERROR)
             args.accelerator_config.dispatch_batches = False
         columns = train_dataset.column_names or list(next(iter(train_dataset)).keys())

@@ -109,7 +109,9 @@ TRAINERS = {
     "cpo": (_pairs_trainer(CPOTrainer, CPOConfig), 0, 3),  # no reference model
     "orpo": (_pairs_trainer(ORPOTrainer, ORPOConfig), 0, 3),
     # The reference, and the KL estimate's mismatched pairs under the policy (no grad) and the reference.
-    "kto": (_pairs_trainer(KTOTrainer, KTOConfig, _unpaired()), 0, 3 + 1 + 2),
+    # The reference's examples and KL pairs share their prompts and run as one forward and one head pass (shared
+    # prefixes, issue 15); the policy's KL pass is the other. The plain layout's 3 + 1 + 2: test_kto_plain_layout...
+    "kto": (_pairs_trainer(KTOTrainer, KTOConfig, _unpaired()), 0, 3 + 1 + 1),
     "online_dpo": (_online_dpo, 0, 3 + 1),  # sampling scores with rewards, not log-probs
     "grpo": (_grpo, 1, 3),  # beta 0.04: the reference at sampling time; on-policy, so no old log-probs
     "rloo": (_rloo, 2, 3),  # old and reference log-probs at sampling time (the KL reward penalty)
@@ -194,6 +196,16 @@ def count_head_passes(trainer) -> dict[str, int]:
 def test_one_step_makes_the_floor_of_head_passes(name, tmp_path):
     _, rollout, step = TRAINERS[name]
     assert count_head_passes(_build(name, tmp_path)) == {"rollout": rollout, "step": step}
+
+
+def test_kto_plain_layout_makes_a_pass_per_log_prob_set(tmp_path):
+    """With ``shared_prefix=False`` KTO's reference scores its examples and its KL pairs in two passes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = KTOTrainer(model=tiny_llama(vocab_size=VOCAB), args=KTOConfig(**base_settings(
+            tmp_path, max_steps=1, kernels="all=compiled", shared_prefix=False)), train_dataset=_unpaired(),
+            processing_class=presets.build_tokenizer())
+    assert count_head_passes(trainer) == {"rollout": 0, "step": 3 + 1 + 2}
 
 
 def test_mixed_precision_runs_the_head_in_bf16(tmp_path):

@@ -9,11 +9,16 @@
 - bad input: judges that answer out of range / the wrong count / raise, and reward functions that raise or return
   NaN, raise errors naming them; constructor errors;
 - a golden loss trajectory with the reward function (tests/golden/online_dpo_tiny.json; FUSEDRL_UPDATE_GOLDEN=1
-  rewrites it).
+  rewrites it);
+- TRL's surface (what TRL's own test file reads): every TRL config field with TRL's default, ``use_vllm=True``
+  refused, ``generation_config`` built from the fields (``generation_kwargs`` on top, and what sampling uses), the
+  ``reward_funcs`` / ``reward_processing_classes`` / ``reward_weights`` attributes, eval datasets as one dataset or
+  a dict of them, ``ref_model`` that is the model refused.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -38,7 +43,9 @@ TRL_METRICS = ("objective/kl", "objective/entropy", "objective/non_score_reward"
                "val/contain_eos_token", "beta")
 
 
-def make_trainer(tmp_path, *, reward_funcs=None, judge=None, **overrides):
+def make_trainer(tmp_path, *, reward_funcs=None, judge=None, trainer_kwargs=None, **overrides):
+    """OnlineDPOTrainer on the tiny preset, 8 arithmetic prompts; ``overrides`` go to the config, ``trainer_kwargs``
+    (eval_dataset, ref_model, reward_processing_classes...) to the trainer."""
     settings = {"output_dir": str(tmp_path), "per_device_train_batch_size": 4, "max_steps": 2, "max_new_tokens": 5,
                 "learning_rate": 1e-3, "bf16": False, "gradient_checkpointing": False, "logging_steps": 1,
                 "report_to": [], "save_strategy": "no", "use_cpu": True, "kernels": "all=reference",
@@ -50,7 +57,7 @@ def make_trainer(tmp_path, *, reward_funcs=None, judge=None, **overrides):
         return OnlineDPOTrainer(presets.load_preset_model("tiny", seed=0, tokenizer=tokenizer),
                                 reward_funcs=reward_funcs, judge=judge, args=OnlineDPOConfig(**settings),
                                 train_dataset=presets.load_preset_dataset("arithmetic", kind="prompt", n=8),
-                                processing_class=tokenizer)
+                                processing_class=tokenizer, **(trainer_kwargs or {}))
 
 
 @pytest.mark.parametrize("ranking", ["reward", "judge"])
@@ -176,3 +183,130 @@ def test_beta_list_is_per_epoch(tmp_path):
     assert trainer.beta == 0.2
     trainer.state.epoch = 7.0
     assert trainer.beta == 0.2
+
+
+# --- TRL's surface --------------------------------------------------------------------------------------------------
+
+
+def test_every_trl_config_field_has_trls_default():
+    """TRL's OnlineDPOConfig fields (vLLM ones included) exist here with TRL's defaults, so a TRL config carries over;
+    fusedrl's extra fields are the engine's and the reward/prompt fields named in online_dpo_config.py."""
+    import dataclasses
+
+    with warnings.catch_warnings():  # TRL warns that trl.experimental may change
+        warnings.simplefilter("ignore")
+        from trl.experimental.online_dpo import OnlineDPOConfig as TRLOnlineDPOConfig
+
+    def defaults(cls):
+        return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cls)}
+
+    theirs, ours = defaults(TRLOnlineDPOConfig), defaults(OnlineDPOConfig)
+    assert {name: ours.get(name, "<missing>") for name in theirs} == theirs
+    assert {"use_vllm", "vllm_mode", "vllm_server_port", "ds3_gather_for_generation"} <= theirs.keys()
+
+
+def test_vllm_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"vllm_mode must be one of \('server', 'colocate'\), got 'remote'"):
+        OnlineDPOConfig(output_dir=str(tmp_path), vllm_mode="remote")
+    with pytest.raises(ValueError, match=r"use_vllm=True is not supported .* set use_vllm=False"):
+        make_trainer(tmp_path, reward_funcs=[digit_count], use_vllm=True)
+    assert make_trainer(tmp_path, reward_funcs=[digit_count]).use_vllm is False
+
+
+def test_generation_config_follows_the_fields(tmp_path):
+    trainer = make_trainer(tmp_path, reward_funcs=[digit_count], temperature=0.7, top_p=0.8, top_k=12, min_p=0.05,
+                           repetition_penalty=1.3, max_new_tokens=6, cache_implementation="dynamic",
+                           generation_kwargs={"do_sample": False, "top_k": 3})
+    config = trainer.generation_config
+    assert (config.temperature, config.top_p, config.min_p, config.repetition_penalty) == (0.7, 0.8, 0.05, 1.3)
+    assert config.max_new_tokens == 6 and config.cache_implementation == "dynamic"
+    assert config.do_sample is False and config.top_k == 3  # generation_kwargs win over the named fields
+    tokenizer = trainer.processing_class
+    assert tokenizer.eos_token_id in config.eos_token_id and config.pad_token_id == tokenizer.pad_token_id
+
+
+@pytest.mark.parametrize("do_sample", [True, False], ids=["sampled", "greedy"])
+def test_generation_kwargs_reach_sampling(tmp_path, do_sample):
+    """The pair of each prompt comes from trainer.generation_config: greedy decoding (``do_sample=False`` through
+    generation_kwargs) gives two identical completions, sampling gives different ones for some prompt."""
+    trainer = make_trainer(tmp_path, reward_funcs=[digit_count], generation_kwargs={"do_sample": do_sample})
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    inputs = trainer._prepare_inputs(rows)
+    chosen, rejected = inputs["input_ids"].chunk(2)
+    same = (chosen == rejected).all(dim=1)
+    assert bool(same.all()) is not do_sample
+
+
+def _reward_model_dir(tmp_path, policy_config):
+    """A sequence-classification reward model saved with a tokenizer that has no pad token (TRL then pads with EOS)."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = tmp_path / "reward"
+    config = copy.deepcopy(policy_config)
+    config.num_labels = 1
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    tokenizer = presets.build_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_reward_attributes_follow_the_rewards(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    def constant(completions, **kwargs):
+        return [0.5] * len(completions)
+
+    trainer = make_trainer(tmp_path, reward_funcs=[digit_count, constant], reward_weights=[0.7, 0.3])
+    assert trainer.reward_funcs == [digit_count, constant]
+    assert trainer.reward_processing_classes == [None, None]
+    torch.testing.assert_close(trainer.reward_weights, torch.tensor([0.7, 0.3]))
+
+    path = _reward_model_dir(tmp_path, trainer.model.config)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(path)
+    trainer = make_trainer(tmp_path, reward_funcs=[reward_model, digit_count], max_steps=1)
+    reward_tokenizer = trainer.reward_processing_classes[0]
+    assert trainer.reward_funcs[0] is reward_model and trainer.reward_processing_classes[1] is None
+    assert reward_tokenizer.name_or_path == str(path)  # loaded from the reward model's own directory
+    assert reward_tokenizer.pad_token == reward_tokenizer.eos_token  # it had none
+    assert reward_model.config.pad_token_id == reward_tokenizer.eos_token_id
+    torch.testing.assert_close(trainer.reward_weights, torch.ones(2))
+    logs = train_quietly(trainer)
+    assert math.isfinite(logs[0]["loss"]) and "objective/scores_margin" in logs[0]
+
+    with pytest.raises(ValueError, match=r"The number of reward processing classes \(1\) must match the number of "
+                                         r"reward functions \(2\)"):
+        make_trainer(tmp_path, reward_funcs=[digit_count, constant],
+                     trainer_kwargs={"reward_processing_classes": [None]})
+
+
+def test_eval_datasets_one_or_a_dict(tmp_path):
+    from datasets import DatasetDict
+
+    split = presets.load_preset_dataset("arithmetic", "test", kind="prompt", n=2)
+    trainer = make_trainer(tmp_path, reward_funcs=[digit_count], trainer_kwargs={"eval_dataset": split})
+    assert trainer.eval_dataset is split
+    plain = {"first": split, "second": split}
+    trainer = make_trainer(tmp_path, reward_funcs=[digit_count], trainer_kwargs={"eval_dataset": plain})
+    assert set(trainer.eval_dataset) == {"first", "second"}
+    splits = DatasetDict(plain)
+    trainer = make_trainer(tmp_path, reward_funcs=[digit_count], trainer_kwargs={"eval_dataset": splits})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_first_loss"]) and math.isfinite(metrics["eval_second_loss"])
+
+    bad = {"first": split, "second": split.rename_column("prompt", "question")}
+    with pytest.raises(ValueError, match=r"eval_dataset\['second'\] needs a 'prompt' column"):
+        make_trainer(tmp_path, reward_funcs=[digit_count], trainer_kwargs={"eval_dataset": bad})
+
+
+def test_ref_model_that_is_the_model_is_refused(tmp_path):
+    tokenizer = presets.build_tokenizer()
+    model = presets.load_preset_model("tiny", seed=0, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="model and ref_model are the same object; omit ref_model"):
+        OnlineDPOTrainer(model, ref_model=model, reward_funcs=[digit_count],
+                         args=OnlineDPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+                         train_dataset=presets.load_preset_dataset("arithmetic", kind="prompt", n=8),
+                         processing_class=tokenizer)

@@ -13,7 +13,7 @@ import torch
 
 from fusedrl.trainers.online.judges import check_verdicts
 from fusedrl.trainers.online.rollout import Rollout
-from fusedrl.trainers.rewards import Reward, score_completions
+from fusedrl.trainers.rewards import BackgroundEventLoop, Reward, is_async_callable, score_completions
 
 
 class RewardAttributes:
@@ -31,6 +31,16 @@ class RewardAttributes:
     @property
     def reward_processing_classes(self) -> list:
         return [reward.processing_class for reward in self.rewards]
+
+    def _start_async_loop(self) -> None:
+        """TRL's ``self.async_loop``: when a reward function is async, an event loop running in a daemon thread
+        that every batch's async rewards run on (``rewards/async_loop.py``); None otherwise. The loop stops with
+        the trainer (or at exit)."""
+        if any(not reward.is_model and is_async_callable(reward.func) for reward in self.rewards):
+            self._async_loop_owner = BackgroundEventLoop(f"{type(self).__name__}-AsyncLoop")
+            self.async_loop = self._async_loop_owner.loop
+        else:
+            self._async_loop_owner = self.async_loop = None
 
 
 def row_columns(rows: list[dict], repeat: int = 1) -> dict[str, list]:
@@ -57,13 +67,15 @@ def sequence_inputs(rollout: Rollout, max_length: int | None = None) -> dict[str
 
 def rollout_scores(rewards: Sequence[Reward], weights_F: torch.Tensor, rollout: Rollout, rows: list[dict], *,
                    repeat: int, on_error: str, missing_eos_penalty: float | None, trainer_state=None,
-                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
+                   async_loop=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
     """``(scores_B, rewards_BF, failures)``: the weighted sum of the rewards of each completion (NaN-skipping, as
-    TRL: a function's ``None`` adds nothing), minus ``missing_eos_penalty`` where no EOS was sampled."""
+    TRL: a function's ``None`` adds nothing), minus ``missing_eos_penalty`` where no EOS was sampled. Async reward
+    functions run on ``async_loop`` (see ``score_completions``)."""
     device = rollout.completion_ids.device
     scored = score_completions(rewards, prompts=rollout.prompts, completions=rollout.completions,
                                completion_ids=rollout.completion_ids_list, columns=row_columns(rows, repeat),
-                               extra_kwargs={"trainer_state": trainer_state}, on_error=on_error, device=device)
+                               extra_kwargs={"trainer_state": trainer_state}, on_error=on_error, device=device,
+                               async_loop=async_loop)
     rewards_BF = scored.rewards_per_func
     scores_B = (rewards_BF * weights_F.to(device)[None, :]).nansum(1)
     if missing_eos_penalty is not None:

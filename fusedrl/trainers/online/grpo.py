@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
 
 import torch
 from accelerate.utils import gather, is_peft_model, set_seed
@@ -43,21 +42,35 @@ from fusedrl.trainers.base import FusedTrainer
 from fusedrl.trainers.data.validation import check_prompt_dataset
 from fusedrl.trainers.head import IGNORE_INDEX
 from fusedrl.trainers.models import tokenizer_of
+from fusedrl.trainers.online.common import RewardAttributes
 from fusedrl.trainers.online.grpo_config import GRPOConfig
 from fusedrl.trainers.online.grpo_loss import TOKEN_NORMALISED_LOSS_TYPES, GRPOLossTerms, loss_type_options
-from fusedrl.trainers.online.grpo_scoring import GroupScoring
+from fusedrl.trainers.online.grpo_scoring import (
+    GroupScoring,
+    completion_logs,
+    completion_logs_state,
+    restore_completion_logs,
+)
 from fusedrl.trainers.online.resume import RoundCheckpointing, RoundState
 from fusedrl.trainers.online.rollout import eos_token_ids_of, generate_completions, sampling_config
 from fusedrl.trainers.online.row_seeds import trainer_row_seeds
 from fusedrl.trainers.online.sampling import (
     RepeatSampler,
+    configure_streams,
     identity_collator,
     print_completions,
     repeated_stream,
     shuffle_rows,
     split_rows,
+    streamed_eval_dataloader,
 )
-from fusedrl.trainers.rewards import prepare_reward_models, resolve_rewards, reward_weights_tensor, score_completions
+from fusedrl.trainers.rewards import (
+    RewardLogBuffer,
+    prepare_reward_models,
+    resolve_rewards,
+    reward_weights_tensor,
+    score_completions,
+)
 
 logger = logging.getLogger("fusedrl")
 
@@ -81,13 +94,14 @@ def _grpo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_
     )
 
 
-class GRPOTrainer(GRPOLossTerms, GroupScoring, RoundCheckpointing, FusedTrainer):
+class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, RoundCheckpointing, FusedTrainer):
     """Group Relative Policy Optimization (https://huggingface.co/papers/2402.03300), as ``trl.GRPOTrainer`` 1.16.
 
     ``model``: a path or a causal LM (or a PeftModel). ``reward_funcs``: one or a list of registered names
     (``"accuracy"``), callables ``(prompts, completions, completion_ids, **columns) -> list[float | None]``,
     sequence-classification models or their paths; None uses ``args.reward_funcs``. ``train_dataset``: a
-    ``Dataset`` with a ``prompt`` column; its other columns reach the reward functions.
+    ``Dataset`` or streamed ``IterableDataset`` (then ``max_steps`` is required) with a ``prompt`` column; its other
+    columns reach the reward functions. ``eval_dataset``: the same, or a dict of them (an ``IterableDatasetDict``).
     ``reward_processing_classes``: tokenizers of reward models (one per reward, None entries allowed).
     """
 
@@ -104,16 +118,10 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RoundCheckpointing, FusedTrainer)
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: a Dataset with a 'prompt' column")
         if self._joint_datasets(args, train_dataset, eval_dataset) is train_dataset:
+            # A stream carries the prompt repeats (repeated_stream): TRL's dispatch refusal comes first, as in TRL.
+            configure_streams(args, train_dataset, eval_dataset)
             check_prompt_dataset(train_dataset, "train_dataset", streamed_ok=True)
-            check_prompt_dataset(eval_dataset, "eval_dataset")
-            if isinstance(train_dataset, IterableDataset):
-                # The stream carries the prompt repeats (repeated_stream): one worker keeps each group whole, and
-                # every process collates its own slice (strings cannot be dispatched).
-                args.accelerator_config.dispatch_batches = False
-                if args.dataloader_num_workers:
-                    logger.warning("an IterableDataset needs dataloader_num_workers=0 to keep prompt groups whole; "
-                                   "using 0 (was %d)", args.dataloader_num_workers)
-                    args.dataloader_num_workers = 0
+            check_prompt_dataset(eval_dataset, "eval_dataset", streamed_ok=True)
         else:  # several adapters trained together: one dataset per adapter (adapters/joint_rollout.py)
             for name in args.model_adapter_name:
                 check_prompt_dataset(train_dataset[name], f"train_dataset[{name!r}]")
@@ -158,7 +166,9 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RoundCheckpointing, FusedTrainer)
         self._buffered_inputs = None
         self._joint_rollouts = None if self._joint is None else JointRollouts(self, self._joint.names)
         self._step_time = 0.0
-        self._completion_log = deque(maxlen=args.generation_batch_size)
+        self._logs = completion_logs(args.generation_batch_size)  # TRL's: the log_completions table
+        self._reward_logs = RewardLogBuffer()  # log_extra / log_metric of the batch being scored
+        self._start_async_loop()
         # Each process its own sampling stream, as TRL (duplicate prompts across processes then differ).
         set_seed(args.seed, device_specific=True)
 
@@ -194,6 +204,13 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RoundCheckpointing, FusedTrainer)
     def _get_eval_sampler(self, eval_dataset):
         return RepeatSampler(eval_dataset, self.num_generations_eval, seed=self.args.seed)
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else (
+            self.eval_dataset if eval_dataset is None else eval_dataset)
+        if isinstance(dataset, IterableDataset):  # no sampler on a stream: the stream carries the groups
+            return streamed_eval_dataloader(self, dataset, self.num_generations_eval)
+        return super().get_eval_dataloader(eval_dataset)
+
     def training_step(self, model, inputs, num_items_in_batch):
         start = time.perf_counter()
         output = super().training_step(model, inputs, num_items_in_batch)
@@ -226,14 +243,13 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RoundCheckpointing, FusedTrainer)
                 "steps_per_generation": args.steps_per_generation, "num_iterations": args.num_iterations,
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "num_generations": args.num_generations, "beta": args.beta, "world_size": args.world_size}
-        return RoundState({"step": self._step, "completion_log": list(self._completion_log)}, plan,
+        return RoundState({"step": self._step, "completion_logs": completion_logs_state(self._logs)}, plan,
                           self._buffered_inputs if inside_round else None,
                           {} if self._joint_rollouts is None else self._joint_rollouts.state_tensors())
 
     def _restore_round(self, state: RoundState) -> None:
         self._step = state.counters["step"]
-        self._completion_log.clear()
-        self._completion_log.extend(tuple(row) for row in state.counters["completion_log"])
+        restore_completion_logs(self._logs, state.counters.get("completion_logs", {}))
         self._buffered_inputs = state.pending  # None: _prepare_inputs samples a fresh round
         if self._joint_rollouts is not None:
             self._joint_rollouts.load_state_tensors(state.extra)
@@ -280,9 +296,6 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RoundCheckpointing, FusedTrainer)
                                                         bias=bias_V, temperature=self.args.temperature))
         return torch.cat(chunks)
 
-    def _log_metric(self, name: str, value: float) -> None:
-        self.record(self._mode(), name, float(value))
-
     def _generate_and_score(self, inputs: list[dict]) -> dict:
         args, mode, device = self.args, self._mode(), self.accelerator.device
         prompts = [row["prompt"] for row in inputs]
@@ -311,9 +324,7 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RoundCheckpointing, FusedTrainer)
         scores = score_completions(
             self.rewards, prompts=prompts, completions=rollout.completions,
             completion_ids=rollout.completion_ids_list, columns=columns, on_error=args.reward_failure,
-            extra_kwargs={"trainer_state": self.state, "log_metric": self._log_metric,
-                          "log_extra": lambda column, values: None},
-            device=device,
+            extra_kwargs=self._reward_kwargs(len(prompts)), device=device, async_loop=self.async_loop,
         )
         for name in scores.failures:
             self.record(mode, f"rewards/{name}/failures", 1.0)
@@ -366,6 +377,5 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RoundCheckpointing, FusedTrainer)
             if not values:
                 logs[f"eval_{key}" if mode == "eval" else key] = None
         super().log(logs, start_time)
-        if self.args.log_completions and self.accelerator.is_main_process and self._completion_log:
-            print_completions(list(self._completion_log)[: self.args.num_completions_to_print],
-                              self.state.global_step)
+        if self.args.log_completions and self.accelerator.is_main_process and self._logs["prompt"]:
+            print_completions(self._logs, self.state.global_step, self.args.num_completions_to_print)

@@ -33,7 +33,6 @@ Legend: B prompts (pairs), N = 2B rows, T positions.
 from __future__ import annotations
 
 import torch
-from datasets import IterableDataset
 from transformers import set_seed
 
 from fusedrl.ops.preference import LinearPreferenceLoss, linear_preference_loss, sequence_logps
@@ -46,7 +45,7 @@ from fusedrl.trainers.online.judges import TIE
 from fusedrl.trainers.online.online_dpo_config import OnlineDPOConfig
 from fusedrl.trainers.online.rollout import eos_token_ids_of, generate_completions, sampling_config
 from fusedrl.trainers.online.row_seeds import trainer_row_seeds
-from fusedrl.trainers.online.sampling import identity_collator
+from fusedrl.trainers.online.sampling import DISPATCHED_STREAM_ERROR, identity_collator, is_streamed
 from fusedrl.trainers.rewards import prepare_reward_models, resolve_rewards, reward_weights_tensor
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
@@ -56,20 +55,27 @@ class OnlineDPOTrainer(RewardAttributes, FusedTrainer):
     """Online DPO, per the module docstring. Arguments as ``trl.experimental.online_dpo.OnlineDPOTrainer`` 1.16, plus
     ``judge``: exactly one of ``reward_funcs`` (names, callables, reward models or paths; default
     ``args.reward_funcs`` + ``args.reward_model_path``) and ``judge`` ranks the pairs. ``train_dataset``: prompt-only
-    rows (``prompt`` column; other columns reach the reward functions)."""
+    rows (``prompt`` column; other columns reach the reward functions); ``eval_dataset`` the same, or a dict of such
+    splits (a ``DatasetDict``), each evaluated under its own name."""
 
     def __init__(self, model, ref_model=None, reward_funcs=None, args: OnlineDPOConfig | None = None,
                  data_collator=None, train_dataset=None, eval_dataset=None, processing_class=None,
                  reward_processing_classes=None, peft_config=None, compute_metrics=None, callbacks=None,
                  optimizers=(None, None), judge=None):
-        if isinstance(train_dataset, IterableDataset):
-            raise ValueError("OnlineDPOTrainer needs a map-style Dataset, not an IterableDataset")  # noqa: TRY004
+        if args is not None and args.accelerator_config.dispatch_batches and (
+                is_streamed(train_dataset) or is_streamed(eval_dataset)):
+            raise ValueError(DISPATCHED_STREAM_ERROR)
         args = self._checked_inputs(model, args, OnlineDPOConfig, train_dataset, compute_metrics)
+        # Rows reach the trainer raw (identity collator), which accelerate cannot dispatch: a stream (train, eval, or
+        # one given to evaluate()) would fail at its first batch, as it does in TRL 1.16 unless this is set by hand.
+        if args.accelerator_config.dispatch_batches is None:
+            args.accelerator_config.dispatch_batches = False
         if args.use_vllm:
             raise ValueError("use_vllm=True is not supported by fusedrl's OnlineDPOTrainer: it samples with "
                              "model.generate (KV cache on); set use_vllm=False")
         self.use_vllm = False
-        check_prompt_dataset(train_dataset, "train_dataset")
+        check_prompt_dataset(train_dataset, "train_dataset", streamed_ok=True)  # no sampler: a stream is read in order
+        check_prompt_dataset(eval_dataset, "eval_dataset", streamed_ok=True)  # one split or a dict; else a KeyError mid-eval
         if reward_funcs is None and judge is None:
             reward_funcs = list(args.reward_funcs or []) + ([args.reward_model_path] if args.reward_model_path else [])
         if judge is not None and reward_funcs:

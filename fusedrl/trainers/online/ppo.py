@@ -57,7 +57,7 @@ from fusedrl.runtime.hidden import final_hidden_states
 from fusedrl.trainers.base import FusedTrainer
 from fusedrl.trainers.data.validation import check_prompt_dataset
 from fusedrl.trainers.models import load_causal_lm, pretrained_kwargs, tokenizer_of
-from fusedrl.trainers.online.common import rollout_scores, sequence_inputs
+from fusedrl.trainers.online.common import RewardAttributes, rollout_scores, sequence_inputs
 from fusedrl.trainers.online.ppo_config import PPOConfig
 from fusedrl.trainers.online.resume import RoundCheckpointing, RoundState
 from fusedrl.trainers.online.rollout import eos_token_ids_of, generate_completions
@@ -111,7 +111,7 @@ def _ppo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_l
     return policy.loss + args.vf_coef * vf_loss, policy, vf_loss
 
 
-class PPOTrainer(RoundCheckpointing, FusedTrainer):
+class PPOTrainer(RewardAttributes, RoundCheckpointing, FusedTrainer):
     """Proximal Policy Optimization for language models (https://arxiv.org/abs/1707.06347; the RLHF recipe of
     https://arxiv.org/abs/2403.17031), per the module docstring.
 

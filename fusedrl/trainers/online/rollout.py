@@ -38,7 +38,7 @@ from transformers import GenerationConfig
 from fusedrl.runtime.compile import eager_generation
 from fusedrl.runtime.sharded_head import is_sharded
 from fusedrl.runtime.shared_prefix.prefill import cache_keyword, shared_prompt_cache
-from fusedrl.trainers.online.row_seeds import row_seeded_generation
+from fusedrl.trainers.online.row_seeds import row_seeded_generation, rows_per_input_row
 
 PROMPT_TRUNCATION_MODES = ("keep_end", "error")
 
@@ -282,6 +282,9 @@ def generate_completions(
             own_cache = getattr(generation_config, "cache_implementation", None) not in (None, "dynamic")
             cache = (shared_prompt_cache(generator, prompt_ids, prompt_mask)
                      if share_prompt_prefill and not (synced or own_cache) else None)
+            if cache is not None and (repeats := rows_per_input_row(generation_config, generator)) > 1:
+                # Beam search decodes num_beams rows per prompt row: generate repeats the prompts, not our cache.
+                cache.batch_repeat_interleave(repeats)
             output = generator.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                                         generation_config=generation_config, logits_processor=processors,
                                         synced_gpus=True if synced else None,

@@ -105,6 +105,14 @@ def _resolved(config: GenerationConfig, model) -> GenerationConfig:
     return resolved
 
 
+def rows_per_input_row(config: GenerationConfig, model) -> int:
+    """How many rows ``model.generate`` decodes per input row with ``config``: ``max(num_beams,
+    num_return_sequences)`` of the config resolved as ``generate`` resolves it (it repeats the prompts and masks that
+    many times, but not a KV cache it is handed)."""
+    resolved = _resolved(config, model)
+    return max(resolved.num_beams or 1, resolved.num_return_sequences or 1)
+
+
 def _warpers(config: GenerationConfig, device: torch.device) -> list[LogitsProcessor]:
     """The warpers ``generate`` applies when sampling (transformers 5: ``_get_logits_processor``), same order."""
     warpers: list[LogitsProcessor] = []

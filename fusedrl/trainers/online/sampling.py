@@ -1,17 +1,29 @@
-"""Batch plumbing of the sampling trainers (GRPO, RLOO): TRL's prompt-repeating sampler, the split of one
-generation round into micro-batches, and NaN-aware statistics for reward metrics.
+"""Batch plumbing of the sampling trainers (GRPO, RLOO): TRL's prompt-repeating sampler and its streamed
+counterpart (train and eval sets given as an ``IterableDataset``), the split of one generation round into
+micro-batches, and NaN-aware statistics for reward metrics.
 
 Legend: N completions, G completions per prompt, P prompts (N = P * G).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sized
 
 import torch
 from datasets import IterableDataset
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
+
+logger = logging.getLogger("fusedrl")
+
+# TRL 1.16's words (its tests pin them), then why and how to fix it.
+DISPATCHED_STREAM_ERROR = (
+    "Iterable datasets require `dispatch_batches=False`, but it is set to `True` in `accelerator_config`. Please set "
+    "it to `False`: a streamed set's rows are raw prompts, which accelerate cannot dispatch from the main process, "
+    "and each process reads its own slice of the stream (set accelerator_config={'dispatch_batches': False} in "
+    "the config, or leave it unset)"
+)
 
 
 class RepeatSampler(Sampler[int]):
@@ -83,6 +95,47 @@ def repeated_stream(dataset: IterableDataset, mini_repeat_count: int, batch_size
     return IterableDataset.from_generator(rows)
 
 
+def is_streamed(dataset) -> bool:
+    """``dataset`` is an ``IterableDataset``, or a dict of eval sets (an ``IterableDatasetDict``) holding one."""
+    if isinstance(dataset, dict):
+        return any(isinstance(value, IterableDataset) for value in dataset.values())
+    return isinstance(dataset, IterableDataset)
+
+
+def configure_streams(args, train_dataset, eval_dataset) -> None:
+    """TRL 1.16's set-up for streamed sets, at construction: any streamed set (train or eval) needs
+    ``dispatch_batches=False`` (refused when set True, forced otherwise); a streamed train set is read by one worker,
+    since several would interleave the repeated stream and split the prompt groups. A streamed eval set leaves the
+    workers of a map-style train set alone: its own loader takes one worker (:func:`streamed_eval_dataloader`)."""
+    if not (is_streamed(train_dataset) or is_streamed(eval_dataset)):
+        return
+    if args.accelerator_config.dispatch_batches:
+        raise ValueError(DISPATCHED_STREAM_ERROR)
+    args.accelerator_config.dispatch_batches = False
+    if isinstance(train_dataset, IterableDataset) and args.dataloader_num_workers:
+        logger.warning("an IterableDataset needs dataloader_num_workers=0 to keep prompt groups whole; using 0 (was "
+                       "%d)", args.dataloader_num_workers)
+        args.dataloader_num_workers = 0
+
+
+def streamed_eval_dataloader(trainer, dataset: IterableDataset, num_generations: int) -> DataLoader:
+    """TRL 1.16's loader of a streamed eval set: the stream shuffled with ``args.seed`` (buffered, as TRL's; the
+    map-style eval sampler shuffles too) and each prompt repeated ``num_generations`` times in a row, no sampler.
+    One worker for this loader only (``args`` keeps its value; persistent workers off with it, as a DataLoader
+    refuses them without workers); batches are not dispatched, even for a set first seen by ``evaluate()``."""
+    args = trainer.args
+    if args.accelerator_config.dispatch_batches:
+        raise ValueError(DISPATCHED_STREAM_ERROR)
+    trainer.accelerator.dataloader_config.dispatch_batches = False
+    stream = repeated_stream(dataset, num_generations, 1, 1, shuffle=True, seed=args.seed)
+    workers, persistent = args.dataloader_num_workers, args.dataloader_persistent_workers
+    args.dataloader_num_workers, args.dataloader_persistent_workers = 0, False
+    try:
+        return trainer._get_dataloader(dataset=stream, description="Evaluation", batch_size=args.eval_batch_size)
+    finally:
+        args.dataloader_num_workers, args.dataloader_persistent_workers = workers, persistent
+
+
 def shuffle_rows(batch: dict) -> dict:
     """Permute every ``[N, ...]`` tensor and length-N list of ``batch`` in unison (global torch RNG, as TRL's
     ``shuffle_sequence_dict``, so runs seeded alike draw alike); scalars and None pass through."""
@@ -127,14 +180,36 @@ def zero_std_groups(rewards_N: torch.Tensor, num_generations: int) -> torch.Tens
     return zero_P.repeat_interleave(num_generations)
 
 
-def print_completions(rows: list[tuple[str, str, float, float]], step: int) -> None:
-    """A rich table of ``(prompt, completion, reward, advantage)`` rows (``log_completions=True``)."""
+def _cell(value) -> str:
+    """A table cell: a chat message list as ``ROLE`` lines followed by the content, a float to 3 decimals."""
+    if isinstance(value, list) and all(isinstance(message, dict) for message in value):
+        return "\n\n".join(f"{str(m.get('role', '')).upper()}\n{m.get('content', '')}" for m in value)
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def completion_table(logs: dict, num_samples: int | None = None) -> tuple[list[str], list[list[str]]]:
+    """``(header, rows)`` of the completions table from TRL's ``_logs`` (``grpo_scoring.completion_logs``): prompt,
+    completion, one column per reward function, advantage, then the ``log_extra`` columns (TRL's order); the first
+    ``num_samples`` rows (all when None)."""
+    columns = {"prompt": logs["prompt"], "completion": logs["completion"], **logs["rewards"],
+               "advantage": logs["advantages"], **logs["extra"]}
+    num_rows = len(logs["prompt"]) if num_samples is None else min(num_samples, len(logs["prompt"]))
+    rows = [[_cell(values[i]) if i < len(values) else "" for values in columns.values()] for i in range(num_rows)]
+    return list(columns), rows
+
+
+def print_completions(logs: dict, step: int, num_samples: int | None = None) -> None:
+    """A rich table of :func:`completion_table` (``log_completions=True``)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    header, rows = completion_table(logs, num_samples)
     table = Table(title=f"completions at step {step}", show_lines=True)
-    for column in ("prompt", "completion", "reward", "advantage"):
+    for column in header:
         table.add_column(column)
-    for prompt, completion, reward, advantage in rows:
-        table.add_row(prompt, completion, f"{reward:.3f}", f"{advantage:.3f}")
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))  # Text: brackets in a completion are not rich markup
     Console().print(table)

@@ -11,6 +11,7 @@
 See docs/rewards.md for the calling convention, validation and reward models.
 """
 
+from fusedrl.trainers.rewards.async_loop import BackgroundEventLoop, is_async_callable
 from fusedrl.trainers.rewards.builtin import (
     accuracy_reward,
     digit_accuracy_reward,
@@ -26,6 +27,7 @@ from fusedrl.trainers.rewards.registry import (
     registered_rewards,
     unregister_reward,
 )
+from fusedrl.trainers.rewards.reward_logs import RewardLogBuffer
 from fusedrl.trainers.rewards.scoring import (
     Reward,
     RewardScores,
@@ -37,12 +39,15 @@ from fusedrl.trainers.rewards.scoring import (
 
 __all__ = [
     "BUILTIN_REWARDS",
+    "BackgroundEventLoop",
     "Reward",
+    "RewardLogBuffer",
     "RewardScores",
     "accuracy_reward",
     "digit_accuracy_reward",
     "format_reward",
     "get_reward",
+    "is_async_callable",
     "length_penalty",
     "overlong_penalty",
     "prepare_reward_models",

@@ -4,22 +4,28 @@ validation of what each function returns.
 A reward is one of:
 
 - a registered name (``"accuracy"``; see ``registry.py``);
-- a callable ``fn(prompts, completions, completion_ids, **columns) -> list[float | None]``: ``columns`` are the
-  dataset columns other than ``prompt`` (one value per completion), plus ``trainer_state`` and ``log_metric(name,
-  value)`` (a scalar averaged into the logs); ``None`` marks a row the function does not apply to (multi-task);
+- a callable ``fn(prompts, completions, completion_ids, **columns) -> list[float | None]``, sync or async
+  (``async def`` or an async ``__call__``): ``columns`` are the dataset columns other than ``prompt`` (one value per
+  completion), plus what the trainer adds (GRPO/RLOO: ``trainer_state``, ``log_extra(column, values)`` and
+  ``log_metric(name, value)``, ``reward_logs.py``); ``None`` marks a row the function does not apply to
+  (multi-task). The sync functions run one after the other, then the async ones together (``async_loop.py``);
 - a sequence-classification model (``AutoModelForSequenceClassification``, ``num_labels=1``) or a path/hub id of
   one: it scores ``prompt + completion`` (chat template for conversational data), logit 0, with its own tokenizer.
 
 Validation: a function that raises, returns a non-list, the wrong number of rewards, a non-number, NaN or +-inf
 raises a ValueError naming the function and the row. With ``on_error="skip"`` (``reward_failure="skip"`` in the
 configs) the failing function's rewards for that batch are treated as ``None`` instead (a warning names it and the
-``rewards/<name>/failures`` metric counts it); a completion that every function leaves ``None`` gets advantage 0.
+``rewards/<name>/failures`` metric counts it); a completion that every function leaves ``None`` gets advantage 0,
+and TRL's warning names the first such row's columns, prompt and completion (once per batch).
 
 Legend: N completions, F reward functions.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -29,6 +35,7 @@ import torch
 
 from fusedrl.trainers.models import pretrained_kwargs
 from fusedrl.trainers.online.rollout import is_conversational_prompt
+from fusedrl.trainers.rewards.async_loop import run_coroutine
 from fusedrl.trainers.rewards.registry import get_reward, registered_rewards
 
 logger = logging.getLogger("fusedrl")
@@ -182,33 +189,80 @@ def _model_rewards(reward: Reward, prompts: list, completions: list, device) -> 
     return logits[:, 0].float().to(device)
 
 
+def _call_reward(func, **kwargs):
+    """``func(**kwargs)``: its return value (a coroutine for an async function), or the exception it raised."""
+    try:
+        return func(**kwargs)
+    except Exception as error:  # noqa: BLE001 - any failure inside user code is reported with the function's name
+        return error
+
+
+def _called(reward: Reward, output, num_rows: int, device) -> torch.Tensor:
+    """``[N]`` fp32 rewards of ``output`` (what the function returned, or the exception it raised), validated;
+    ValueError naming the function otherwise."""
+    if isinstance(output, Exception):  # any failure inside user code is reported with the function's name
+        raise ValueError(f"reward function '{reward.name}' raised {type(output).__name__}: {output}") from output  # noqa: TRY004
+    return torch.tensor(_checked(reward.name, output, num_rows), dtype=torch.float32, device=device)
+
+
+async def _await_all(awaitables: list) -> list:
+    """The results of ``awaitables``, awaited together; an exception is returned in its awaitable's place, so one
+    failing function neither cancels nor hides the others."""
+    return await asyncio.gather(*awaitables, return_exceptions=True)
+
+
+def _warn_unscorable(rewards_NF: torch.Tensor, prompts: list, completions: list, columns: dict[str, list]) -> None:
+    """TRL's warning for the first completion that every reward left None: its dataset columns, prompt and
+    completion (not the trainer's own kwargs: ``trainer_state``, ``log_extra``, ``log_metric``)."""
+    unscorable = rewards_NF.isnan().all(1)
+    if not unscorable.any():
+        return
+    row = int(unscorable.nonzero()[0, 0])
+    row_kwargs = {key: values[row] for key, values in columns.items()}
+    row_kwargs["prompt"], row_kwargs["completion"] = prompts[row], completions[row]
+    logger.warning("All reward functions returned None for the following kwargs:\n%s\n"
+                   "Please ensure that at least one reward function returns a valid reward.", row_kwargs)
+
+
 def score_completions(rewards: Sequence[Reward], *, prompts: list, completions: list,
                       completion_ids: list[list[int]], columns: dict[str, list] | None = None,
                       extra_kwargs: dict | None = None, on_error: str = "raise",
-                      device: torch.device | str = "cpu") -> RewardScores:
+                      device: torch.device | str = "cpu", async_loop=None) -> RewardScores:
     """Run every reward on the N completions (see the module docstring); ``columns`` are the dataset columns, one
-    list of N values each; ``extra_kwargs`` are passed as they are (``trainer_state``, ``log_metric``)."""
+    list of N values each; ``extra_kwargs`` are passed as they are (``trainer_state``, ``log_extra``,
+    ``log_metric``). Async functions run together on ``async_loop`` (an event loop running in another thread, the
+    trainer's ``async_loop``), or without one on a fresh loop in a worker thread."""
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error (reward_failure) must be one of {ON_ERROR}, got {on_error!r}")
     num_rows = len(prompts)
-    kwargs = {**(columns or {}), **(extra_kwargs or {})}
+    columns = columns or {}
+    call = functools.partial(_call_reward, prompts=prompts, completions=completions, completion_ids=completion_ids,
+                             **columns, **(extra_kwargs or {}))
     rewards_NF = torch.full((num_rows, len(rewards)), math.nan, dtype=torch.float32, device=device)
-    failures = {}
+    outputs = {}  # reward index -> returned value (a coroutine for an async function) or raised exception
     for i, reward in enumerate(rewards):
         if reward.is_model:
             rewards_NF[:, i] = _model_rewards(reward, prompts, completions, device)
-            continue
+        else:
+            outputs[i] = call(reward.func)
+    # The async functions' coroutines (and any awaitable a sync wrapper returned) run together once the sync ones
+    # have run, as in TRL; an awaitable left unawaited would be a silently missing reward.
+    awaited = [i for i, output in outputs.items() if inspect.isawaitable(output)]
+    if awaited:
+        results = run_coroutine(_await_all([outputs[i] for i in awaited]), async_loop)
+        for i, result in zip(awaited, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result  # cancellation, KeyboardInterrupt: not a reward function's failure
+            outputs[i] = result
+    failures = {}
+    for i, output in outputs.items():
         try:
-            try:
-                output = reward.func(prompts=prompts, completions=completions, completion_ids=completion_ids,
-                                     **kwargs)
-            except Exception as error:  # any failure inside user code is reported with the function's name
-                raise ValueError(f"reward function '{reward.name}' raised {type(error).__name__}: {error}") from error
-            rewards_NF[:, i] = torch.tensor(_checked(reward.name, output, num_rows), dtype=torch.float32,
-                                            device=device)
+            rewards_NF[:, i] = _called(rewards[i], output, num_rows, device)
         except ValueError as error:
             if on_error == "raise":
                 raise
-            failures[reward.name] = str(error)
+            failures[rewards[i].name] = str(error)
             logger.warning("%s; its rewards for this batch count as None (reward_failure='skip')", error)
+    _warn_unscorable(rewards_NF, prompts, completions, columns)
     return RewardScores(rewards_NF, failures)
+
