@@ -14,7 +14,7 @@ modules have their own).
 
 from __future__ import annotations
 
-from benchmarks.ops import ddim, gae, logprobs, multi_lora, policy, preference
+from benchmarks.ops import ddim, gae, logprobs, multi_lora, policy, preference, shared_prefix
 from benchmarks.spec import Case, Target, TrainerCase
 
 __all__ = ["CASES", "ISSUE15_START", "START_COMMIT", "Case", "Target", "TrainerCase", "by_name", "select"]
@@ -352,7 +352,8 @@ MULTI_ADAPTER_CASES: tuple[TrainerCase, ...] = (
 )
 
 CASES: tuple[Case | TrainerCase, ...] = (
-    *logprobs.CASES, *preference.CASES, *gae.CASES, *policy.CASES, *ddim.CASES, *multi_lora.CASES, *TRAINER_CASES,
+    *logprobs.CASES, *preference.CASES, *gae.CASES, *policy.CASES, *ddim.CASES, *multi_lora.CASES, *shared_prefix.CASES,
+    *TRAINER_CASES,
     *DIFFUSION_CASES, *MULTI_ADAPTER_CASES,
 )
 

@@ -45,6 +45,24 @@ def _availability_shims() -> None:
 _availability_shims()
 
 
+_LIGER_REASON = "test requires liger-kernel"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Liger's kernels are Triton kernels: without a GPU, TRL's ``require_liger_kernel`` tests (skipped by TRL only when
+    liger-kernel is not installed) would run them and fail with Triton's "0 active drivers"; worse, Liger patches the
+    model classes it touches for the rest of the process, so every later test of those architectures failed too.
+    Without CUDA they are skipped, as on a TRL CI runner without liger-kernel."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="liger-kernel needs a GPU (Triton); trl_suite skips it on CPU")
+    for item in items:
+        if any(mark.name == "skipif" and mark.kwargs.get("reason") == _LIGER_REASON for mark in item.iter_markers()):
+            item.add_marker(skip)
+
+
 def pytest_addoption(parser):
     parser.addoption("--suite-timeout", type=float, default=0.0,
                      help="trl_suite: fail a test after this many seconds (0 = no limit)")

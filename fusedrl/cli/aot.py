@@ -239,23 +239,27 @@ def policy_specs(num_cols: int = REPRESENTATIVE_COMPLETION) -> list[KernelSpec]:
     from fusedrl.ops.policy import triton as triton_loss
 
     block, num_warps = triton_loss.launch_config(num_cols)
-    pointers = ("logps_ptr", "old_ptr", "ratio_ptr", "adv_ptr", "mask_ptr", "row_scale_ptr", "keep_ptr", "ref_ptr",
-                "loss_ptr", "grad_ptr", "slope_ptr", "kl_ptr", "low_ptr", "high_ptr")
+    pointers = ("logps_ptr", "old_ptr", "ratio_ptr", "log_w_ptr", "adv_ptr", "mask_ptr", "row_scale_ptr", "keep_ptr",
+                "ref_ptr", "loss_ptr", "grad_ptr", "slope_ptr", "kl_ptr", "low_ptr", "high_ptr")
     signature = {**{name: "*fp32" for name in pointers}, "num_cols": "i32",
-                 **{name: "fp32" for name in ("beta", "clip_low", "clip_high", "delta")},
-                 **{name: "constexpr" for name in ("KL", "SEQUENCE", "ADV_PER_TOKEN", "HAS_KEEP", "HAS_REF",
-                                                   "BLOCK_T")}}
+                 **{name: "fp32" for name in ("beta", "clip_low", "clip_high", "delta", "p0", "p1", "p2", "p3")},
+                 **{name: "constexpr" for name in ("KL", "OBJECTIVE", "DIRECT", "SEQUENCE", "ADV_PER_TOKEN",
+                                                   "HAS_KEEP", "HAS_REF", "BLOCK_T")}}
     specs = []
-    for label, sequence, full in (("token", False, False), ("token,k3,keep,adv_BT", False, True),
-                                  ("sequence,k3,keep,adv_BT", True, True)):
-        # logps, old, mask (+ adv, keep, ref) in, the gradient out; per row: row scale (+ [B] adv), five results.
+    for label, objective, sequence, full in (("token", "clip", False, False),
+                                             ("token,k3,keep,adv_BT", "clip", False, True),
+                                             ("sequence,k3,keep,adv_BT", "clip", True, True),
+                                             ("token,vespo", "vespo", False, False)):
+        # logps, old, mask (+ adv, keep, ref) in, the gradient out; per row: row scale (+ [B] adv) (+ VESPO's
+        # log-weight), five results.
         token_bytes = 4 * (3 + 3 * full + 1)
-        row_bytes = 4 * (1 + (not full) + 5)
+        row_bytes = 4 * (1 + (not full) + (objective == "vespo") + 5)
         specs.append(KernelSpec(
             name=f"policy_fwd[{label}]",
             kernel=triton_loss._policy_fwd_kernel,
             signature=signature,
-            constexprs={"KL": triton_loss.KL_CODES["k3"], "SEQUENCE": sequence, "ADV_PER_TOKEN": full,
+            constexprs={"KL": triton_loss.KL_CODES["k3"], "OBJECTIVE": triton_loss.OBJECTIVE_CODES[objective],
+                        "DIRECT": objective in ("cispo", "vespo"), "SEQUENCE": sequence, "ADV_PER_TOKEN": full,
                         "HAS_KEEP": full, "HAS_REF": full, "BLOCK_T": block},
             num_warps=num_warps,
             divisible_by_16=(*pointers, "num_cols"),

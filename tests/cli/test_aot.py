@@ -78,6 +78,8 @@ EXPECTED_MODELLED = {
     "policy_fwd[token,k3,keep,adv_BT]": 4 * 7 + 4 * 6 / _T,
     # The kernel skips old (no per-token ratio) and reads the row's ratio; the torch pre-pass adds 31 B per token.
     "policy_fwd[sequence,k3,keep,adv_BT]": 4 * 6 + 4 * 7 / _T + 31,
+    # As token, + VESPO's [B] row log-weight (its torch pre-pass over the row's log-ratios is not modelled).
+    "policy_fwd[token,vespo]": 4 * 4 + 4 * 8 / _T,
     # Per latent element: model output, sample and noise in, the draw out (bf16); per program of 1024 elements two
     # fp32 alphas in and the block's partial log-prob out; the torch sum reads 16 partials and writes one per sample.
     "ddim_fwd[bf16,draw]": 2 * 4 + 12 / 1024 + 4 * 17 / _LATENT,

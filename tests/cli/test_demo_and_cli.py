@@ -106,8 +106,9 @@ def test_bench_runs_the_checkout_suite_in_a_subprocess(capfd):
         "linear_logprobs_entropy", "linear_logprobs_entropy.half_labelled", "linear_logprobs",
         "linear_logprobs.half_labelled", "logprobs_entropy", "linear_preference.dpo_sigmoid", "gae",
         "linear_policy_loss.grpo", "ddim_step_logprob.score", "ddim_step_logprob.draw", "multi_lora_linear",
+        "shared_prefix_attention", "shared_prefix_attention.no_grad",
         "dpo_trainer", "dpo_trainer.bf16", "dpo_trainer_long", "dpo_trainer_long.bf16", "dpo_compile",
-        "grpo_trainer", "grpo_trainer_long", "ddpo_trainer", "alignprop_trainer", "multi_adapter_trainer",
+        "grpo_trainer", "grpo_trainer_g8", "grpo_trainer_long", "ddpo_trainer", "alignprop_trainer", "multi_adapter_trainer",
     ]
     assert "benchmarks" not in sys.modules
 

@@ -59,6 +59,12 @@ def _online_argv(trainer: str, data: Path, per_process: int, output_dir: Path) -
             "--max_steps", "3", "--logging_steps", "1", "--learning_rate", "1e-2", "--report_to", "none",
             "--save_strategy", "no", "--seed", "0", "--disable_tqdm", "True", "--rank_invariant_sampling", "True",
             "--reward_funcs", distributed.REWARD_NAME, str(data / "reward_model"), "--output_dir", str(output_dir)]
+    if trainer == "rloo":
+        # The plain layout: with shared prefixes the 2-process run (one prompt group per process) and the 1-process
+        # run (both groups in one layout) drift apart by fp32 rounding that 2 steps at lr 1e-2 (step 2 fully clipped)
+        # amplify to 1.7e-5 in step 3's grad_norm and 7.8e-5 in its k1 KL mean (measured; SDPA itself is batch
+        # invariant, checked). GRPO, PPO and online DPO keep the default shared layout and stay within 1e-5.
+        argv = [*argv, "--shared_prefix", "False"]
     if trainer in ("grpo", "rloo"):
         # 2 prompts x 4 completions per step, each round used twice (old log-probs, clipping); 20 tokens: some end
         # early, so the processes hold different token counts; beta != 0: a (sharded) reference too.
