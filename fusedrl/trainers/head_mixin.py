@@ -57,7 +57,10 @@ class FusedHeadMixin:
         # inside. A bf16 matmul is ~4x an fp32 one on this CPU's AMX (537 vs 133 GFLOP/s) and on tensor cores. The
         # cast is differentiable, so the fp32 master weight gets its gradient; it costs one [V, H] copy per call, as
         # autocast's own would. fp16 stays fp32: fp16 logits tiles could overflow (65504) where bf16's cannot.
-        if self.accelerator.mixed_precision == "bf16" and weight_VH.dtype == torch.float32:
+        # GRPO's cast_lm_head_to_fp32 (ScaleRL) asks for the fp32 head instead: the weight stays fp32, and the
+        # trainers hand it hidden states in the weight's dtype.
+        fp32_head = getattr(self.args, "cast_lm_head_to_fp32", False)
+        if self.accelerator.mixed_precision == "bf16" and weight_VH.dtype == torch.float32 and not fp32_head:
             weight_VH = weight_VH.to(torch.bfloat16)
             bias_V = None if bias_V is None else bias_V.to(torch.bfloat16)
         return weight_VH, bias_V

@@ -17,8 +17,13 @@ from fusedrl.trainers.adapters.named import REF_ADAPTER, check_adapter_names, cr
 
 logger = logging.getLogger("fusedrl")
 
-__all__ = ["REF_ADAPTER", "check_plain_head", "check_vocab_fits", "disable_dropout", "head_logit_multiplier",
-           "load_causal_lm", "load_tokenizer", "prepare_model", "pretrained_kwargs", "tokenizer_of"]
+__all__ = ["CAST_LM_HEAD_PEFT_ERROR", "REF_ADAPTER", "check_plain_head", "check_vocab_fits", "disable_dropout",
+           "head_logit_multiplier", "load_causal_lm", "load_tokenizer", "prepare_model", "pretrained_kwargs",
+           "tokenizer_of"]
+# TRL 1.16's refusal of GRPO's cast_lm_head_to_fp32 with an adapted lm_head, in its words (prepare_model, grpo_setup).
+CAST_LM_HEAD_PEFT_ERROR = (
+    "`cast_lm_head_to_fp32=True` is not supported when the lm_head carries a PEFT adapter (e.g. `target_modules` "
+    "includes `lm_head`). Remove `lm_head` from the adapter's target modules, or set `cast_lm_head_to_fp32=False`.")
 # Config attributes through which some architectures rescale or soft-cap their logits. The fused head projects with
 # the plain LM-head weight, so such a model would silently get wrong log-probs; it is refused instead, unless the
 # transform is a constant factor (_LINEAR_LOGIT_SCALES).
@@ -224,8 +229,11 @@ def prepare_model(model, args, processing_class, *, peft_config, ref_model, quan
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         if isinstance(model.get_base_model().get_output_embeddings(), BaseTunerLayer):
-            raise ValueError("a PEFT adapter on lm_head is not supported: the fused head reads lm_head.weight "
-                             "directly, so the adapter would never train; remove 'lm_head' from target_modules")
+            # GRPO's cast_lm_head_to_fp32 has TRL's own refusal of an adapted head: its words first (TRL's tests).
+            trl_words = CAST_LM_HEAD_PEFT_ERROR + " fusedrl: " if getattr(args, "cast_lm_head_to_fp32", False) else ""
+            raise ValueError(trl_words + "a PEFT adapter on lm_head is not supported: the fused head reads "
+                             "lm_head.weight directly, so the adapter would never train; remove 'lm_head' from "
+                             "target_modules")
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
     return model, processing_class

@@ -505,7 +505,7 @@ def test_opcheck(backend):
     torch.library.opcheck(policy_head.linear_policy_rows_op, (
         hidden, weight, bias, labels, torch.randn(4, 9), torch.randn(4), mask, torch.full((4,), 0.05),
         torch.randn(4, 9), 0.04, 0.2, 0.28, float("inf"), True, "k3", True, False, 1.0, True, [True, True, True],
-        "compiled", "clip", [0.0] * 4, None, backend))
+        "compiled", "clip", [0.0] * 4, None, 0.1, backend))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

@@ -11,7 +11,9 @@ Backends of the ``policy_loss`` op (``reference.py`` documents every formula, TR
 Both custom-op backends compute ``d loss / d logps`` in the forward pass (``[B, T]`` floats, the loss is elementwise
 given per-row quantities), so the backward is one multiply. The aggregation (``loss_type``) is folded into a
 per-row weight and the top-entropy mask (a quantile over the whole batch) is computed in torch before the launch
-(``compiled.high_entropy_keep``: a sort, no data-dependent shapes). Every ``loss_type`` runs on every backend: the
+(``compiled.high_entropy_keep``: a sort, no data-dependent shapes); the off-policy sequence mask
+(``off_policy_mask_threshold``, ``reference.off_policy_keep``) is a per-row pre-pass multiplied into the same ``keep``
+(both scale the policy term only). Every ``loss_type`` runs on every backend: the
 custom op takes the loss type's objective (``compiled.OBJECTIVES``: clip, cispo, sapo, vespo) and its parameters;
 the sequence-level pieces (GSPO's mean log-ratio, VESPO's clamped log-ratio sum) are per-row pre-passes, so no loss
 type leaves the per-row weight scheme. The entropy bonus (``entropy_coef``) is a masked mean of ``entropy_BT``: plain
@@ -160,6 +162,7 @@ def policy_loss(
     vespo_lambda_pos: float = 3.0,
     vespo_k_neg: float = 3.0,
     vespo_lambda_neg: float = 2.0,
+    off_policy_mask_threshold: float | None = None,
 ) -> PolicyLoss:
     """TRL 1.16's GRPO loss (``GRPOTrainer._compute_loss``, every ``loss_type``: grpo / bnpo / dr_grpo / dapo /
     cispo / sapo / luspo / vespo; ``reference.py`` gives each formula).
@@ -175,7 +178,9 @@ def policy_loss(
     per process and accumulation window; default: this call's tokens); ``entropy_BT`` + ``top_entropy_quantile``
     < 1: keep the policy term of the top-entropy tokens only; ``entropy_coef`` (float or 0-d tensor): subtract
     ``entropy_coef`` times the mean of ``entropy_BT`` over the tokens the policy term acts on (gradient into
-    ``entropy_BT``; needs it); ``sapo_temperature_*`` and ``vespo_*``: TRL's parameters of those loss types.
+    ``entropy_BT``; needs it); ``sapo_temperature_*`` and ``vespo_*``: TRL's parameters of those loss types;
+    ``off_policy_mask_threshold``: drop the policy term of each negative-advantage sequence whose mean
+    ``old - logps`` exceeds it (TRL's off-policy sequence mask; ``reference.off_policy_keep``).
     Returns :class:`PolicyLoss`; the loss runs on the ``policy_loss`` backend.
     """
     check_policy_request(
@@ -185,7 +190,7 @@ def policy_loss(
         num_items_in_batch=num_items_in_batch, entropy_BT=entropy_BT, top_entropy_quantile=top_entropy_quantile,
         entropy_coef=entropy_coef, sapo_temperature_pos=sapo_temperature_pos,
         sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
-        vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg,
+        vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg, off_policy_mask_threshold=off_policy_mask_threshold,
     )
     type_params = {"sapo_temperature_pos": sapo_temperature_pos, "sapo_temperature_neg": sapo_temperature_neg,
                    "vespo_k_pos": vespo_k_pos, "vespo_lambda_pos": vespo_lambda_pos, "vespo_k_neg": vespo_k_neg,
@@ -198,7 +203,7 @@ def policy_loss(
             importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator, loss_type=loss_type,
             max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
             entropy_BT=entropy_BT, top_entropy_quantile=top_entropy_quantile, entropy_coef=entropy_coef,
-            **type_params,
+            off_policy_mask_threshold=off_policy_mask_threshold, **type_params,
         )
         return PolicyLoss(out.loss, out.kl, out.clip_ratio_low, out.clip_ratio_high, out.clip_ratio_region,
                           out.entropy, out.phi_mean, out.bonus_entropy_sum, out.bonus_tokens)
@@ -207,12 +212,16 @@ def policy_loss(
     sequence = importance_sampling_level == "sequence"
     objective = reference.OBJECTIVES[loss_type]
     params = compiled.objective_params(objective, epsilon_high=epsilon_high, **type_params)
-    keep = None
+    entropy_keep = None
     if entropy_BT is not None and top_entropy_quantile < 1.0:
-        keep = compiled.high_entropy_keep(entropy_BT.detach().float(), mask, top_entropy_quantile)
+        entropy_keep = compiled.high_entropy_keep(entropy_BT.detach().float(), mask, top_entropy_quantile)
     old = logps.detach() if old_logps_BT is None else old_logps_BT.detach().float()
     ref = None if ref_logps_BT is None else ref_logps_BT.detach().float()
     adv = advantages.detach().float().contiguous()
+    keep = entropy_keep
+    if off_policy_mask_threshold is not None:  # the bonus's tokens stay the entropy mask's, as TRL's
+        off_policy = reference.off_policy_keep(adv, logps, old, mask, off_policy_mask_threshold).expand_as(logps)
+        keep = (off_policy if keep is None else keep * off_policy).contiguous()
     loss_B, _, _, kl_B, low_B, high_B = _policy_rows_op(
         logps, old.contiguous(), adv, mask.contiguous(),
         _row_scale(mask, loss_type, max_completion_length, num_items_in_batch), keep,
@@ -222,7 +231,7 @@ def policy_loss(
     loss = loss_B.sum()
     bonus_sum = bonus_tokens = None
     if entropy_BT is not None:
-        bonus, bonus_sum, bonus_tokens = reference.entropy_bonus(entropy_BT, mask, keep)
+        bonus, bonus_sum, bonus_tokens = reference.entropy_bonus(entropy_BT, mask, entropy_keep)
         if _bonus_on(entropy_coef):
             loss = loss - entropy_coef * bonus
     phi_mean = fused_head.phi_mean(logps.detach(), old, mask, adv, params) if objective == "vespo" else None
@@ -270,6 +279,7 @@ def linear_policy_loss(
     weight and bias through the entropies (the returned ``entropy`` stays detached).
     ``sum_log_probs``: the loss sees one log-prob per row, the sum over its masked tokens (RLOO's sequence ratio);
     ``old_logps_BT`` is then ``[B, 1]`` (summed likewise) and the loss's mask is ones ``[B, 1]``.
+    ``off_policy_mask_threshold`` (a :func:`policy_loss` keyword) needs per-token log-probs (not ``sum_log_probs``).
     ``ratio_weighted``: the ``beta`` KL term is TRL's ratio-weighted one (:func:`ratio_weighted_kl`, GRPO's
     ``use_bias_correction_kl``), and the ``kl`` metric its masked mean; needs ``ref_logps_BT``.
     Every other keyword is :func:`policy_loss`'s (``ref_logps_BT``, ``beta``, ``loss_type``, ...).
@@ -292,6 +302,9 @@ def linear_policy_loss(
     if ratio_weighted and (sum_log_probs or loss_options.get("ref_logps_BT") is None):
         raise ValueError("ratio_weighted=True weights a per-token KL term: it needs ref_logps_BT and per-token "
                          "log-probs (sum_log_probs=False)")
+    if sum_log_probs and loss_options.get("off_policy_mask_threshold") is not None:
+        raise ValueError("off_policy_mask_threshold masks sequences by the mean gap of their per-token log-probs: it "
+                         "needs sum_log_probs=False (TRL's RLOO has no off-policy mask)")
     labels_BT = completion_ids_BT.masked_fill(~mask_BT.bool(), -100)
     if fused and loss_options.get("top_entropy_quantile", 1.0) >= 1.0:
         head_backend = dispatch.traced_backend("linear_logprobs", hidden_BTH.device)

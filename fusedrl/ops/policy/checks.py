@@ -91,7 +91,8 @@ def check_policy_request(logps_BT, old_logps_BT, advantages, mask_BT, *, ref_log
                          epsilon_high, delta, importance_sampling_level, kl_estimator, loss_type,
                          max_completion_length, num_items_in_batch, entropy_BT, top_entropy_quantile,
                          entropy_coef=0.0, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
-                         vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0) -> None:
+                         vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0,
+                         off_policy_mask_threshold=None) -> None:
     _check_logps(logps_BT, old_logps_BT)
     _check_like("mask_BT", mask_BT, logps_BT, floating=False)
     checks.check_float("advantages", advantages)
@@ -122,6 +123,8 @@ def check_policy_request(logps_BT, old_logps_BT, advantages, mask_BT, *, ref_log
     _check_loss_type_params(sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
                             vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
                             vespo_lambda_neg=vespo_lambda_neg)
+    if off_policy_mask_threshold is not None:  # NaN would compare False and silently drop sequences
+        _check_number("off_policy_mask_threshold", off_policy_mask_threshold, low=-math.inf)
 
 
 def check_ratio_kl_request(logps_BT, old_logps_BT, ref_logps_BT, mask_BT, *, importance_sampling_level,

@@ -13,7 +13,9 @@ and the normaliser, both known before the head runs), so each row's loss and ``d
 alone: chunks hold whole rows, and once a chunk's tiles exist its rows go through the per-row loss, whose gradient
 (plus the sequence-level slope on every masked token) is each token's upstream gradient. The top-entropy mask
 (a quantile over the whole batch) couples the rows: the caller takes the unfused path for it. Every loss type fits:
-its objective and parameters go to the per-row loss, VESPO's weight and GSPO's ratio are per-row pre-passes. The
+its objective and parameters go to the per-row loss, VESPO's weight and GSPO's ratio are per-row pre-passes, and so
+is the off-policy sequence mask (``off_policy_threshold``: each row's mean gap to its old log-probs, known once the
+row's log-probs are, handed to the rows as their ``keep``). The
 entropy bonus (``entropy_coef``) is ``-c * sum of the labelled tokens' entropies / their count`` (count known before
 the head runs, as the top-entropy mask, which would change it, takes the unfused path): each token's entropy
 gradient is the constant ``-c / count``, handed to the head's backward beside the log-prob gradient.
@@ -31,7 +33,7 @@ import torch
 from fusedrl.ops import dispatch
 from fusedrl.ops.logprobs import fused as head
 from fusedrl.ops.policy import compiled
-from fusedrl.ops.policy.reference import AGGREGATIONS, OBJECTIVES, entropy_bonus
+from fusedrl.ops.policy.reference import AGGREGATIONS, OBJECTIVES, entropy_bonus, off_policy_keep
 
 
 def row_scale(mask_BT: torch.Tensor, loss_type: str, max_completion_length, num_items_in_batch) -> torch.Tensor:
@@ -113,7 +115,8 @@ def _policy_rows_fn(loss_backend: str):
 
 def _run(rows: head.RowFunctions, hidden, weight, bias, labels, old, advantages, mask, scale_B, ref, beta,
          epsilon_low, epsilon_high, delta, sequence, kl_estimator, ratio_kl, sum_tokens, inv_temperature,
-         with_entropy, needs_input_grad, loss_backend, objective, objective_params, entropy_coef):
+         with_entropy, needs_input_grad, loss_backend, objective, objective_params, entropy_coef,
+         off_policy_threshold):
     num_rows, num_cols = labels.shape
     device = hidden.device
     labelled_BT = labels != -100
@@ -145,9 +148,13 @@ def _run(rows: head.RowFunctions, hidden, weight, bias, labels, old, advantages,
         logps_bU = (tokens_bT * rows_of(labelled_BT)).sum(-1, keepdim=True) if sum_tokens else tokens_bT
         # On-policy (no old log-probs): old = logps, ratio 1; a copy, as compiled.policy_rows makes for ref.
         old_bU = logps_bU.clone() if old is None else rows_of(old)
-        ref_bU, mask_bU, scale_b = rows_of(ref), rows_of(mask), rows_of(scale_B)
+        ref_bU, mask_bU, scale_b, adv_b = rows_of(ref), rows_of(mask), rows_of(scale_B), rows_of(advantages)
+        keep_bU = None
+        if off_policy_threshold is not None:  # the rows' old log-probs are the sampling ones
+            keep_bU = off_policy_keep(adv_b, logps_bU, old_bU, mask_bU, off_policy_threshold).expand_as(logps_bU)
+            keep_bU = keep_bU.contiguous()
         loss_b, grad_bU, slope_b, kl_b, low_b, high_b = policy_rows(
-            logps_bU, old_bU, rows_of(advantages), mask_bU, scale_b, None, None if ratio_kl else ref_bU,
+            logps_bU, old_bU, adv_b, mask_bU, scale_b, keep_bU, None if ratio_kl else ref_bU,
             0.0 if ratio_kl else beta, epsilon_low, epsilon_high, delta, sequence, kl_estimator, objective,
             objective_params,
         )
@@ -190,7 +197,7 @@ def linear_policy_rows_compiled(
     ref: torch.Tensor | None, beta: float, epsilon_low: float, epsilon_high: float, delta: float, sequence: bool,
     kl_estimator: str, ratio_kl: bool, sum_tokens: bool, inv_temperature: float, with_entropy: bool,
     needs_input_grad: list[bool], loss_backend: str, objective: str, objective_params: list[float],
-    entropy_coef: torch.Tensor | None,
+    entropy_coef: torch.Tensor | None, off_policy_threshold: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
     """The compiled backend of ``fusedrl::linear_policy_loss_rows`` (its signature is the schema): ``(loss,
@@ -200,13 +207,13 @@ def linear_policy_rows_compiled(
     scale_B ``[B]`` (:func:`row_scale`); all fp32. ``ratio_kl``: the KL term is TRL's ratio-weighted one
     (:func:`ratio_kl_rows`) and ``kl_B`` its sums. ``objective`` / ``objective_params``: as
     ``compiled.policy_rows``. ``entropy_coef``: a 0-d tensor adds the entropy bonus (needs ``with_entropy``), None
-    none."""
+    none. ``off_policy_threshold``: TRL's off-policy sequence mask (``reference.off_policy_keep``), None none."""
     from fusedrl.ops.logprobs import compiled as rows
 
     return _run(head.RowFunctions(rows.rows_fwd, rows.rows_bwd, rows.rows_stats), hidden, weight, bias, labels, old,
                 advantages, mask, scale_B, ref, beta, epsilon_low, epsilon_high, delta, sequence, kl_estimator,
                 ratio_kl, sum_tokens, inv_temperature, with_entropy, needs_input_grad, loss_backend, objective,
-                objective_params, entropy_coef)
+                objective_params, entropy_coef, off_policy_threshold)
 
 
 def linear_policy_rows_triton(*args):
@@ -217,7 +224,7 @@ def linear_policy_rows_triton(*args):
 
 def _fake(hidden, weight, bias, labels, old, advantages, mask, scale_B, ref, beta, epsilon_low, epsilon_high,
           delta, sequence, kl_estimator, ratio_kl, sum_tokens, inv_temperature, with_entropy, needs_input_grad,
-          loss_backend, objective, objective_params, entropy_coef):
+          loss_backend, objective, objective_params, entropy_coef, off_policy_threshold):
     tokens = hidden.new_empty(labels.shape, dtype=torch.float32)
     per_row = hidden.new_empty(labels.shape[:1], dtype=torch.float32)
 
@@ -230,7 +237,7 @@ def _fake(hidden, weight, bias, labels, old, advantages, mask, scale_B, ref, bet
 
 
 def _backward(ctx, grad_loss, *_unused):
-    return head.scaled_head_gradients(ctx, grad_loss, num_inputs=24)  # only hidden, weight and bias have gradients
+    return head.scaled_head_gradients(ctx, grad_loss, num_inputs=25)  # only hidden, weight and bias have gradients
 
 
 linear_policy_rows_op = dispatch.define_op(
@@ -266,6 +273,7 @@ def fused_policy_loss(hidden_BTH, weight_VH, bias, labels_BT, mask_BT, old_logps
         float("inf") if delta is None else float(delta), sequence, options["kl_estimator"], ratio_kl, sum_tokens,
         1.0 / temperature, with_entropy, head.needs_gradients(hidden_BTH, weight_VH, bias), loss_backend, objective,
         params, torch.as_tensor(coef, dtype=torch.float32, device=hidden_BTH.device).reshape(()) if bonus_on else None,
+        None if options["off_policy_mask_threshold"] is None else float(options["off_policy_mask_threshold"]),
         head_backend,
     )
     loss, logps_BT, entropy_BT, kl_B, low_B, high_B = out[:6]

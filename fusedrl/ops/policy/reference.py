@@ -7,7 +7,7 @@ Legend: B sequences (completions), T completion positions.
 Per token, with ``r`` the importance ratio ``pi / pi_old``, ``A`` the advantage and ``pg`` the loss type's
 objective (below)::
 
-    per_token_loss = pg  [* keep]  + beta * kl
+    per_token_loss = pg  [* off_policy_keep]  [* keep]  + beta * kl
 
 The clipped objective (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``luspo``)::
 
@@ -32,6 +32,11 @@ two-sided clipping) caps the unclipped ratio from above whatever the sign of ``A
 the clipped ratio, and its clip metrics then read the capped ratio, as here. ``keep`` is the top-entropy mask: with
 ``top_entropy_quantile = rho < 1`` only tokens whose entropy is at or above the ``1 - rho`` quantile of the batch's
 masked entropies (``torch.quantile``, linear interpolation) keep their policy term; the KL term is not masked.
+``off_policy_keep`` is DeepSeek-V3.2's off-policy sequence mask (``off_policy_mask_threshold = delta``, TRL's
+``get_off_policy_mask``): a sequence keeps its policy term when ``A >= 0`` or when the mean over its masked tokens of
+``old_logp - logp`` (the sampling policy's log-probs minus the current ones, detached; NaN gaps count 0) is at most
+``delta``. Like ``keep`` it scales the policy term only: the KL term, the aggregation's token counts, the entropy
+bonus and the metrics still see every masked token, as in TRL.
 
 KL estimators (``d = logp - ref_logp``): ``k1 = d``, ``k2 = d^2 / 2``, ``k3 = exp(-d) + d - 1`` (TRL's, the default).
 
@@ -126,6 +131,20 @@ def high_entropy_mask(entropy_BT: torch.Tensor, mask_BT: torch.Tensor, top_entro
     return (entropy_BT.float() * mask_BT >= threshold) & mask_BT
 
 
+def off_policy_keep(advantages: torch.Tensor, logps_BT: torch.Tensor, sampling_logps_BT: torch.Tensor,
+                    mask_BT: torch.Tensor, threshold: float) -> torch.Tensor:
+    """TRL 1.16's ``GRPOTrainer.get_off_policy_mask``: fp32 ``[B, 1]`` (``[B, T]`` with ``[B, T]`` advantages), 1
+    keeps the sequence's policy term, 0 drops it (advantage < 0 and mean ``sampling - logps`` over the mask above
+    ``threshold``). Example: mask [1, 1, 0], sampling 0, logps [-2, -2, 1e4], A = -1, threshold 1: mean KL 2 > 1
+    -> 0 (the padded 1e4 never counts); with logps [-0.5, -0.5, ...] the mean is 0.5 -> 1."""
+    mask = mask_BT.float()
+    kl_BT = torch.nan_to_num(sampling_logps_BT.float() - logps_BT.detach().float(), nan=0.0)
+    mean_kl_B1 = (kl_BT * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    adv = advantages.float()
+    adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
+    return ((adv >= 0) | (mean_kl_B1 <= threshold)).float()
+
+
 def aggregate(per_token_loss: torch.Tensor, mask_BT: torch.Tensor, loss_type: str, *,
               max_completion_length: int | None = None, num_items_in_batch=None) -> torch.Tensor:
     """Reduce a ``[B, T]`` (or ``[B, 1]``) per-token loss to the scalar of ``loss_type``'s aggregation (see the
@@ -218,6 +237,7 @@ def policy_loss_reference(
     vespo_lambda_pos: float = 3.0,
     vespo_k_neg: float = 3.0,
     vespo_lambda_neg: float = 2.0,
+    off_policy_mask_threshold: float | None = None,
 ) -> PolicyLossOutput:
     """TRL 1.16's GRPO/PPO loss of every ``loss_type`` in fp32 autograd torch (see the module docstring for every
     formula).
@@ -227,6 +247,8 @@ def policy_loss_reference(
     completion mask; ref_logps_BT: ``[B, T]``, used when ``beta != 0``; entropy_BT: ``[B, T]`` per-token entropies
     (metric, the top-entropy mask when ``top_entropy_quantile < 1``, and the bonus ``- entropy_coef * H``, through
     which its gradient flows). The ``sapo_*`` / ``vespo_*`` parameters are TRL's config fields of those loss types.
+    ``off_policy_mask_threshold``: None, or the ``delta`` of :func:`off_policy_keep` (the old log-probs are the
+    sampling ones; on-policy their gap is 0).
     """
     if loss_type not in OBJECTIVES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
@@ -251,6 +273,8 @@ def policy_loss_reference(
     per_token_loss, clipped_ratio, phi = _objective(objective, coef_1, adv, logps, log_ratio, mask,
                                                     epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
                                                     params=params)
+    if off_policy_mask_threshold is not None:  # TRL applies it first, then the top-entropy mask
+        per_token_loss = per_token_loss * off_policy_keep(adv, logps, old, mask, off_policy_mask_threshold)
     keep = None
     if entropy_BT is not None and top_entropy_quantile < 1.0:
         keep = high_entropy_mask(entropy_BT, mask_BT, top_entropy_quantile)

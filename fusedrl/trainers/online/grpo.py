@@ -17,7 +17,8 @@ One generation round (every ``steps_per_generation * num_iterations`` micro-step
    (``fusedrl.group_advantages``);
 5. the rows are shuffled and cut into ``steps_per_generation`` micro-batches, consumed by ``compute_loss``:
    a policy forward to the last hidden states, then ``fusedrl.linear_policy_loss`` (the ``loss_type``'s objective
-   and aggregation, k3 KL, the entropy bonus) and TRL's metrics (``grpo_loss.py``: the loss-side pieces).
+   and aggregation, k3 KL, the entropy bonus, the off-policy sequence mask) and TRL's metrics (``grpo_loss.py``:
+   the loss-side pieces).
 
 A checkpoint inside a round also holds the round (``resume.py``): a resumed run finishes it rather than sampling a
 new one from moved weights (TRL 1.16 does), so it repeats the uninterrupted run bitwise.
@@ -50,6 +51,11 @@ from fusedrl.trainers.online.grpo_scoring import (
     completion_logs,
     completion_logs_state,
     restore_completion_logs,
+)
+from fusedrl.trainers.online.grpo_setup import (
+    cast_lm_head_to_fp32,
+    check_liger_prompt_learning,
+    check_reward_source,
 )
 from fusedrl.trainers.online.resume import RoundCheckpointing, RoundState
 from fusedrl.trainers.online.rollout import eos_token_ids_of, generate_completions, sampling_config
@@ -90,7 +96,7 @@ def _grpo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_
         importance_sampling_level=args.importance_sampling_level, loss_type=args.loss_type,
         max_completion_length=args.max_completion_length, num_items_in_batch=normaliser,
         top_entropy_quantile=args.top_entropy_quantile, entropy_coef=entropy_coef, **loss_type_options(args),
-        fused=True,
+        off_policy_mask_threshold=args.off_policy_mask_threshold, fused=True,
     )
 
 
@@ -126,6 +132,8 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, RoundCheckpoint
             for name in args.model_adapter_name:
                 check_prompt_dataset(train_dataset[name], f"train_dataset[{name!r}]")
                 check_prompt_dataset(None if eval_dataset is None else eval_dataset[name], f"eval_dataset[{name!r}]")
+        check_reward_source(reward_funcs, args.reward_funcs)
+        check_liger_prompt_learning(args, model, peft_config)
 
         set_seed(args.seed)  # PEFT initialises adapters randomly
         model, processing_class = self._setup_model(model, args, processing_class, peft_config=peft_config,
@@ -135,6 +143,8 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, RoundCheckpoint
             raise ValueError("sync_ref_model=True needs a separate reference model: set beta != 0 and train without PEFT "
                              "(a PEFT reference is the adapter-disabled policy) or name a reference adapter with "
                              "ref_adapter_name, or set sync_ref_model=False")
+        if getattr(args, "cast_lm_head_to_fp32", False):  # before the reference copy (_finish_setup) is made
+            cast_lm_head_to_fp32(model)
         self._tokenizer = tokenizer_of(processing_class)
         self.rewards = resolve_rewards(reward_funcs if reward_funcs is not None else args.reward_funcs,
                                        reward_processing_classes, model_init_kwargs=args.model_init_kwargs,

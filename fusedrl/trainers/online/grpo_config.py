@@ -4,8 +4,12 @@
 Additions: ``max_prompt_length`` + ``prompt_truncation`` (TRL 1.16 has no prompt limit; None keeps that),
 ``reward_funcs`` (reward names used when the trainer gets no ``reward_funcs`` argument, so YAML and the CLI can name
 them) and ``reward_failure`` (``"raise"`` or ``"skip"`` a reward function that fails; ``rewards/scoring.py``).
-Not implemented (fields absent, so a config naming them fails loudly): vLLM, continuous batching, tools and
-environments, ``cast_lm_head_to_fp32`` (the fused head computes in fp32 already), off-policy masking.
+Implemented as TRL 1.16 (``GRPOConfig`` only; TRL's RLOOConfig has neither): ``off_policy_mask_threshold``
+(DeepSeek-V3.2's off-policy sequence mask on the policy term, from the old log-probs, on every kernel backend:
+``fusedrl/ops/policy/reference.py``) and ``cast_lm_head_to_fp32`` (the fused head and the model's own lm_head run on
+fp32 weights and hidden states under bf16 mixed precision: ``grpo_setup.py``).
+Not implemented (fields absent, so a config naming them fails loudly): vLLM (so no vLLM importance-sampling
+correction), continuous batching, tools and environments (``environment_factory``).
 """
 
 from __future__ import annotations
@@ -179,11 +183,21 @@ class GRPOConfig(OnlineConfig):
     ``delta`` (two-sided clipping), ``importance_sampling_level`` (``token`` or ``sequence``: GSPO), ``beta`` with
     the k3 KL, ``top_entropy_quantile``, ``use_bias_correction_kl``; the entropy bonus ``entropy_coef`` (``- coef *
     mean entropy``) and its adaptive controller (``use_adaptive_entropy``, ``entropy_coef_min``/``_max``/``_delta``,
-    ``entropy_target``: ``grpo_loss.py``). Advantages: ``scale_rewards`` (``group``, ``batch``, ``none``;
+    ``entropy_target``: ``grpo_loss.py``), ``off_policy_mask_threshold``. Model: ``cast_lm_head_to_fp32``.
+    Advantages: ``scale_rewards`` (``group``, ``batch``, ``none``;
     True/False map to group/none), ``multi_objective_aggregation`` (``sum_then_normalize`` or
     ``normalize_then_sum``).
     """
 
+    cast_lm_head_to_fp32: bool = field(
+        default=False, metadata={"help": "Run the LM head of the policy and reference in float32 (weights and hidden "
+                                         "states, generation included), as the ScaleRL recipe recommends."}
+    )
+    off_policy_mask_threshold: float | None = field(
+        default=None, metadata={"help": "Off-policy sequence masking (DeepSeek-V3.2's delta, e.g. 0.5): drop the "
+                                        "policy term of negative-advantage sequences whose mean log-prob drop since "
+                                        "sampling exceeds it; None disables it."}
+    )
     delta: float | None = field(default=None, metadata={"help": "Upper cap of the unclipped ratio (INTELLECT-2)."})
     importance_sampling_level: str = field(
         default="token", metadata={"help": "token, or sequence (GSPO)."}
@@ -254,6 +268,11 @@ class GRPOConfig(OnlineConfig):
         if self.multi_objective_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
             raise ValueError("multi_objective_aggregation must be sum_then_normalize or normalize_then_sum, got "
                              f"{self.multi_objective_aggregation!r}")
+        threshold = self.off_policy_mask_threshold
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not math.isfinite(threshold)):
+            raise ValueError(f"off_policy_mask_threshold must be a finite number (e.g. 0.5) or None to disable the "
+                             f"off-policy mask, got {threshold!r}")
         if not 0.0 <= self.top_entropy_quantile <= 1.0:
             raise ValueError(f"top_entropy_quantile must lie in [0, 1], got {self.top_entropy_quantile}")
         self._check_loss_type_fields()

@@ -17,6 +17,9 @@ coefficient moves by ``entropy_coef_delta`` towards more bonus when that entropy
 otherwise), clamped to ``[entropy_coef_min, entropy_coef_max]``, and the window restarts. Evaluation never moves it.
 The controller's state travels in fusedrl's checkpoint state (``fusedrl_state``), so a resumed run continues it.
 
+Off-policy sequence masking (``off_policy_mask_threshold``) happens inside the op (``reference.off_policy_keep``);
+TRL logs nothing for it. :meth:`GRPOLossTerms.get_off_policy_mask` is TRL's static method of the same math.
+
 Metrics (TRL's names): ``policy_loss`` (the loss before the bonus and the accumulation division) whenever the bonus
 is on, ``entropy_coef`` at each optimizer step; ``clip_ratio/*`` for the clipped loss types, ``cispo_clip_ratio``
 for cispo, ``vespo/phi_seq_mean`` for vespo, nothing more for sapo.
@@ -30,7 +33,7 @@ import math
 
 import torch
 
-from fusedrl.ops.policy.reference import OBJECTIVES
+from fusedrl.ops.policy.reference import OBJECTIVES, off_policy_keep
 
 TOKEN_NORMALISED_LOSS_TYPES = ("dapo", "cispo", "vespo")
 _LOSS_TYPE_FIELDS = ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos",
@@ -47,6 +50,15 @@ class GRPOLossTerms:
     """Mixed in before ``FusedTrainer`` by GRPOTrainer (and inherited by RLOOTrainer, whose config has no entropy
     bonus: TRL's RLOO has none). Attribute names are TRL's: ``entropy_coef``, ``use_adaptive_entropy``,
     ``_entropy_bonus_enabled``, ``_last_world_entropy``, ``_entropy_window_stats``."""
+
+    @staticmethod
+    def get_off_policy_mask(advantages: torch.Tensor, per_token_logps: torch.Tensor,
+                            sampling_per_token_logps: torch.Tensor, mask: torch.Tensor,
+                            off_policy_threshold: float) -> torch.Tensor:
+        """TRL's ``GRPOTrainer.get_off_policy_mask`` (same arguments): ``[B, 1]`` in ``mask``'s dtype, 1 keeps the
+        sequence (advantage >= 0 or mean ``sampling - current`` log-prob over the mask <= threshold), 0 drops it."""
+        return off_policy_keep(advantages, per_token_logps, sampling_per_token_logps, mask,
+                               off_policy_threshold).to(mask.dtype)
 
     def _init_entropy_control(self, args) -> None:
         # RLOOConfig has none of these fields: the bonus stays off.
