@@ -63,6 +63,10 @@ STANDINS: dict[str, tuple[str, str, dict]] = {
                                         16, **_MOE}),
     "tiny-Olmo3ForCausalLM": ("Olmo3Config", "Olmo3ForCausalLM", {"sliding_window": 64}),
     "tiny-Lfm2ForCausalLM": ("Lfm2Config", "Lfm2ForCausalLM", {"layer_types": ["conv", "full_attention"]}),
+    # Encoder-decoder (ORPO/CPO's T5 tests): T5Config maps hidden_size / heads / layers onto d_model / num_heads /
+    # num_layers; d_kv and d_ff are its own names for head_dim and the MLP width.
+    "tiny-T5ForConditionalGeneration": ("T5Config", "T5ForConditionalGeneration",
+                                        {"d_kv": 4, "d_ff": 32, "relative_attention_num_buckets": 8}),
 }
 # trust_remote_code: a Llama under its own model_type, loadable only through the code files saved beside it.
 REMOTE = "tiny-RemoteForCausalLM"
@@ -126,11 +130,14 @@ def _build(name: str, tokenizer, path: Path, seed: int) -> None:
     fields = _config_fields(tokenizer, extra)
     if model_cls.endswith("SequenceClassification"):
         fields["num_labels"] = 1
+    if config_cls == "T5Config":  # T5 starts the decoder with its pad token
+        fields["decoder_start_token_id"] = tokenizer.pad_token_id
     config = getattr(transformers, config_cls)(**fields)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)
+    ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():  # a forward proves the config is consistent before anything depends on it
-        model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+        model(input_ids=ids, **({"decoder_input_ids": ids} if config.is_encoder_decoder else {}))
     _save(model, tokenizer, path)
 
 
