@@ -53,6 +53,11 @@ from fusedrl.ops.policy.fused_head import row_scale as _row_scale
 
 dispatch.register_op("policy_loss", "GRPO/PPO clipped policy loss (+ KL) on per-token log-probs")
 
+# Public for trainers: the objective each loss_type's per-token term uses (its metrics follow it), and TRL's
+# off-policy sequence mask (GRPOTrainer.get_off_policy_mask), which the ops apply themselves.
+LOSS_TYPE_OBJECTIVES = reference.OBJECTIVES
+off_policy_keep = reference.off_policy_keep
+
 
 class PolicyLoss(NamedTuple):
     """``loss``: fp32 scalar, differentiable w.r.t. ``logps_BT`` (and ``entropy_BT`` with an entropy bonus). Metrics

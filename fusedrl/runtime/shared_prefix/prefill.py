@@ -9,6 +9,7 @@ cumulative sum), so every cached key and value is the one the plain prefill comp
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -21,7 +22,12 @@ def cache_keyword(model: torch.nn.Module) -> str:
     """The keyword the model's forward and ``generate`` take a KV cache under: ``cache`` from transformers 5.25
     (``past_key_values`` is deprecated there), ``past_key_values`` before."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    return _cache_keyword_of(type(base))
+
+
+@functools.cache
+def _cache_keyword_of(model_cls: type) -> str:  # one signature inspection per class, not per generation round
+    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
 
 
 def shared_prompt_cache(model: torch.nn.Module, prompt_ids_BP: torch.Tensor,

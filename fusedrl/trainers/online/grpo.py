@@ -58,7 +58,7 @@ from fusedrl.trainers.online.grpo_setup import (
     check_reward_source,
 )
 from fusedrl.trainers.online.resume import RoundCheckpointing, RoundState
-from fusedrl.trainers.online.rollout import eos_token_ids_of, generate_completions, sampling_config
+from fusedrl.trainers.online.rollout import eos_token_ids_of, generate_completions, trainer_sampling_config
 from fusedrl.trainers.online.row_seeds import trainer_row_seeds
 from fusedrl.trainers.online.sampling import (
     RepeatSampler,
@@ -154,13 +154,8 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, RoundCheckpoint
         self.num_generations = args.num_generations
         self.num_generations_eval = args.num_generations_eval or args.num_generations
         self.eos_token_ids = eos_token_ids_of(model, self._tokenizer)
-        self.generation_config = sampling_config(
-            max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-            pad_token_id=self._tokenizer.pad_token_id, bos_token_id=self._tokenizer.bos_token_id,
-            eos_token_ids=self.eos_token_ids, cache_implementation=args.cache_implementation,
-            generation_kwargs=args.generation_kwargs,
-        )
+        self.generation_config = trainer_sampling_config(args, self._tokenizer, self.eos_token_ids,
+                                                         args.max_completion_length)
 
         super().__init__(model=model, args=args, data_collator=identity_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,

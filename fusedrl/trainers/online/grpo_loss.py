@@ -17,7 +17,7 @@ coefficient moves by ``entropy_coef_delta`` towards more bonus when that entropy
 otherwise), clamped to ``[entropy_coef_min, entropy_coef_max]``, and the window restarts. Evaluation never moves it.
 The controller's state travels in fusedrl's checkpoint state (``fusedrl_state``), so a resumed run continues it.
 
-Off-policy sequence masking (``off_policy_mask_threshold``) happens inside the op (``reference.off_policy_keep``);
+Off-policy sequence masking (``off_policy_mask_threshold``) happens inside the op (``fusedrl.ops.policy.off_policy_keep``);
 TRL logs nothing for it. :meth:`GRPOLossTerms.get_off_policy_mask` is TRL's static method of the same math.
 
 Metrics (TRL's names): ``policy_loss`` (the loss before the bonus and the accumulation division) whenever the bonus
@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from fusedrl.ops.policy.reference import OBJECTIVES, off_policy_keep
+from fusedrl.ops.policy import LOSS_TYPE_OBJECTIVES, off_policy_keep
 
 TOKEN_NORMALISED_LOSS_TYPES = ("dapo", "cispo", "vespo")
 _LOSS_TYPE_FIELDS = ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos",
@@ -140,7 +140,7 @@ class GRPOLossTerms:
             self.record(mode, "kl", self.weighted_mean(out.kl, tokens))
         self.record(mode, "entropy", self.masked_mean(out.entropy, inputs["completion_mask"]))
         clipped = tokens if self.args.importance_sampling_level == "token" else mask.shape[0]
-        objective = OBJECTIVES[self.args.loss_type]
+        objective = LOSS_TYPE_OBJECTIVES[self.args.loss_type]
         if objective == "cispo":  # the op reports its one clip share as clip_ratio_high
             self.record(mode, "cispo_clip_ratio", self.weighted_mean(out.clip_ratio_high, clipped))
         elif objective == "vespo":  # one weight per sequence with [B] advantages, as TRL's phi_seq

@@ -43,7 +43,7 @@ from fusedrl.trainers.models import load_causal_lm, tokenizer_of
 from fusedrl.trainers.online.common import RewardAttributes, judge_pairs, rollout_scores, sequence_inputs
 from fusedrl.trainers.online.judges import TIE
 from fusedrl.trainers.online.online_dpo_config import OnlineDPOConfig
-from fusedrl.trainers.online.rollout import eos_token_ids_of, generate_completions, sampling_config
+from fusedrl.trainers.online.rollout import eos_token_ids_of, generate_completions, trainer_sampling_config
 from fusedrl.trainers.online.row_seeds import trainer_row_seeds
 from fusedrl.trainers.online.sampling import DISPATCHED_STREAM_ERROR, identity_collator, is_streamed
 from fusedrl.trainers.rewards import prepare_reward_models, resolve_rewards, reward_weights_tensor
@@ -99,12 +99,8 @@ class OnlineDPOTrainer(RewardAttributes, FusedTrainer):
         self.reward_weights = reward_weights_tensor(args.reward_weights, len(self.rewards)) if self.rewards else None
         # TRL's attribute: the sampling settings, generation_kwargs on top (cache_implementation included).
         self.eos_token_ids = eos_token_ids_of(model, self._tokenizer)
-        self.generation_config = sampling_config(
-            max_completion_length=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-            pad_token_id=self._tokenizer.pad_token_id, bos_token_id=self._tokenizer.bos_token_id,
-            eos_token_ids=self.eos_token_ids, cache_implementation=args.cache_implementation,
-            generation_kwargs=args.generation_kwargs)
+        self.generation_config = trainer_sampling_config(args, self._tokenizer, self.eos_token_ids,
+                                                         args.max_new_tokens)
         super().__init__(model=model, args=args, data_collator=data_collator or identity_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          callbacks=callbacks, optimizers=optimizers)

@@ -206,6 +206,17 @@ def sampling_config(*, max_completion_length: int, temperature: float = 1.0, top
     return GenerationConfig(**kwargs, disable_compile=True)
 
 
+def trainer_sampling_config(args, tokenizer, eos_token_ids: Sequence[int], max_completion_length: int
+                            ) -> GenerationConfig:
+    """:func:`sampling_config` from an online trainer's config (TRL's sampling field names, shared by GRPO, RLOO
+    and online DPO), ``generation_kwargs`` on top; ``max_completion_length``: the config's length field."""
+    return sampling_config(
+        max_completion_length=max_completion_length, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_ids=eos_token_ids,
+        cache_implementation=args.cache_implementation, generation_kwargs=args.generation_kwargs)
+
+
 @torch.no_grad()
 def generate_completions(
     model: torch.nn.Module,
