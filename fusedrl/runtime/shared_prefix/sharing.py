@@ -53,7 +53,8 @@ class PrefixSharing:
     def layout(self, model: torch.nn.Module, inputs: dict, *, row_keys_N: torch.Tensor | None = None,
                keep_padding: bool = False) -> SharedLayout | None:
         """The shared layout of ``inputs`` for ``model``, or None where the plain layout is to run."""
-        if not self.enabled or self._reason(model) is not None or set(inputs) - _SHAREABLE_INPUTS:
+        # _reason first: it logs the decision once per model, shared_prefix=False included.
+        if self._reason(model) is not None or not self.enabled or set(inputs) - _SHAREABLE_INPUTS:
             return None
         input_ids = inputs.get("input_ids")
         if input_ids is None or input_ids.dim() != 2 or inputs.get("attention_mask") is None:

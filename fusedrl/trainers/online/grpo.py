@@ -28,7 +28,6 @@ Legend: B completions in a micro-batch, P prompt positions, C completion positio
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 
@@ -77,8 +76,6 @@ from fusedrl.trainers.rewards import (
     reward_weights_tensor,
     score_completions,
 )
-
-logger = logging.getLogger("fusedrl")
 
 
 def _grpo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_logps_BC, advantages_B, ref_logps_BC,
