@@ -97,18 +97,21 @@ def _backward(logprobs: torch.Tensor, entropy: torch.Tensor | None, g_logp: torc
 # ------------------------------------------------------------------------------------------------------ linear paths
 
 
-def fusedrl_linear(x: LinearInputs, *, with_entropy: bool) -> None:
-    """fusedrl ``linear_token_logprobs``, compiled backend (explicit request: raises rather than falling back)."""
+def fusedrl_linear(x: LinearInputs, *, with_entropy: bool, softcap: float | None = None) -> None:
+    """fusedrl ``linear_token_logprobs``, compiled backend (explicit request: raises rather than falling back);
+    ``softcap``: Gemma 2's final soft cap of the logits, on every tile."""
     import fusedrl
 
     with fusedrl.use_kernels(linear_logprobs="compiled"):
-        out = fusedrl.linear_token_logprobs(x.hidden_NH, x.weight_VH, x.labels_N, with_entropy=with_entropy)
+        out = fusedrl.linear_token_logprobs(x.hidden_NH, x.weight_VH, x.labels_N, with_entropy=with_entropy,
+                                            softcap=softcap)
         logprobs, entropy = out if with_entropy else (out, None)
         _backward(logprobs, entropy, x.grad_logprobs_N, x.grad_entropy_N)
 
 
-def trl_chunked(x: LinearInputs, *, with_entropy: bool) -> None:
-    """``trl.kernels.ChunkedLogProbFunction`` called as TRL's fused LM-head forward calls it (``trl/trainer/utils.py``).
+def trl_chunked(x: LinearInputs, *, with_entropy: bool, softcap: float | None = None) -> None:
+    """``trl.kernels.ChunkedLogProbFunction`` called as TRL's fused LM-head forward calls it (``trl/trainer/utils.py``),
+    with ``softcap`` as its ``final_logit_softcapping``.
 
     Same chunk size as TRL's trainers (``_CHUNKED_LOGPROB_CHUNK_SIZE`` = 32768 vocabulary columns; with its fixed
     4096-token tiles that is one ``[4096, V]`` tile at V = 32000). Like TRL, unlabelled positions are dropped only on
@@ -127,7 +130,7 @@ def trl_chunked(x: LinearInputs, *, with_entropy: bool) -> None:
         x.labels_N[mask_N] if compact else x.labels_N.clamp(min=0),
         1.0,
         _CHUNKED_LOGPROB_CHUNK_SIZE,
-        None,
+        softcap,
         1.0,
         outputs,
     )
@@ -177,19 +180,21 @@ def liger(x: LinearInputs, *, with_entropy: bool) -> None:
     torch.autograd.backward(nll_N, -x.grad_logprobs_N)
 
 
-def naive_linear(x: LinearInputs, *, with_entropy: bool) -> None:
-    """Full fp32 ``[N, V]`` logits then log_softmax / gather / entropy: fusedrl's reference, which is exactly that."""
+def naive_linear(x: LinearInputs, *, with_entropy: bool, softcap: float | None = None) -> None:
+    """Full fp32 ``[N, V]`` logits (soft-capped with ``softcap``) then log_softmax / gather / entropy: fusedrl's
+    reference, which is exactly that."""
     from fusedrl.ops.logprobs.reference import linear_token_logprobs_reference
 
     logprobs, entropy = linear_token_logprobs_reference(
         x.hidden_NH, x.weight_VH, x.labels_N, bias=None, temperature=1.0, ignore_index=IGNORE_INDEX,
-        with_entropy=with_entropy,
+        with_entropy=with_entropy, softcap=softcap,
     )
     _backward(logprobs, entropy, x.grad_logprobs_N, x.grad_entropy_N)
 
 
-def floor(x: LinearInputs, *, with_entropy: bool) -> None:
-    """The matmuls alone: ``(hidden @ W.T).backward(G)``, three N x V x H GEMMs; no softmax, no recompute.
+def floor(x: LinearInputs, *, with_entropy: bool, softcap: float | None = None) -> None:
+    """The matmuls alone: ``(hidden @ W.T).backward(G)``, three N x V x H GEMMs; no softmax, no recompute, no cap
+    (``softcap`` only adds elementwise work to the paths it is measured against).
 
     Its memory figure is not a target: it holds the ``[N, V]`` logits and its upstream gradient G is an input.
     """

@@ -159,12 +159,12 @@ def _build_remote(tokenizer, path: Path, seed: int) -> None:
 
 
 def build_models(hub_cache: Path, names: list[str] | None = None, seed: int = 0,
-                 vocab_size: int = SMALL_VOCAB) -> dict[str, str]:
+                 vocab_size: int = SMALL_VOCAB, vocab: str | None = None) -> dict[str, str]:
     """Build every stand-in (or ``names``) into ``hub_cache``; ``{hub id: "ok" | reason it was skipped}``.
 
     A stand-in whose snapshot already holds a ``config.json`` is kept (building all takes ~10 s).
     """
-    tokenizer = build_tokenizer(vocab_size)
+    tokenizer = build_tokenizer(vocab_size, vocab)
     builders: dict[str, Callable[[Path], None]] = {name: (lambda p, n=name: _build(n, tokenizer, p, seed))
                                                    for name in STANDINS}
     builders[REMOTE] = lambda p: _build_remote(tokenizer, p, seed)

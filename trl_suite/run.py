@@ -48,7 +48,7 @@ def prepare_cache(cache: Path, script: Path | None, vocab: str) -> tuple[dict[st
     from trl_suite.models import build_models
     from trl_suite.tokenizer import VOCABS
 
-    status = build_models(cache / f"hub-{vocab}", vocab_size=VOCABS[vocab])
+    status = build_models(cache / f"hub-{vocab}", vocab_size=VOCABS[vocab], vocab=vocab)
     data = cache / ("data-trl" if script is not None else "data-own")
     if not data.is_dir():
         write_zen(data, script)
@@ -195,8 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per test (0 = none)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "trl_suite_cache")
     parser.add_argument("--zen-script", type=Path, help="TRL's scripts/generate_zen_dataset.py (rows to serve)")
-    parser.add_argument("--vocab", choices=("small", "qwen"), default="small",
-                        help="stand-in vocabulary: small (fast) or qwen (Qwen's special-token ids; trl_suite/tokenizer.py)")
+    parser.add_argument("--vocab", choices=("small", "qwen", "qwen-tools"), default="small",
+                        help="stand-in vocabulary: small (fast), qwen (Qwen's special-token ids) or qwen-tools (Qwen's "
+                             "ids for the words TRL's tool tests fake, TRL's Qwen 3 template; trl_suite/tokenizer.py)")
     parser.add_argument("--own-data", action="store_true", help="serve trl_suite's own rows, not TRL's")
     parser.add_argument("--source", default="", help="where the TRL tests came from (repo commit), for the table")
     parser.add_argument("--fresh", action="store_true", help="discard earlier results of this name")

@@ -1,5 +1,6 @@
 """Benchmark cases of the ``logprobs`` op (``fusedrl/ops/logprobs/``): ``linear_token_logprobs`` (hidden states + LM
-head, with and without entropy, all or half of the tokens labelled) and ``token_logprobs`` (given logits).
+head, with and without entropy, all or half of the tokens labelled, soft-capped) and ``token_logprobs`` (given
+logits).
 
 Legend: N tokens, H hidden, V vocabulary, B sequences of T tokens (N = B * T).
 
@@ -34,6 +35,9 @@ _LINEAR_TARGETS = (
 # In preference and RL batches the prompt (and padding) positions carry label -100; half is typical.
 _HALF_LABELLED = {"labelled_fraction": 0.5}
 _HALF_DESCRIPTION = "as above with 50% of labels = -100 at random positions; naive left out (same work as above)"
+# Gemma 2's final_logit_softcapping. Neither torch's linear_cross_entropy nor Liger's kernel takes a cap: TRL's chunked
+# function (its final_logit_softcapping) is the peer.
+_SOFTCAP = 30.0
 
 CASES: tuple[Case, ...] = (
     Case(
@@ -60,6 +64,26 @@ CASES: tuple[Case, ...] = (
         input_kwargs=_HALF_LABELLED,
         path_kwargs={"with_entropy": True},
         targets=_LINEAR_ENTROPY_TARGETS,
+    ),
+    Case(
+        name="linear_logprobs_entropy.softcap",
+        op="linear_logprobs_entropy",
+        inputs="linear",
+        shape=_LINEAR_FULL,
+        quick_shape=_LINEAR_QUICK,
+        paths=_LINEAR_ENTROPY_PATHS,
+        base="fusedrl",
+        description=(
+            f"as linear_logprobs_entropy with Gemma 2's soft cap {_SOFTCAP:g} * tanh(z / {_SOFTCAP:g}) on the logits "
+            "(softcap=; TRL's final_logit_softcapping); floor: the same uncapped matmuls"
+        ),
+        path_kwargs={"with_entropy": True, "softcap": _SOFTCAP},
+        # The cap is elementwise work on tiles the matmuls dominate: set a priori, no more than the uncapped case's
+        # margin over the floor (1.15) of extra time, no more memory.
+        targets=(
+            Target("fusedrl", "time_ratio_max", 1.15, vs="fusedrl", vs_case="linear_logprobs_entropy"),
+            Target("fusedrl", "peak_mb_max", 300.0),
+        ),
     ),
     Case(
         name="linear_logprobs",

@@ -79,7 +79,9 @@ class AotRow:
 
 def logprobs_specs(num_vocab: int = REPRESENTATIVE_VOCAB) -> list[KernelSpec]:
     """The logprobs row kernels, bf16 and fp32 logits, in their heaviest variant (entropy on, both upstream
-    gradients present): the one with the most live registers. Unit: a token (one row of V logits)."""
+    gradients present): the one with the most live registers; each also soft-capped (``SOFTCAP``, Gemma 2's
+    ``final_logit_softcapping``: a tanh per logit, the same loads and stores). Unit: a token (one row of V
+    logits)."""
     from fusedrl.ops.logprobs import triton as triton_rows
 
     config = triton_rows.launch_config(num_vocab)
@@ -89,56 +91,62 @@ def logprobs_specs(num_vocab: int = REPRESENTATIVE_VOCAB) -> list[KernelSpec]:
     # fp16 is left out: the same code as bf16 apart from the convert instruction.
     for dtype, size in (("bf16", 2), ("fp32", 4)):
         logits = num_vocab * size
-        specs.append(KernelSpec(
-            name=f"logprobs_fwd[{dtype}]",
-            kernel=triton_rows._logprobs_fwd_kernel,
-            signature={
-                "logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "logprobs_ptr": "*fp32", "entropy_ptr": "*fp32",
-                "lse_ptr": "*fp32", "stride_row": "i32", "num_vocab": "i32", "inv_temperature": "fp32",
-                "ignore_index": "i32", "WITH_ENTROPY": "constexpr", "BLOCK_V": "constexpr",
-            },
-            constexprs={"WITH_ENTROPY": True, "BLOCK_V": config.block_v},
-            num_warps=config.num_warps,
-            divisible_by_16=("logits_ptr", "labels_ptr", "logprobs_ptr", "entropy_ptr", "lse_ptr", "stride_row",
-                             "num_vocab"),
-            geometry=Geometry("token", elements_per_unit=num_vocab, units_per_program=1, sweep_loops=1),
-            # The logits and the label in; logprob, entropy and lse (saved for the backward) out.
-            minimum_bytes_per_unit=logits + label + 3 * row_scalar,
-        ))
-        specs.append(KernelSpec(
-            name=f"logprobs_bwd[{dtype}]",
-            kernel=triton_rows._logprobs_bwd_kernel,
-            signature={
-                "logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
-                "grad_logprobs_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "grad_logits_ptr": f"*{dtype}",
-                "stride_row": "i32", "num_vocab": "i32", "inv_temperature": "fp32", "ignore_index": "i32",
-                "HAS_GRAD_LOGPROBS": "constexpr", "HAS_GRAD_ENTROPY": "constexpr", "BLOCK_V": "constexpr",
-            },
-            constexprs={"HAS_GRAD_LOGPROBS": True, "HAS_GRAD_ENTROPY": True, "BLOCK_V": config.block_v},
-            num_warps=config.num_warps,
-            divisible_by_16=("logits_ptr", "labels_ptr", "lse_ptr", "entropy_ptr", "grad_logprobs_ptr",
-                             "grad_entropy_ptr", "grad_logits_ptr", "stride_row", "num_vocab"),
-            geometry=Geometry("token", elements_per_unit=num_vocab, units_per_program=1 / num_blocks,
-                              sweep_loops=0),
-            # Logits in and their gradient out; label, lse, entropy and the two upstream gradients in once per row.
-            minimum_bytes_per_unit=2 * logits + label + 4 * row_scalar,
-        ))
-        specs.append(KernelSpec(
-            name=f"logprobs_stats[{dtype}]",
-            kernel=triton_rows._logprobs_stats_kernel,
-            signature={
-                "logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "lse_ptr": "*fp32", "is_top1_ptr": "*i8",
-                "log_sum_sq_ptr": "*fp32", "stride_row": "i32", "num_vocab": "i32", "inv_temperature": "fp32",
-                "BLOCK_V": "constexpr",
-            },
-            constexprs={"BLOCK_V": config.block_v},
-            num_warps=config.num_warps,
-            divisible_by_16=("logits_ptr", "labels_ptr", "lse_ptr", "is_top1_ptr", "log_sum_sq_ptr", "stride_row",
-                             "num_vocab"),
-            geometry=Geometry("token", elements_per_unit=num_vocab, units_per_program=1, sweep_loops=1),
-            # The logits, label and lse in; the top-1 flag (int8) and WPO's log sum of squared probabilities out.
-            minimum_bytes_per_unit=logits + label + row_scalar + 1 + row_scalar,
-        ))
+        for capped in (False, True):
+            variant = f"{dtype},softcap" if capped else dtype
+            specs.append(KernelSpec(
+                name=f"logprobs_fwd[{variant}]",
+                kernel=triton_rows._logprobs_fwd_kernel,
+                signature={
+                    "logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "logprobs_ptr": "*fp32", "entropy_ptr": "*fp32",
+                    "lse_ptr": "*fp32", "stride_row": "i32", "num_vocab": "i32", "inv_temperature": "fp32",
+                    "softcap": "fp32", "ignore_index": "i32", "WITH_ENTROPY": "constexpr", "SOFTCAP": "constexpr",
+                    "BLOCK_V": "constexpr",
+                },
+                constexprs={"WITH_ENTROPY": True, "SOFTCAP": capped, "BLOCK_V": config.block_v},
+                num_warps=config.num_warps,
+                divisible_by_16=("logits_ptr", "labels_ptr", "logprobs_ptr", "entropy_ptr", "lse_ptr", "stride_row",
+                                 "num_vocab"),
+                geometry=Geometry("token", elements_per_unit=num_vocab, units_per_program=1, sweep_loops=1),
+                # The logits and the label in; logprob, entropy and lse (saved for the backward) out.
+                minimum_bytes_per_unit=logits + label + 3 * row_scalar,
+            ))
+            specs.append(KernelSpec(
+                name=f"logprobs_bwd[{variant}]",
+                kernel=triton_rows._logprobs_bwd_kernel,
+                signature={
+                    "logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
+                    "grad_logprobs_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "grad_logits_ptr": f"*{dtype}",
+                    "stride_row": "i32", "num_vocab": "i32", "inv_temperature": "fp32", "softcap": "fp32",
+                    "ignore_index": "i32", "HAS_GRAD_LOGPROBS": "constexpr", "HAS_GRAD_ENTROPY": "constexpr",
+                    "SOFTCAP": "constexpr", "BLOCK_V": "constexpr",
+                },
+                constexprs={"HAS_GRAD_LOGPROBS": True, "HAS_GRAD_ENTROPY": True, "SOFTCAP": capped,
+                            "BLOCK_V": config.block_v},
+                num_warps=config.num_warps,
+                divisible_by_16=("logits_ptr", "labels_ptr", "lse_ptr", "entropy_ptr", "grad_logprobs_ptr",
+                                 "grad_entropy_ptr", "grad_logits_ptr", "stride_row", "num_vocab"),
+                geometry=Geometry("token", elements_per_unit=num_vocab, units_per_program=1 / num_blocks,
+                                  sweep_loops=0),
+                # Logits in and their gradient out; label, lse, entropy and the two upstream gradients in once per
+                # row.
+                minimum_bytes_per_unit=2 * logits + label + 4 * row_scalar,
+            ))
+            specs.append(KernelSpec(
+                name=f"logprobs_stats[{variant}]",
+                kernel=triton_rows._logprobs_stats_kernel,
+                signature={
+                    "logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "lse_ptr": "*fp32", "is_top1_ptr": "*i8",
+                    "log_sum_sq_ptr": "*fp32", "stride_row": "i32", "num_vocab": "i32", "inv_temperature": "fp32",
+                    "softcap": "fp32", "SOFTCAP": "constexpr", "BLOCK_V": "constexpr",
+                },
+                constexprs={"SOFTCAP": capped, "BLOCK_V": config.block_v},
+                num_warps=config.num_warps,
+                divisible_by_16=("logits_ptr", "labels_ptr", "lse_ptr", "is_top1_ptr", "log_sum_sq_ptr",
+                                 "stride_row", "num_vocab"),
+                geometry=Geometry("token", elements_per_unit=num_vocab, units_per_program=1, sweep_loops=1),
+                # The logits, label and lse in; the top-1 flag (int8) and WPO's log sum of squared probabilities out.
+                minimum_bytes_per_unit=logits + label + row_scalar + 1 + row_scalar,
+            ))
     return specs
 
 

@@ -50,3 +50,10 @@ def check_temperature(temperature: float) -> None:
     # A chained comparison rejects NaN, inf and <= 0 alike, and Dynamo folds it (math.isfinite breaks the graph).
     if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def check_softcap(softcap: float | None) -> None:
+    """``softcap``: None or 0 (no cap), else a finite number > 0 (Gemma 2's ``final_logit_softcapping`` is 30)."""
+    # Chained comparisons, as check_temperature: they reject NaN, inf and < 0 alike and Dynamo folds them.
+    if softcap is not None and (not isinstance(softcap, (int, float)) or not 0 <= softcap < math.inf):
+        raise ValueError(f"softcap must be None, 0 (no cap) or a finite number > 0, got {softcap!r}")

@@ -1,7 +1,8 @@
 """The fused LM head of a fusedrl trainer, mixed into ``FusedTrainer``: the head's weight as the step uses it
-(gathered when sharded, bf16 under bf16 mixed precision), one model forward turned into what a fused head+loss op
-takes (:meth:`FusedHeadMixin.head_inputs`), the region the head runs in, and next-token log-probs from hidden states
-(:meth:`FusedHeadMixin.token_logprobs`). ``[N, T, V]`` logits never exist.
+(gathered when sharded, bf16 under bf16 mixed precision) and its soft cap (:meth:`FusedHeadMixin.head_softcap`), one
+model forward turned into what a fused head+loss op takes (:meth:`FusedHeadMixin.head_inputs`), the region the head
+runs in, and next-token log-probs from hidden states (:meth:`FusedHeadMixin.token_logprobs`). ``[N, T, V]`` logits
+never exist.
 
 Legend: N sequences, T positions (``T - 1`` next-token positions), H hidden, V vocabulary, M labelled tokens.
 """
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 from accelerate.utils import is_peft_model
 
+from fusedrl.ops.logprobs import soft_cap
 from fusedrl.runtime.compile import compile_region
 from fusedrl.runtime.sharded_head import keep_root_unsharded, whole_head
 from fusedrl.trainers.head import (
@@ -26,7 +28,7 @@ from fusedrl.trainers.head import (
     labelled_mean_logits,
     vocab_mean_logits,
 )
-from fusedrl.trainers.models import head_logit_multiplier
+from fusedrl.trainers.models import head_logit_multiplier, head_logit_softcap
 
 logger = logging.getLogger("fusedrl")
 # Rows of full logits projected at once for compute_metrics: bounds the head's transient output to 4 [T, V] rows.
@@ -65,6 +67,15 @@ class FusedHeadMixin:
             bias_V = None if bias_V is None else bias_V.to(torch.bfloat16)
         return weight_VH, bias_V
 
+    def head_softcap(self, model: torch.nn.Module) -> float | None:
+        """The soft cap of ``model``'s logits (Gemma 2's ``final_logit_softcapping``), or None: every fused op on the
+        weight :meth:`_lm_head` gives takes it as ``softcap=``. The cap comes after the constant multiplier
+        ``_lm_head`` folds into the weight, as in the models' forwards."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if is_peft_model(unwrapped):
+            unwrapped = unwrapped.get_base_model()
+        return head_logit_softcap(unwrapped)
+
     def head_inputs(
         self,
         model: torch.nn.Module,
@@ -89,6 +100,7 @@ class FusedHeadMixin:
         outputs, final_NTH = self._model_forward(model, model_inputs, keep_padding=all_position_mean_logits,
                                                  **extra)
         weight_VH, bias_V = self._lm_head(model)
+        softcap = self.head_softcap(model)
         length = labels_NT.shape[1]
         # Prompt-learning PEFT prepends virtual tokens: the real positions are the last T. The head runs in the
         # dtype _lm_head gives its weight (the autocast dtype under mixed precision).
@@ -98,16 +110,15 @@ class FusedHeadMixin:
         detached_bias = None if bias_V is None else bias_V.detach()
         if statistics_mask is not None:
             stats = head_statistics(hidden_NTH.detach(), weight_VH.detach(), detached_bias, labels_NT,
-                                    statistics_mask)
+                                    statistics_mask, softcap)
         elif mean_logits:
             stats = {"mean_logits": labelled_mean_logits(hidden_NTH.detach(), weight_VH.detach(), detached_bias,
-                                                         labels_NT)}
+                                                         labels_NT, softcap)}
         if all_position_mean_logits:
             full_NTH = final_NTH[:, -length:].detach().to(weight_VH.device, weight_VH.dtype)
-            stats["mean_logits"] = vocab_mean_logits(full_NTH, weight_VH.detach(),
-                                                      None if bias_V is None else bias_V.detach())
+            stats["mean_logits"] = vocab_mean_logits(full_NTH, weight_VH.detach(), detached_bias, softcap)
         aux_loss = getattr(outputs, "aux_loss", None) if router_logits else None
-        return HeadInputs(hidden_NTH, weight_VH, bias_V, labels_NT, aux_loss, stats)
+        return HeadInputs(hidden_NTH, weight_VH, bias_V, labels_NT, aux_loss, stats, softcap)
 
     @contextlib.contextmanager
     def head_region(self, device: torch.device) -> Iterator[None]:
@@ -133,6 +144,7 @@ class FusedHeadMixin:
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
         _, final_NTH = self._model_forward(model, model_inputs, keep_padding=True)  # logits at every position
         weight_VH, bias_V = self._lm_head(model)
+        softcap = self.head_softcap(model)
         logits = final_NTH.new_empty((*final_NTH.shape[:2], weight_VH.shape[0]), dtype=weight_VH.dtype)
         if not getattr(self, "_logged_logits_cost", False):
             self._logged_logits_cost = True
@@ -142,6 +154,8 @@ class FusedHeadMixin:
         for start in range(0, logits.shape[0], _LOGITS_CHUNK_ROWS):
             rows = slice(start, start + _LOGITS_CHUNK_ROWS)
             logits[rows] = torch.nn.functional.linear(final_NTH[rows].to(weight_VH.dtype), weight_VH, bias_V)
+            if softcap:  # the model's own logits are capped (fp32 here, stored in the head's dtype)
+                logits[rows] = soft_cap(logits[rows], softcap)
         return logits
 
     def token_logprobs(
@@ -169,7 +183,7 @@ class FusedHeadMixin:
                                 all_position_mean_logits=all_position_mean_logits)
         with self.head_region(head.hidden_NTH.device):
             result = self.loss_region(head_logprobs)(head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT,
-                                                      with_entropy, with_stats)
+                                                      with_entropy, with_stats, head.softcap)
         if not (with_entropy or with_stats):
             return TokenOutputs(result, aux_loss=head.aux_loss, **head.stats)
         stats = dict(head.stats)

@@ -2,7 +2,9 @@
 reaches ``from_pretrained``, and the tokenizer of a model loaded by path is read from the same revision), the
 tokenizer of a processor, PEFT wrapping, the trained and reference adapters (named by ``model_adapter_name`` /
 ``ref_adapter_name``: ``adapters/named.py``; else the frozen ``ref`` adapter), dropout off, and the refusal of heads
-the fused LM head cannot reproduce and of tokenizers larger than the model's embeddings."""
+the fused LM head cannot reproduce and of tokenizers larger than the model's embeddings. A final soft cap of the
+logits (``final_logit_softcapping``: Gemma 2/3) is not refused: the fused head applies it
+(:func:`head_logit_softcap`)."""
 
 from __future__ import annotations
 
@@ -18,17 +20,18 @@ from fusedrl.trainers.adapters.named import REF_ADAPTER, check_adapter_names, cr
 logger = logging.getLogger("fusedrl")
 
 __all__ = ["CAST_LM_HEAD_PEFT_ERROR", "REF_ADAPTER", "check_plain_head", "check_vocab_fits", "disable_dropout",
-           "head_logit_multiplier", "load_causal_lm", "load_tokenizer", "prepare_model", "pretrained_kwargs",
-           "tokenizer_of"]
+           "head_logit_multiplier", "head_logit_softcap", "load_causal_lm", "load_tokenizer", "prepare_model",
+           "pretrained_kwargs", "tokenizer_of"]
 # TRL 1.16's refusal of GRPO's cast_lm_head_to_fp32 with an adapted lm_head, in its words (prepare_model, grpo_setup).
 CAST_LM_HEAD_PEFT_ERROR = (
     "`cast_lm_head_to_fp32=True` is not supported when the lm_head carries a PEFT adapter (e.g. `target_modules` "
     "includes `lm_head`). Remove `lm_head` from the adapter's target modules, or set `cast_lm_head_to_fp32=False`.")
-# Config attributes through which some architectures rescale or soft-cap their logits. The fused head projects with
-# the plain LM-head weight, so such a model would silently get wrong log-probs; it is refused instead, unless the
-# transform is a constant factor (_LINEAR_LOGIT_SCALES).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling")
+# Config attributes through which some architectures rescale their logits. The fused head projects with the plain
+# LM-head weight, so such a model would silently get wrong log-probs; it is refused instead, unless the transform is a
+# constant factor (_LINEAR_LOGIT_SCALES). The final soft cap (final_logit_softcapping) is not among them: the fused
+# head's ops take it (softcap=, read by head_logit_softcap).
+_LOGIT_TRANSFORMS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+_SOFTCAP_FIELD = "final_logit_softcapping"
 # Models whose logits are the head's output times a constant (model_type -> config field, divides?): the fused head
 # folds the constant into its weight (hidden @ (c W).T == c * (hidden @ W.T)), so their log-probs stay exact. Read
 # from each model's forward in transformers 5.25: Cohere multiplies by logit_scale, Granite divides by logits_scaling,
@@ -168,8 +171,18 @@ def head_logit_multiplier(model: PreTrainedModel) -> float:
     return 1.0 / float(value) if divides else float(value)
 
 
+def head_logit_softcap(model: PreTrainedModel) -> float | None:
+    """The cap c of the model's final soft cap, ``logits = c * tanh(head(h) / c)`` (the text config's
+    ``final_logit_softcapping``: Gemma 2 30.0, Gemma 3 when set), or None for a model without one. transformers
+    applies it after the head (and after a constant multiplier, which the fused head folds into its weight) and
+    before TRL divides by the temperature; the fused head's ops do the same with ``softcap=``."""
+    # decoder=True: an encoder-decoder model (T5Gemma) caps with its decoder's config; a causal LM's is its own.
+    value = getattr(model.config.get_text_config(decoder=True), _SOFTCAP_FIELD, None)
+    return float(value) if value else None
+
+
 def check_plain_head(model: PreTrainedModel) -> None:
-    """Refuse a model whose logits are not ``hidden @ W.T + b`` up to a constant factor (a final softcapping, an
+    """Refuse a model whose logits are not ``hidden @ W.T + b`` up to a constant factor and a final soft cap (an
     unknown multiplier): the fused head would give it wrong log-probs."""
     config = model.config.get_text_config()
     linear_field = _LINEAR_LOGIT_SCALES.get(getattr(config, "model_type", None), (None, False))[0]

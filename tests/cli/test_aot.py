@@ -56,15 +56,16 @@ def test_registers_fit_the_hardware(aot_rows: list[aot.AotRow]) -> None:
 _V, _T, _TILES = aot.REPRESENTATIVE_VOCAB, aot.REPRESENTATIVE_COMPLETION, 8
 _LATENT = aot.REPRESENTATIVE_LATENT  # 4 x 64 x 64
 EXPECTED_MODELLED = {
-    # One sweep over the logits, the int64 label, the target logit a second time, three fp32 results.
-    "logprobs_fwd[bf16]": 2 * _V + 8 + 2 + 3 * 4,
-    "logprobs_fwd[fp32]": 4 * _V + 8 + 4 + 3 * 4,
+    # One sweep over the logits, the int64 label, the target logit a second time, three fp32 results. The
+    # soft-capped variants (",softcap") add math only: the same loads and stores.
+    **{f"logprobs_fwd[{d}]": size * _V + 8 + size + 3 * 4 for d, size in (("bf16", 2), ("bf16,softcap", 2),
+                                                                        ("fp32", 4), ("fp32,softcap", 4))},
     # Logits in, gradient out; each of the 8 programs of a row re-reads label, lse, entropy and two gradients.
-    "logprobs_bwd[bf16]": 2 * _V + 2 * _V + _TILES * (8 + 4 * 4),
-    "logprobs_bwd[fp32]": 4 * _V + 4 * _V + _TILES * (8 + 4 * 4),
+    **{f"logprobs_bwd[{d}]": 2 * size * _V + _TILES * (8 + 4 * 4) for d, size in (("bf16", 2), ("bf16,softcap", 2),
+                                                                                ("fp32", 4), ("fp32,softcap", 4))},
     # One sweep over the logits; label and lse in, the int8 top-1 flag and the fp32 log sum of squares out.
-    "logprobs_stats[bf16]": 2 * _V + 8 + 4 + 1 + 4,
-    "logprobs_stats[fp32]": 4 * _V + 8 + 4 + 1 + 4,
+    **{f"logprobs_stats[{d}]": size * _V + 8 + 4 + 1 + 4 for d, size in (("bf16", 2), ("bf16,softcap", 2),
+                                                                       ("fp32", 4), ("fp32,softcap", 4))},
     # fp32 per pair: policy (+ reference) (+ weight) log-probs in, five results out.
     "preference_fwd[sigmoid]": 4 * (4 + 5),
     "preference_fwd[discopop,alpha_divergence,wpo]": 4 * (5 + 5),

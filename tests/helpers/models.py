@@ -3,7 +3,8 @@
 The defaults (hidden 48, 2 layers, 4 attention / 2 KV heads, vocab 128 = the preset tokenizer's 103 tokens padded,
 64 positions, untied head, pad/bos/eos 0/1/2 = ``build_tokenizer()``'s ids) are the preference trainers' model. A file
 that needs another size passes overrides, so each test keeps the exact model its golden values were recorded with.
-The ``tiny`` model preset (``fusedrl.cli.presets``) is the package's own and is loaded from there.
+The ``tiny`` model preset (``fusedrl.cli.presets``) is the package's own and is loaded from there. ``tiny_gemma2`` is
+the same widths as Gemma 2, the model with soft-capped logits; ``tiny_t5`` the encoder-decoder stand-in.
 """
 
 from __future__ import annotations
@@ -11,7 +12,15 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, T5Config, T5ForConditionalGeneration
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 TINY_LLAMA = {"vocab_size": 128, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
@@ -36,6 +45,25 @@ def tiny_llama(seed: int = 0, *, model_cls: type[PreTrainedModel] = LlamaForCaus
     with torch.random.fork_rng(devices=[]) if isolate_rng else contextlib.nullcontext():
         torch.manual_seed(seed)
         return model_cls(config)
+
+
+# Gemma 2 at the same widths (head_dim 12 = 48 / 4 heads; the head tied to the embeddings, as Gemma 2's), the model
+# with soft-capped logits (logits = c * tanh(head(h) / c)). At this initialisation the head's outputs have std 0.13
+# and reach 0.46, where Gemma 2's own cap of 30 bends them by 1e-5 relative (a head ignoring it would pass a 1e-5
+# parity test); a cap of 0.25 puts them on tanh's curved part (tanh(0.46 / 0.25) = 0.95, not 1.84).
+TINY_GEMMA2 = {**{key: TINY_LLAMA[key] for key in ("vocab_size", "hidden_size", "intermediate_size",
+                                                   "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                                   "max_position_embeddings", "bos_token_id", "eos_token_id",
+                                                   "pad_token_id")},
+               "head_dim": 12, "final_logit_softcapping": 0.25}
+
+
+def tiny_gemma2(seed: int = 0, **overrides) -> Gemma2ForCausalLM:
+    """``Gemma2ForCausalLM(Gemma2Config(**TINY_GEMMA2, **overrides))`` initialised right after
+    ``torch.manual_seed(seed)``, the global CPU generator restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Gemma2ForCausalLM(Gemma2Config(**{**TINY_GEMMA2, **overrides}))
 
 
 # The encoder-decoder stand-in (ORPO/CPO): T5 of the same widths and the preset tokenizer's ids (pad 0 also starts the

@@ -52,8 +52,9 @@ def test_opcheck_custom_ops(backend):
     hidden = torch.randn(5, 8, requires_grad=True)
     weight = torch.randn(33, 8, requires_grad=True)
     bias = torch.randn(33, requires_grad=True)
-    torch.library.opcheck(ops._linear_token_logprobs_op, (hidden, weight, bias, labels, 0.5, -100, True, backend))
-    torch.library.opcheck(ops._linear_token_logprobs_op, (hidden, weight, None, labels, 1.0, -100, False, backend))
+    torch.library.opcheck(ops._linear_token_logprobs_op, (hidden, weight, bias, labels, 0.5, -100, True, 0.0, backend))
+    torch.library.opcheck(ops._linear_token_logprobs_op, (hidden, weight, bias, labels, 0.5, -100, True, 2.5, backend))
+    torch.library.opcheck(ops._linear_token_logprobs_op, (hidden, weight, None, labels, 1.0, -100, False, 0.0, backend))
 
 
 @pytest.mark.parametrize("backend", ["compiled", "triton"])
@@ -70,8 +71,8 @@ def test_opcheck_backward_ops(backend):
     torch.library.opcheck(ops._token_logprobs_backward_op,
                           (grad, grad.flip(0), logits, labels, lse, entropy, 1.0, -100, backend))
     hidden, weight = torch.randn(5, 8), torch.randn(33, 8)
-    _, entropy, lse = ops._linear_token_logprobs_op(hidden, weight, None, labels, 0.5, -100, True, backend)
-    args = (grad, grad.flip(0), hidden, weight, None, labels, lse, entropy, 0.5, -100)
+    _, entropy, lse = ops._linear_token_logprobs_op(hidden, weight, None, labels, 0.5, -100, True, 2.5, backend)
+    args = (grad, grad.flip(0), hidden, weight, None, labels, lse, entropy, 0.5, -100, 2.5)
     torch.library.opcheck(ops._linear_token_logprobs_backward_op, (*args, [True, False, True], backend))
     grad_hidden, grad_weight, grad_bias = ops._linear_token_logprobs_backward_op(*args, [True, False, True], backend)
     assert grad_hidden.shape == hidden.shape and grad_weight.numel() == 0 and grad_bias.numel() == 0

@@ -2,7 +2,8 @@
 ``linear_kto_loss`` and ``linear_policy_loss``) on every backend against the reference (full fp32 logits through the
 unfused math): loss, every gradient (hidden, weight, bias) and the metrics from the same tiles; awkward shapes,
 padding and fully ignored rows, bf16, a group longer than the tile budget (the recompute path), no-grad and
-frozen-head calls, torch.compile capture and opcheck; the unfused path's forward with the metrics of its tiles.
+frozen-head calls, torch.compile capture and opcheck; the unfused path's forward with the metrics of its tiles; a
+soft-capped head (``softcap``, Gemma 2's ``final_logit_softcapping``) on each fused op.
 
 Triton runs under TRITON_INTERPRET=1 (conftest), so its shapes are small.
 """
@@ -21,12 +22,14 @@ from fusedrl.ops.logprobs import compiled as rows_compiled
 from fusedrl.ops.logprobs import fused as fused_module
 from fusedrl.ops.logprobs import triton as rows_triton
 from fusedrl.ops.logprobs.fused import chunk_groups
-from fusedrl.ops.logprobs.reference import linear_token_logprobs_reference, token_statistics_reference
+from fusedrl.ops.logprobs.reference import linear_token_logprobs_reference, soft_cap, token_statistics_reference
 from fusedrl.ops.policy import fused_head as policy_head
 from fusedrl.ops.preference import fused_head as pair_head
 from tests.utils import assert_close
 
 FAST_BACKENDS = ("compiled", "triton")
+# The soft cap of the capped cases, against logits of std ~3 (_head_inputs): far from linear, often saturated.
+SOFTCAP = 2.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,9 @@ PAIR_CASES = [
     PairCase("js-hinge", {"loss_type": "hinge", "f_divergence_type": "js_divergence"}),
     PairCase("cpo-simpo-mean", {"family": "cpo", "loss_type": "simpo", "average_log_prob": True,
                                 "cpo_alpha": 0.3, "alpha": 0.05}, reference_model=False),
+    # The metrics (entropy, top-1) and WPO's log sum p^2 of the capped tiles; the reference's head capped alike.
+    PairCase("capped-sigmoid-sft", {"loss_type": ["sigmoid", "sft"], "softcap": SOFTCAP}),
+    PairCase("capped-wpo-ipo", {"loss_type": ["sigmoid", "ipo"], "use_weighting": True, "softcap": SOFTCAP}),
 ]
 
 
@@ -121,7 +127,7 @@ def _pair_params():
     for backend in FAST_BACKENDS:
         for shape in SHAPES:
             for case in PAIR_CASES:
-                if backend == "triton" and shape.name == "awkward" and case.name != "mpo-sft":
+                if backend == "triton" and shape.name == "awkward" and case.name not in ("mpo-sft", "capped-wpo-ipo"):
                     continue  # the interpreter is slow; one awkward case is enough there
                 if case.options.get("average_log_prob") and shape.ignored_row:
                     continue  # a fully ignored row averages to 0/0 = NaN, as in TRL: nothing to compare
@@ -173,20 +179,21 @@ def _expected_backend(backend, shape):
     return "reference" if shape.dtype == torch.float32 else backend
 
 
-def _orpo_run(backend, fused, tensors, labels, completion):
+def _orpo_run(backend, fused, tensors, labels, completion, softcap=None):
     leaves = _leaves(tensors)
     with fusedrl.use_kernels(linear_logprobs=backend, preference=backend):
         out = fusedrl.linear_orpo_loss(leaves[0], leaves[1], labels, completion_mask=completion, bias=leaves[2],
-                                       beta=0.2, fused=fused)
+                                       beta=0.2, fused=fused, softcap=softcap)
     out.loss.backward()
     return out, _grads(leaves)
 
 
+@pytest.mark.parametrize("softcap", [None, SOFTCAP], ids=["plain", "capped"])
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=str)
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_orpo_loss_matches_reference(backend, shape):
+def test_orpo_loss_matches_reference(backend, shape, softcap):
     """``linear_orpo_loss``: the NLL over the chosen rows' prompt and completion, the odds ratio on the mean
-    completion log-probs; every output and gradient."""
+    completion log-probs; every output and gradient (plain and soft-capped head)."""
     *tensors, completion_labels = _head_inputs(shape, pairs=True)
     completion = completion_labels != -100
     labels = completion_labels.clone()
@@ -195,36 +202,40 @@ def test_orpo_loss_matches_reference(backend, shape):
     labels[:num_pairs] = torch.where(completion[:num_pairs], labels[:num_pairs], prompt[:num_pairs])
     labels[num_pairs - 1, -3:] = -100  # a padded chosen row
     completion[num_pairs - 1, -3:] = False
-    expected, expected_grads = _orpo_run(_expected_backend(backend, shape), False, tensors, labels, completion)
-    actual, actual_grads = _orpo_run(backend, True, tensors, labels, completion)
+    expected, expected_grads = _orpo_run(_expected_backend(backend, shape), False, tensors, labels, completion,
+                                         softcap)
+    actual, actual_grads = _orpo_run(backend, True, tensors, labels, completion, softcap)
     for name in expected._fields:
         assert_close(getattr(actual, name), getattr(expected, name), dtype=shape.dtype, name=name)
     _assert_grads(actual_grads, expected_grads, shape.dtype)
 
 
-def _kto_run(backend, fused, tensors, labels, ref_logps, desirable, loss_type):
+def _kto_run(backend, fused, tensors, labels, ref_logps, desirable, loss_type, softcap=None):
     leaves = _leaves(tensors)
     with fusedrl.use_kernels(linear_logprobs=backend, preference=backend):
         out = fusedrl.linear_kto_loss(leaves[0], leaves[1], labels, ref_logps=ref_logps, desirable=desirable,
                                       kl=torch.tensor(0.3), bias=leaves[2], loss_type=loss_type, beta=0.2,
-                                      desirable_weight=1.5, undesirable_weight=0.7, with_entropy=True, fused=fused)
+                                      desirable_weight=1.5, undesirable_weight=0.7, with_entropy=True, fused=fused,
+                                      softcap=softcap)
     out.loss.backward()
     return out, _grads(leaves)
 
 
-@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize("loss_type,softcap", [("kto", None), ("apo_zero_unpaired", None), ("kto", SOFTCAP)],
+                         ids=["kto", "apo_zero_unpaired", "kto-capped"])
 @pytest.mark.parametrize("shape", SHAPES[1:], ids=str)
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_kto_loss_matches_reference(backend, shape, loss_type):
-    """``linear_kto_loss``: per-example losses against the clamped KL, nanmean; every output and gradient."""
+def test_kto_loss_matches_reference(backend, shape, loss_type, softcap):
+    """``linear_kto_loss``: per-example losses against the clamped KL, nanmean; every output and gradient (plain
+    and soft-capped head; the reference log-probs near the policy's own either way)."""
     *tensors, labels = _head_inputs(shape, pairs=False)
     hidden, weight, bias = (None if t is None else t.float() for t in tensors)
-    token_logps, _ = linear_token_logprobs_reference(hidden, weight, labels, bias=bias)
+    token_logps, _ = linear_token_logprobs_reference(hidden, weight, labels, bias=bias, softcap=softcap)
     ref_logps = token_logps.sum(-1) + torch.randn(shape.rows)
     desirable = torch.arange(shape.rows) % 3 != 1
     expected, expected_grads = _kto_run(_expected_backend(backend, shape), False, tensors, labels, ref_logps,
-                                        desirable, loss_type)
-    actual, actual_grads = _kto_run(backend, True, tensors, labels, ref_logps, desirable, loss_type)
+                                        desirable, loss_type, softcap)
+    actual, actual_grads = _kto_run(backend, True, tensors, labels, ref_logps, desirable, loss_type, softcap)
     for name in expected._fields:
         assert_close(getattr(actual, name), getattr(expected, name), dtype=shape.dtype, name=name)
     _assert_grads(actual_grads, expected_grads, shape.dtype)
@@ -256,13 +267,18 @@ POLICY_CASES = [
     PolicyCase("ratio-kl-sequence-on-policy", {"loss_type": "bnpo", "beta": 0.1, "ratio_weighted": True,
                                                "importance_sampling_level": "sequence"}, on_policy=True),
     PolicyCase("rloo-summed", {"loss_type": "grpo", "epsilon_high": 0.3}, summed=True),
+    # The capped head's log-probs, entropies (the bonus's gradient through the cap) and clip counts.
+    PolicyCase("capped-grpo-k3-bonus", {"loss_type": "grpo", "beta": 0.05, "entropy_coef": 0.02,
+                                        "softcap": SOFTCAP}),
+    PolicyCase("capped-rloo-summed", {"loss_type": "grpo", "epsilon_high": 0.3, "softcap": SOFTCAP}, summed=True),
 ]
 
 
-def _near_logps(tensors, labels, temperature):
+def _near_logps(tensors, labels, temperature, softcap=None):
     """Old and reference log-probs within ~0.2 of the policy's own (a few tokens clip at eps 0.2), as in training."""
     hidden, weight, bias = (None if t is None else t.float() for t in tensors)
-    logps, _ = linear_token_logprobs_reference(hidden, weight, labels, bias=bias, temperature=temperature)
+    logps, _ = linear_token_logprobs_reference(hidden, weight, labels, bias=bias, temperature=temperature,
+                                               softcap=softcap)
     return (logps + 0.2 * torch.randn_like(logps) for _ in range(2))
 
 
@@ -287,7 +303,8 @@ def _policy_params():
     for backend in FAST_BACKENDS:
         for shape in SHAPES:
             for case in POLICY_CASES:
-                if backend == "triton" and shape.name == "awkward" and case.name != "bnpo-gspo-delta":
+                if backend == "triton" and shape.name == "awkward" and case.name not in ("bnpo-gspo-delta",
+                                                                                          "capped-grpo-k3-bonus"):
                     continue
                 params.append(pytest.param(backend, shape, case, id=f"{backend}-{shape}-{case}"))
     return params
@@ -299,7 +316,7 @@ def test_policy_loss_matches_reference(backend, shape, case):
     0.7 (bf16: against the unfused path of the same backend); incoming gradient 0.5."""
     *tensors, labels = _head_inputs(shape, pairs=False)
     mask = labels != -100
-    old, ref = _near_logps(tensors, labels, 0.7)
+    old, ref = _near_logps(tensors, labels, 0.7, case.options.get("softcap"))
     adv = torch.randn(shape.rows)
     upstream = torch.tensor(0.5)
     args = (shape, case, tensors, labels, mask, old, ref, adv, upstream)
@@ -460,28 +477,32 @@ def test_backward_scales_the_saved_gradients_once():
         out.loss.backward()
 
 
-def _region(hidden, weight, labels, old, adv):
+def _region(hidden, weight, labels, old, adv, softcap=None):
     pair = fusedrl.linear_preference_loss(hidden, weight, labels, ref_chosen_logps=old[:2, 0],
-                                          ref_rejected_logps=old[2:, 0], fused=True, with_metrics=True)
-    policy = fusedrl.linear_policy_loss(hidden, weight, labels.clamp(min=0), labels != -100, old, adv, fused=True)
+                                          ref_rejected_logps=old[2:, 0], fused=True, with_metrics=True,
+                                          softcap=softcap)
+    policy = fusedrl.linear_policy_loss(hidden, weight, labels.clamp(min=0), labels != -100, old, adv, fused=True,
+                                        softcap=softcap)
     return pair.loss + policy.loss, pair.entropy, policy.clip_ratio_region
 
 
+@pytest.mark.parametrize("softcap", [None, SOFTCAP], ids=["plain", "capped"])
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_fullgraph_capture_matches_eager(backend):
-    """Both fused ops trace into one graph with no break; compiled forward and gradients equal eager."""
+def test_fullgraph_capture_matches_eager(backend, softcap):
+    """Both fused ops trace into one graph with no break (the soft cap a float argument of the region, as the
+    trainers pass it); compiled forward and gradients equal eager."""
     *tensors, labels = _head_inputs(SHAPES[2], pairs=True)
-    old, adv = next(_near_logps(tensors, labels, 1.0)), torch.randn(4)
+    old, adv = next(_near_logps(tensors, labels, 1.0, softcap)), torch.randn(4)
     compiled_leaves, eager_leaves = _leaves(tensors[:2]), _leaves(tensors[:2])
     torch._dynamo.reset()
     with fusedrl.use_kernels(all=backend):
-        explanation = torch._dynamo.explain(_region)(*compiled_leaves, labels, old, adv)
+        explanation = torch._dynamo.explain(_region)(*compiled_leaves, labels, old, adv, softcap)
         assert explanation.graph_break_count == 0, explanation.break_reasons
         torch._dynamo.reset()
         loss, entropy, region = torch.compile(_region, fullgraph=True, backend="aot_eager")(*compiled_leaves, labels,
-                                                                                           old, adv)
+                                                                                           old, adv, softcap)
         loss.backward()
-        expected, expected_entropy, expected_region = _region(*eager_leaves, labels, old, adv)
+        expected, expected_entropy, expected_region = _region(*eager_leaves, labels, old, adv, softcap)
     expected.backward()
     torch._dynamo.reset()
     assert_close(loss, expected, name="loss")
@@ -498,29 +519,42 @@ def test_opcheck(backend):
     torch.library.opcheck(pair_head.linear_pair_losses_op, (
         hidden, weight, bias, labels, labels > 3, False, 0.5, torch.randn(2), torch.randn(2), scale, scale, None,
         "logistic,square", "reverse_kl,reverse_kl", [0.1, 0.0, 0.05, 0.0, 0.0, 1.0] * 2, [False, True], 0.1, 0.5,
-        True, True, 1.0, -100, True, True, [True, True, True], "compiled", backend))
+        True, True, 1.0, 0.0, -100, True, True, [True, True, True], "compiled", backend))
     torch.library.opcheck(logprobs_ops._linear_token_logprobs_stats_op, (
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), 1.0, -100, True, backend))
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), 1.0, -100, True, 0.0, backend))
     mask = (labels != -100).float()
     torch.library.opcheck(policy_head.linear_policy_rows_op, (
         hidden, weight, bias, labels, torch.randn(4, 9), torch.randn(4), mask, torch.full((4,), 0.05),
-        torch.randn(4, 9), 0.04, 0.2, 0.28, float("inf"), True, "k3", True, False, 1.0, True, [True, True, True],
+        torch.randn(4, 9), 0.04, 0.2, 0.28, float("inf"), True, "k3", True, False, 1.0, 0.0, True, [True, True, True],
         "compiled", "clip", [0.0] * 4, None, 0.1, backend))
+    # The soft-capped head through the same ops. opcheck's backward gets the sign of the summed outputs as the
+    # loss's gradient, and the backward scales the saved gradients in place (fused.scaled_head_gradients): a negative
+    # loss would flip the eager outputs it then compares. Negative advantages keep this policy loss positive.
+    torch.library.opcheck(pair_head.linear_pair_losses_op, (
+        hidden, weight, bias, labels, None, False, None, torch.randn(2), torch.randn(2), None, None, None,
+        "logistic", "reverse_kl", [0.1, 0.0, 0.0, 0.0, 0.0, 1.0], [False], 0.1, 0.5, True, True, 1.0, SOFTCAP, -100,
+        True, True, [True, True, True], "compiled", backend))
+    old = next(_near_logps((hidden, weight, bias), labels, 0.7, SOFTCAP)).detach()
+    torch.library.opcheck(policy_head.linear_policy_rows_op, (
+        hidden, weight, bias, labels, old, -0.5 - torch.rand(4), mask, torch.full((4,), 0.05), None, 0.0, 0.2,
+        0.2, float("inf"), False, "k3", False, False, 1.0 / 0.7, SOFTCAP, True, [True, True, True], "compiled",
+        "clip", [0.0] * 4, torch.tensor(0.01), None, backend))
 
 
+@pytest.mark.parametrize("softcap", [None, SOFTCAP], ids=["plain", "capped"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_token_logprobs_with_stats(backend, shape):
+def test_token_logprobs_with_stats(backend, shape, softcap):
     """``linear_token_logprobs(with_stats=True)`` (the unfused path's forward): the metrics of its own tiles equal
     the full-logits reference's (exactly for the top-1 flags in fp32), and the log-probs and their gradients are the
-    plain op's, bitwise."""
+    plain op's, bitwise; with a soft cap, the metrics of the capped logits."""
     *tensors, labels = _head_inputs(shape, pairs=False)
     results = {}
     for with_stats in (False, True):
         leaves = _leaves(tensors)
         with fusedrl.use_kernels(linear_logprobs=backend):
             out = fusedrl.linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], temperature=0.7,
-                                                with_entropy=True, with_stats=with_stats)
+                                                with_entropy=True, with_stats=with_stats, softcap=softcap)
         (out.logprobs.sum() + 0.3 * out.entropy.sum()).backward()
         results[with_stats] = (out, _grads(leaves))
     (plain, plain_grads), (out, grads) = results[False], results[True]
@@ -529,7 +563,7 @@ def test_token_logprobs_with_stats(backend, shape):
     for got, want in zip(grads, plain_grads):
         assert want is None or torch.equal(got, want)
     hidden, weight, bias = (None if t is None else t.float() for t in tensors)
-    logits = (hidden @ weight.T + (0.0 if bias is None else bias)) / 0.7
+    logits = soft_cap(hidden @ weight.T + (0.0 if bias is None else bias), softcap) / 0.7
     expected_top1, expected_log_sum_sq = token_statistics_reference(logits, labels)
     if shape.dtype == torch.float32:  # bf16 logits may move the argmax on near-ties
         assert torch.equal(out.is_top1, expected_top1)
@@ -540,19 +574,21 @@ def test_token_logprobs_with_stats(backend, shape):
 # The statistics row functions
 
 
+@pytest.mark.parametrize("softcap", [None, SOFTCAP], ids=["plain", "capped"])
 @pytest.mark.parametrize("module", [rows_compiled, rows_triton], ids=["compiled", "triton"])
-def test_row_statistics(module):
+def test_row_statistics(module, softcap):
     """Top-1 (the first of tied maxima, as torch.argmax) and log sum p^2 on extreme rows: ties at 1e4, -inf
-    entries, a row whose label is the argmax; temperature 0.5."""
+    entries, a row whose label is the argmax; temperature 0.5. Capped, every logit past ~9c saturates to c in fp32,
+    which makes more ties: the top-1 is still the first of them, as torch.argmax of the capped row."""
     vocab = 1237
     logits = torch.randn(6, vocab) * 3
     logits[0, : vocab // 2] = 1e4
     logits[1, 2] = float("-inf")
     labels = torch.randint(0, vocab, (6,))
     labels[0] = 0
-    labels[2] = logits[2].argmax()
-    scaled = logits / 0.5
-    is_top1, log_sum_sq = module.rows_stats(logits, labels, torch.logsumexp(scaled, -1), 2.0)
+    scaled = soft_cap(logits, softcap) / 0.5
+    labels[2] = scaled[2].argmax()
+    is_top1, log_sum_sq = module.rows_stats(logits, labels, torch.logsumexp(scaled, -1), 2.0, softcap or 0.0)
     assert torch.equal(is_top1, scaled.argmax(-1) == labels) and is_top1[0] and is_top1[2]
     # Row 0's lse is ~2e4, where one fp32 ulp is 2e-3: the difference of two such terms is only that exact.
     assert_close(log_sum_sq, torch.logsumexp(2 * torch.log_softmax(scaled, -1), -1), name="log sum p^2",

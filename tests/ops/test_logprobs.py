@@ -5,6 +5,7 @@ Triton runs under TRITON_INTERPRET=1 (set in conftest), ~600x slower than torch,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -197,3 +198,91 @@ def test_compiled_backend_is_deterministic():
         runs.append((out.logprobs, out.entropy, h.grad, w.grad))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Soft-capped head (Gemma 2's final_logit_softcapping): c * tanh(z / c) of the head's output, before the temperature
+
+SOFTCAP = 2.0  # against logits of std ~3 (_linear_inputs): most entries sit on tanh's curved part or saturate
+
+
+@pytest.mark.parametrize("backend,case", _backend_cases())
+def test_linear_token_logprobs_soft_capped(backend: str, case: Case):
+    """Log-probs, entropy and the hidden / weight / bias gradients of the capped head against the fp32 reference
+    (full logits, ``soft_cap``, log-softmax); the extreme case (hidden x 1e3, logits ~1e4) saturates the cap, where
+    tanh' is 0 in fp32: everything stays finite and those entries get exactly no gradient."""
+    with_bias = case.name in ("awkward", "temperature", "extreme")
+    hidden_size = 64 if backend == "compiled" else 32
+    labels, leaves = _linear_inputs(case, hidden_size, with_bias)
+    ours = [t.clone().requires_grad_() for t in leaves]
+    refs = [t.clone().requires_grad_() for t in leaves]
+
+    def call(fn, tensors):
+        return fn(tensors[0], tensors[1], labels, bias=tensors[2] if with_bias else None,
+                  temperature=case.temperature, with_entropy=True, softcap=SOFTCAP)
+
+    with fusedrl.use_kernels(linear_logprobs=backend):
+        out = call(fusedrl.linear_token_logprobs, ours)
+    ref_logprobs, ref_entropy = call(linear_token_logprobs_reference, refs)
+    assert_close(out.logprobs, ref_logprobs, dtype=case.dtype, name="logprobs")
+    assert_close(out.entropy, ref_entropy, dtype=case.dtype, name="entropy")
+    # Capped logits lie in [-c, c]: a log-prob is at least -2c / T - log V.
+    labelled = labels != -100
+    assert (out.logprobs[labelled] >= -2 * SOFTCAP / case.temperature - math.log(case.vocab) - 1e-3).all()
+    g_logprobs, g_entropy = torch.randn_like(ref_logprobs), torch.randn_like(ref_entropy)
+    ((out.logprobs * g_logprobs).sum() + (out.entropy * g_entropy).sum()).backward()
+    ((ref_logprobs * g_logprobs).sum() + (ref_entropy * g_entropy).sum()).backward()
+    for name, ours_t, ref_t in zip(("hidden", "weight", "bias"), ours, refs):
+        assert torch.isfinite(ours_t.grad).all(), name
+        # Extreme case: weight gradients summed over tokens of hidden ~1e3 in another order, as the uncapped test.
+        assert_close(ours_t.grad, ref_t.grad, dtype=case.dtype, name=f"grad {name}",
+                     rtol=1e-4 if case.extreme else None)
+
+
+@pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
+def test_soft_capped_head_at_1e4_hidden_scale(backend: str):
+    """hidden x 1e4 puts the head's output near 1e5: the capped logits are +-c (finite), log-probs finite and >= -2c
+    - log V, and the gradients finite (the saturated entries' tanh' = 1 - 1^2 = 0 in fp32, so next to no gradient
+    reaches hidden and weight: what the fp32 reference gives too)."""
+    labels = torch.randint(0, 300, (2, 7))
+    labels[0, :2] = -100
+    hidden = (torch.randn(2, 7, 16) * 1e4).requires_grad_()
+    weight = torch.randn(300, 16).requires_grad_()
+    with fusedrl.use_kernels(linear_logprobs=backend):
+        out = fusedrl.linear_token_logprobs(hidden, weight, labels, with_entropy=True, softcap=SOFTCAP)
+    (out.logprobs.sum() + out.entropy.sum()).backward()
+    ref_hidden, ref_weight = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref_logprobs, ref_entropy = linear_token_logprobs_reference(ref_hidden, ref_weight, labels, with_entropy=True,
+                                                                softcap=SOFTCAP)
+    (ref_logprobs.sum() + ref_entropy.sum()).backward()
+    for t in (out.logprobs, out.entropy, hidden.grad, weight.grad):
+        assert torch.isfinite(t).all()
+    assert (out.logprobs >= -2 * SOFTCAP - math.log(300) - 1e-3).all()
+    assert_close(out.logprobs, ref_logprobs, name="logprobs")
+    assert_close(out.entropy, ref_entropy, name="entropy")
+    assert_close(hidden.grad, ref_hidden.grad, name="grad hidden", atol=1e-4)
+    assert_close(weight.grad, ref_weight.grad, name="grad weight", rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_soft_cap_off_is_the_plain_head_bitwise(backend: str):
+    """softcap None and 0 run the uncapped kernels: log-probs, entropy and gradients bitwise equal; a cap changes
+    them (so the option reaches the kernels)."""
+    labels = torch.randint(0, 300, (3, 7))
+    hidden, weight = torch.randn(3, 7, 16), torch.randn(300, 16) * 0.5
+    runs = {}
+    for softcap in (None, 0, 0.0, 1.5):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with fusedrl.use_kernels(linear_logprobs=backend):
+            out = fusedrl.linear_token_logprobs(h, w, labels, with_entropy=True, softcap=softcap)
+        (out.logprobs.sum() + 0.5 * out.entropy.sum()).backward()
+        runs[softcap] = (out.logprobs, out.entropy, h.grad, w.grad)
+    for softcap in (0, 0.0):
+        assert all(torch.equal(a, b) for a, b in zip(runs[None], runs[softcap]))
+    assert not torch.allclose(runs[None][0], runs[1.5][0])
+
+
+@pytest.mark.parametrize("softcap", [-1.0, float("nan"), float("inf"), "30"])
+def test_bad_soft_cap_names_the_argument(softcap):
+    with pytest.raises(ValueError, match="softcap must be"):
+        fusedrl.linear_token_logprobs(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2]), softcap=softcap)

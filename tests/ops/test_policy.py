@@ -16,7 +16,7 @@ import torch
 
 import fusedrl
 from fusedrl.ops import policy as ops
-from fusedrl.ops.logprobs.reference import linear_token_logprobs_reference
+from fusedrl.ops.logprobs.reference import soft_cap, token_logprobs_reference
 from fusedrl.ops.policy import compiled
 from fusedrl.ops.policy.reference import high_entropy_mask, policy_loss_reference, value_loss_reference
 from tests.utils import assert_close, spy_policy_backends
@@ -239,10 +239,12 @@ def test_entropy_keep_matches_reference_quantile_bitwise():
     assert not compiled.high_entropy_keep(torch.rand(2, 3), torch.zeros(2, 3), 0.2).any()
 
 
+@pytest.mark.parametrize("softcap", [None, 1.5], ids=["plain", "capped"])
 @pytest.mark.parametrize("backend", ("reference", *FAST_BACKENDS))
-def test_linear_policy_loss_matches_full_logits(backend):
+def test_linear_policy_loss_matches_full_logits(backend, softcap):
     """Hidden states + head with bias and temperature 0.7 against full fp32 logits -> log_softmax -> reference loss;
-    gradients of hidden, weight and bias."""
+    gradients of hidden, weight and bias. Capped: the logits are ``1.5 tanh(z / 1.5)`` of the head's output z
+    (std ~1.2 here, so the cap bends most of them) before the temperature."""
     num_rows, num_cols, hidden_size, vocab = 3, 13, 16, 37
     hidden = torch.randn(num_rows, num_cols, hidden_size)
     weight = torch.randn(vocab, hidden_size) * 0.3
@@ -257,15 +259,15 @@ def test_linear_policy_loss_matches_full_logits(backend):
 
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     labels = ids.masked_fill(~mask, -100)
-    logps, entropy = linear_token_logprobs_reference(leaves[0], leaves[1], labels, bias=leaves[2], temperature=0.7,
-                                                     with_entropy=True)
+    logits = soft_cap(leaves[0] @ leaves[1].T + leaves[2], softcap)
+    logps, entropy = token_logprobs_reference(logits, labels, temperature=0.7, with_entropy=True)
     expected = policy_loss_reference(logps, old, adv, mask, entropy_BT=entropy.detach(), **options)
     expected.loss.backward()
 
     fast = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     with fusedrl.use_kernels(policy_loss=backend, linear_logprobs="reference" if backend == "reference" else backend):
         out = fusedrl.linear_policy_loss(fast[0], fast[1], ids, mask, old, adv, bias=fast[2], temperature=0.7,
-                                         **options)
+                                         softcap=softcap, **options)
     out.loss.backward()
     assert_close(out.loss, expected.loss, name="loss")
     assert_close(out.logps, logps, name="logps")

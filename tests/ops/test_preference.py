@@ -290,15 +290,16 @@ def test_orpo_kto_errors_name_the_problem(call, match):
 # linear_preference_loss
 
 
-def _linear_reference(hidden, weight, labels, bias, ref_hidden, opts, average):
-    """Full fp32 [2B, T, V] logits for the policy and the reference, then the reference loss."""
+def _linear_reference(hidden, weight, labels, bias, ref_hidden, opts, average, softcap=None):
+    """Full fp32 [2B, T, V] logits for the policy and the reference (both soft-capped by ``softcap``), then the
+    reference loss."""
     mask = labels != -100
-    logps = sequence_logps(linear_token_logprobs_reference(hidden, weight, labels, bias=bias)[0], mask,
-                           average=average)
+    head = {"bias": bias, "softcap": softcap}
+    logps = sequence_logps(linear_token_logprobs_reference(hidden, weight, labels, **head)[0], mask, average=average)
     with torch.no_grad():
-        ref_logps = sequence_logps(linear_token_logprobs_reference(ref_hidden, weight, labels, bias=bias)[0], mask,
+        ref_logps = sequence_logps(linear_token_logprobs_reference(ref_hidden, weight, labels, **head)[0], mask,
                                    average=average)
-    tokens, _ = linear_token_logprobs_reference(hidden, weight, labels, bias=bias)
+    tokens, _ = linear_token_logprobs_reference(hidden, weight, labels, **head)
     num_pairs = labels.shape[0] // 2
     nll = token_mean_nll(tokens[:num_pairs], mask[:num_pairs])
     refs = (ref_logps[:num_pairs], ref_logps[num_pairs:]) if opts["family"] == "dpo" else (None, None)
@@ -310,9 +311,13 @@ def _linear_reference(hidden, weight, labels, bias, ref_hidden, opts, average):
 
 
 @pytest.mark.parametrize("backend", ("reference",) + FAST_BACKENDS)
-@pytest.mark.parametrize("case", ["realistic", "awkward", "ignored_rows", "cpo_simpo_mean"])
+@pytest.mark.parametrize("case", ["realistic", "awkward", "ignored_rows", "cpo_simpo_mean", "awkward_capped"])
 def test_linear_preference_loss(backend, case):
-    num_pairs, T, H, V = {"realistic": (2, 16, 32, 256), "awkward": (3, 7, 24, 123)}.get(case, (2, 9, 16, 97))
+    """Unfused, every backend, against full fp32 logits; ``awkward_capped``: a soft-capped head (cap 2 against logits
+    of std ~3), on the policy's and the reference's hidden states."""
+    num_pairs, T, H, V = {"realistic": (2, 16, 32, 256)}.get(case, (3, 7, 24, 123) if case.startswith("awkward")
+                                                              else (2, 9, 16, 97))
+    softcap = 2.0 if case == "awkward_capped" else None
     hidden = torch.randn(2 * num_pairs, T, H)
     weight = torch.randn(V, H) / H**0.5 * 3
     bias = torch.randn(V) if case != "realistic" else None
@@ -329,10 +334,11 @@ def test_linear_preference_loss(backend, case):
     with fusedrl.use_kernels(all=backend):
         out = fusedrl.linear_preference_loss(
             leaves[0], leaves[1], labels, bias=leaves[2] if bias is not None else None,
-            ref_hidden=None if average else ref_hidden, average_log_prob=average, **opts,
+            ref_hidden=None if average else ref_hidden, average_log_prob=average, softcap=softcap, **opts,
         )
     expected, logps, nll = _linear_reference(ref_leaves[0], ref_leaves[1], labels,
-                                             ref_leaves[2] if bias is not None else None, ref_hidden, opts, average)
+                                             ref_leaves[2] if bias is not None else None, ref_hidden, opts, average,
+                                             softcap)
     (out.loss + out.losses.sum()).backward()
     (expected.loss + expected.losses.sum()).backward()
     for name in ("loss", "losses", "chosen_rewards", "rejected_rewards"):

@@ -20,6 +20,9 @@ gradient w.r.t. a token's log-prob is known once its pair / sequence is done tak
 ``ops/preference/linear_kto.py`` and ``ops/policy/fused_head.py``). ``with_stats=True``
 (``fusedrl::linear_token_logprobs_stats``) returns the top-1 flags and ``log sum p^2`` of the forward's own tiles, so
 the unfused path needs no pass of its own for them.
+Soft cap (``softcap=``, Gemma 2's ``final_logit_softcapping``): every op from hidden states takes it and caps each
+fp32 logits tile, ``c * tanh(z / c)``, before the temperature, as the model's own forward then TRL do; the backward
+goes through the cap. None or 0 is the plain head, bitwise.
 Benchmarks: ``benchmarks/ops/logprobs.py``.
 """
 
@@ -36,11 +39,16 @@ from fusedrl.ops.logprobs.reference import (
     linear_token_statistics_reference,
     token_logprobs_reference,
 )
+from fusedrl.ops.logprobs.reference import soft_cap as _soft_cap
 
 dispatch.register_op("logprobs", "per-token log-prob (and entropy) gathered from given logits")
 dispatch.register_op("linear_logprobs", "per-token log-prob (and entropy) from hidden states and an LM head")
 
 _TRITON = "fusedrl.ops.logprobs.triton"
+
+# Public for trainers: the cap itself, for the head's detached statistics formed outside the ops (the mean-logit
+# metric, compute_metrics' logits).
+soft_cap = _soft_cap
 
 
 class TokenLogprobs(NamedTuple):
@@ -145,13 +153,13 @@ def token_logprobs_and_entropy(
 # hidden states + LM head -> (logprobs, entropy)
 
 
-def _fake_linear_token_logprobs(hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy):
+def _fake_linear_token_logprobs(hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy, softcap):
     out = hidden.new_empty(labels.shape, dtype=torch.float32)
     return out, torch.empty_like(out), torch.empty_like(out)
 
 
 def _fake_linear_token_logprobs_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy,
-                                         inv_temperature, ignore_index, needs_input_grad):
+                                         inv_temperature, ignore_index, softcap, needs_input_grad):
     def like(needed, tensor):
         return torch.empty_like(tensor) if needed and tensor is not None else hidden.new_empty(0)
 
@@ -167,25 +175,25 @@ _linear_token_logprobs_backward_op = dispatch.define_op(
 
 
 def _linear_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy = inputs
+    hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy, softcap = inputs
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-    ctx.args = (inv_temperature, ignore_index, with_entropy)
+    ctx.args = (inv_temperature, ignore_index, with_entropy, softcap)
 
 
 def _linear_backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
     hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-    inv_temperature, ignore_index, with_entropy = ctx.args
+    inv_temperature, ignore_index, with_entropy, softcap = ctx.args
     needs = [bool(n) for n in ctx.needs_input_grad[:3]]
     grad_hidden, grad_weight, grad_bias = _linear_token_logprobs_backward_op(
         grad_logprobs, grad_entropy if with_entropy else None, hidden, weight, bias, labels, lse, entropy,
-        inv_temperature, ignore_index, needs, ctx.backend,
+        inv_temperature, ignore_index, softcap, needs, ctx.backend,
     )
     return (
         grad_hidden if needs[0] else None,
         grad_weight if needs[1] else None,
         grad_bias if needs[2] else None,
-        None, None, None, None,
+        None, None, None, None, None,
     )
 
 
@@ -196,7 +204,8 @@ _linear_token_logprobs_op = dispatch.define_op(
 )
 
 
-def _fake_linear_token_logprobs_stats(hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy):
+def _fake_linear_token_logprobs_stats(hidden, weight, bias, labels, inv_temperature, ignore_index, with_entropy,
+                                      softcap):
     out = hidden.new_empty(labels.shape, dtype=torch.float32)
     return (out, torch.empty_like(out), torch.empty_like(out), labels.new_empty(labels.shape, dtype=torch.bool),
             torch.empty_like(out))
@@ -236,10 +245,16 @@ def _autocast_head(hidden, weight, bias):
     return cast(hidden), cast(weight), cast(bias)
 
 
+def cap_argument(softcap: float | None) -> float:
+    """The soft cap as the custom ops take it: a float, 0.0 for none (None or 0)."""
+    return float(softcap) if softcap else 0.0
+
+
 def checked_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, *,
-                 temperature: float, ignore_index: int):
+                 temperature: float, ignore_index: int, softcap: float | None = None):
     """``(hidden, weight, bias)`` cast for autocast (:func:`_autocast_head`) and checked as an LM head's inputs with
-    their labels; every op from hidden states (this module's, the fused head+loss ops) starts with it."""
+    their labels (and ``softcap``: None, 0 or a finite number > 0); every op from hidden states (this module's, the
+    fused head+loss ops) starts with it."""
     hidden, weight, bias = _autocast_head(hidden, weight, bias)
     checks.check_float("hidden", hidden)
     checks.check_float("weight", weight, min_dim=2)
@@ -256,6 +271,7 @@ def checked_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                          f"{bias.dtype}")
     checks.check_labels(labels, hidden.shape[:-1], hidden.device, against="hidden.shape")
     checks.check_temperature(temperature)
+    checks.check_softcap(softcap)
     checks.check_label_range(labels, weight.shape[0], ignore_index)
     return hidden, weight, bias
 
@@ -270,6 +286,7 @@ def linear_token_logprobs(
     ignore_index: int = -100,
     with_entropy: bool = False,
     with_stats: bool = False,
+    softcap: float | None = None,
 ) -> torch.Tensor | TokenLogprobs:
     """Per-token log-probs (and entropy) of ``hidden @ weight.T + bias`` without ever holding ``[N, V]`` logits.
 
@@ -278,25 +295,28 @@ def linear_token_logprobs(
     Returns fp32 logprobs ``[...]``, or ``TokenLogprobs(logprobs, entropy)`` when ``with_entropy``, or with
     ``with_stats`` :class:`TokenLogprobsWithStats` (the top-1 flags and ``log sum p^2`` of the same logits tiles;
     entropy zeros unless ``with_entropy``).
+    ``softcap``: the logits are ``softcap * tanh((hidden @ weight.T + bias) / softcap)`` before the temperature
+    divides them (Gemma 2's ``final_logit_softcapping``; the entropy and the statistics are those of the capped
+    logits); None or 0: no cap.
     Gradients flow to hidden, weight and bias in their own dtypes. Inside an autocast region the head computes in the
     autocast dtype, as ``nn.Linear`` would (fp32 accumulation across chunks; outputs stay fp32).
     """
     hidden, weight, bias = checked_head(hidden, weight, bias, labels, temperature=temperature,
-                                        ignore_index=ignore_index)
+                                        ignore_index=ignore_index, softcap=softcap)
     backend = dispatch.traced_backend("linear_logprobs", hidden.device)
     stats = (None, None)
     if backend == "reference":
         logprobs, entropy = linear_token_logprobs_reference(
             hidden, weight, labels, bias=bias, temperature=temperature, ignore_index=ignore_index,
-            with_entropy=with_entropy,
+            with_entropy=with_entropy, softcap=softcap,
         )
         if with_stats:
             stats = linear_token_statistics_reference(hidden, weight, labels, bias=bias, temperature=temperature,
-                                                      ignore_index=ignore_index)
+                                                      ignore_index=ignore_index, softcap=softcap)
     else:
         op = _linear_token_logprobs_stats_op if with_stats else _linear_token_logprobs_op
         outs = op(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1).long(), 1.0 / temperature,
-                  ignore_index, with_entropy, backend)
+                  ignore_index, with_entropy, cap_argument(softcap), backend)
         logprobs, entropy = outs[0].view(labels.shape), outs[1].view(labels.shape)
         if with_stats:
             stats = (outs[3].view(labels.shape), outs[4].view(labels.shape))

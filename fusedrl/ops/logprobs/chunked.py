@@ -4,7 +4,8 @@ Legend: N tokens, H hidden, V vocabulary, C tokens of one chunk, K tokens whose 
 
 The drivers take a backend's row functions (``compiled.rows_fwd``/``rows_bwd`` or ``triton.rows_fwd``/``rows_bwd``,
 same arguments and results) as arguments, so both backends run the same chunking, label compaction and matmul code;
-``fused.entry_points`` wraps the drivers into the entry points of the custom ops, once for each backend.
+``fused.entry_points`` wraps the drivers into the entry points of the custom ops, once for each backend. The
+``linear_logprobs_*`` drivers hand the soft cap (``softcap``, 0 for none) to the row functions, which cap each tile.
 
 ``linear_logprobs_*`` never hold ``[N, V]`` logits: each chunk of C tokens holds one ``[C, V]`` tile. Only the K
 tokens with a label take part (prompt and padding positions are dropped before any matmul; in preference and RL
@@ -20,9 +21,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-RowsFwd = Callable[[torch.Tensor, torch.Tensor, float, int, bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# The row functions' trailing float is the soft cap (0: none), positional so that a test's spy taking *args sees it.
+RowsFwd = Callable[[torch.Tensor, torch.Tensor, float, int, bool, float],
+                   tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 RowsBwd = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, float, int],
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, float, int,
+     float],
     torch.Tensor,
 ]
 
@@ -121,9 +125,11 @@ def linear_logprobs_fwd(
     inv_temperature: float,
     ignore_index: int,
     with_entropy: bool,
+    softcap: float,
     rows_fwd: RowsFwd,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 ``(logprobs_N, entropy_N, lse_N)`` of ``hidden_NH @ weight_VH.T (+ bias_V)``."""
+    """fp32 ``(logprobs_N, entropy_N, lse_N)`` of ``hidden_NH @ weight_VH.T (+ bias_V)``, soft-capped by
+    ``softcap`` > 0."""
     N = hidden_NH.shape[0]
     size = chunk_tokens(weight_VH.shape[0])
     logprobs_N = hidden_NH.new_zeros(N, dtype=torch.float32)
@@ -137,7 +143,7 @@ def linear_logprobs_fwd(
         e = s + size
         logits_CV = _logits_tile(hidden_KH[s:e], weight_VH, bias_V)
         for out_K, part_C in zip(outs_K, rows_fwd(logits_CV, labels_K[s:e], inv_temperature, ignore_index,
-                                                    with_entropy)):
+                                                    with_entropy, softcap)):
             out_K[s:e] = part_C
         # Free this tile before the next one is allocated: otherwise two [C, V] tiles are alive at once.
         del logits_CV
@@ -161,6 +167,7 @@ def linear_logprobs_bwd(
     *,
     inv_temperature: float,
     ignore_index: int,
+    softcap: float,
     needs_input_grad: Sequence[bool],
     rows_bwd: RowsBwd,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,7 +195,7 @@ def linear_logprobs_bwd(
             _logits_tile(hidden_CH, weight_VH, bias_V), labels_K[s:e], lse_K[s:e], entropy_K[s:e],
             None if grad_logprobs_K is None else grad_logprobs_K[s:e],
             None if grad_entropy_K is None else grad_entropy_K[s:e],
-            inv_temperature, ignore_index,
+            inv_temperature, ignore_index, softcap,
         )
         if grad_hidden_KH is not None:
             torch.mm(grad_CV, weight_VH.to(grad_CV.dtype), out=grad_hidden_KH[s:e])

@@ -51,7 +51,7 @@ def keep_bytes(weight_VH: torch.Tensor) -> int:
     """The tile budget for this head: ``min(KEEP_BYTES, max(MIN_KEEP_BYTES, 4 V H))`` bytes."""
     return min(KEEP_BYTES, max(MIN_KEEP_BYTES, 4 * weight_VH.numel()))
 
-RowsStats = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+RowsStats = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, float], tuple[torch.Tensor, torch.Tensor]]
 _logged_recompute: set[str] = set()
 
 
@@ -131,11 +131,13 @@ def fused_head(
     with_stats: bool,
     needs_input_grad: Sequence[bool],
     rows: RowFunctions,
+    softcap: float,
 ) -> FusedHead:
     """Steps 1-3 of the module docstring over the labelled tokens ``hidden_KH`` / ``labels_K`` (already compacted and
     ordered so that each group's tokens are contiguous; ``group_ends[g]`` is the end of group g). ``loss_fn`` runs
     once per chunk, in token order, whatever ``needs_input_grad`` (hidden, weight, bias) says; with no gradient asked
-    no tile is kept and step 3 is skipped."""
+    no tile is kept and step 3 is skipped. ``softcap`` > 0: the row functions cap each tile (kept uncapped: the
+    backward recomputes the cap and its slope from it)."""
     num_tokens, num_vocab = labels_K.shape[0], weight_VH.shape[0]
     needs_hidden, needs_weight, needs_bias = needs_input_grad
     needs_bias = needs_bias and bias_V is not None
@@ -159,10 +161,10 @@ def fused_head(
             e = min(s + tile, end)
             logits_CV = _logits_tile(hidden_KH[s:e], weight_VH, bias_V)
             logprobs_K[s:e], entropy_K[s:e], lse_K[s:e] = rows.fwd(logits_CV, labels_K[s:e], inv_temperature,
-                                                                   ignore_index, with_entropy)
+                                                                   ignore_index, with_entropy, softcap)
             if with_stats:
                 is_top1_K[s:e], log_sum_sq_K[s:e] = rows.stats(logits_CV, labels_K[s:e], lse_K[s:e],
-                                                               inv_temperature)
+                                                               inv_temperature, softcap)
             keep = any_grad and (e - start) <= max_tokens
             kept.append(logits_CV if keep else None)
             del logits_CV
@@ -181,7 +183,7 @@ def fused_head(
             grad_CV = rows.bwd(
                 logits_CV, labels_K[s:e], lse_K[s:e], entropy_K[s:e], grad_logprobs_C[s - start:e - start],
                 None if grad_entropy_C is None else grad_entropy_C[s - start:e - start], inv_temperature,
-                ignore_index,
+                ignore_index, softcap,
             )
             del logits_CV
             if grad_hidden_KH is not None:
@@ -270,6 +272,7 @@ def linear_logprobs_stats_fwd(
     inv_temperature: float,
     ignore_index: int,
     with_entropy: bool,
+    softcap: float,
     rows: RowFunctions,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``chunked.linear_logprobs_fwd`` plus the metrics of the same tiles: fp32 ``(logprobs_N, entropy_N, lse_N,
@@ -280,7 +283,7 @@ def linear_logprobs_stats_fwd(
     out = fused_head(hidden_NH.index_select(0, index_K), weight_VH, bias_V, labels_N.index_select(0, index_K),
                      [index_K.shape[0]], lambda chunk: (chunk.logprobs, None), inv_temperature=inv_temperature,
                      ignore_index=ignore_index, with_entropy=with_entropy, with_stats=True,
-                     needs_input_grad=(False, False, False), rows=rows)
+                     needs_input_grad=(False, False, False), rows=rows, softcap=softcap)
     shape = labels_N.shape
     return (scatter_rows(out.logprobs_K, index_K, shape), scatter_rows(out.entropy_K, index_K, shape),
             scatter_rows(out.lse_K, index_K, shape), scatter_rows(out.is_top1_K, index_K, shape),
@@ -319,31 +322,35 @@ def entry_points(rows: Callable[[], RowFunctions]) -> EntryPoints:
 
     def linear_token_logprobs_fwd(
         hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-        inv_temperature: float, ignore_index: int, with_entropy: bool,
+        inv_temperature: float, ignore_index: int, with_entropy: bool, softcap: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """fp32 ``(logprobs_N, entropy_N, lse_N)`` of ``hidden [N, H] @ weight [V, H].T (+ bias [V])``."""
+        """fp32 ``(logprobs_N, entropy_N, lse_N)`` of ``hidden [N, H] @ weight [V, H].T (+ bias [V])``, soft-capped
+        by ``softcap`` > 0 (0: no cap)."""
         return chunked.linear_logprobs_fwd(hidden, weight, bias, labels, inv_temperature=inv_temperature,
-                                           ignore_index=ignore_index, with_entropy=with_entropy, rows_fwd=rows().fwd)
+                                           ignore_index=ignore_index, with_entropy=with_entropy, softcap=softcap,
+                                           rows_fwd=rows().fwd)
 
     def linear_token_logprobs_bwd(
         grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
         weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, lse: torch.Tensor,
-        entropy: torch.Tensor, inv_temperature: float, ignore_index: int, needs_input_grad: list[bool],
+        entropy: torch.Tensor, inv_temperature: float, ignore_index: int, softcap: float,
+        needs_input_grad: list[bool],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gradients of hidden, weight and bias in their dtypes; an empty tensor for one ``needs_input_grad``
         omits."""
         return chunked.linear_logprobs_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy,
                                            inv_temperature=inv_temperature, ignore_index=ignore_index,
-                                           needs_input_grad=needs_input_grad, rows_bwd=rows().bwd)
+                                           softcap=softcap, needs_input_grad=needs_input_grad, rows_bwd=rows().bwd)
 
     def linear_token_logprobs_stats_fwd(
         hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-        inv_temperature: float, ignore_index: int, with_entropy: bool,
+        inv_temperature: float, ignore_index: int, with_entropy: bool, softcap: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``linear_token_logprobs_fwd`` and, from the same tiles, bool ``is_top1_N`` and fp32
         ``log_sum_sq_probs_N``; same backward."""
         return linear_logprobs_stats_fwd(hidden, weight, bias, labels, inv_temperature=inv_temperature,
-                                         ignore_index=ignore_index, with_entropy=with_entropy, rows=rows())
+                                         ignore_index=ignore_index, with_entropy=with_entropy, softcap=softcap,
+                                         rows=rows())
 
     return EntryPoints(token_logprobs_fwd, token_logprobs_bwd, linear_token_logprobs_fwd, linear_token_logprobs_bwd,
                        linear_token_logprobs_stats_fwd)

@@ -2,6 +2,8 @@
 
 Shapes: N tokens (any leading dims flattened), V vocabulary, H hidden.
 It materialises the full fp32 ``[..., V]`` log-softmax, so it is for checking, not for training at scale.
+``softcap`` (Gemma 2's ``final_logit_softcapping``): the logits from hidden states are ``c * tanh(z / c)`` of the
+head's output z, before the temperature divides them, as transformers' Gemma2ForCausalLM and then TRL do.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ def token_logprobs_reference(
     return logprobs, entropy
 
 
+def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """fp32 ``softcap * tanh(logits / softcap)``, or ``logits.float()`` when ``softcap`` is None or 0."""
+    logits = logits.float()
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
 def linear_token_logprobs_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -49,11 +57,14 @@ def linear_token_logprobs_reference(
     temperature: float = 1.0,
     ignore_index: int = -100,
     with_entropy: bool = False,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The same from hidden states ``[..., H]`` and an LM head ``weight`` ``[V, H]`` (+ ``bias`` ``[V]``), in fp32."""
+    """The same from hidden states ``[..., H]`` and an LM head ``weight`` ``[V, H]`` (+ ``bias`` ``[V]``), in fp32;
+    ``softcap`` caps the head's output (:func:`soft_cap`) before the temperature."""
     logits = hidden.float() @ weight.float().T
     if bias is not None:
         logits = logits + bias.float()
+    logits = soft_cap(logits, softcap)
     return token_logprobs_reference(
         logits, labels, temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy
     )
@@ -75,10 +86,11 @@ def token_statistics_reference(
 
 def linear_token_statistics_reference(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: torch.Tensor | None = None,
-    temperature: float = 1.0, ignore_index: int = -100,
+    temperature: float = 1.0, ignore_index: int = -100, softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`token_statistics_reference` of ``hidden @ weight.T (+ bias)`` in fp32."""
+    """:func:`token_statistics_reference` of ``hidden @ weight.T (+ bias)`` in fp32, soft-capped by ``softcap``."""
     logits = hidden.detach().float() @ weight.detach().float().T
     if bias is not None:
         logits = logits + bias.detach().float()
+    logits = soft_cap(logits, softcap)
     return token_statistics_reference(logits, labels, temperature=temperature, ignore_index=ignore_index)

@@ -271,6 +271,7 @@ def linear_policy_loss(
     sum_log_probs: bool = False,
     ratio_weighted: bool = False,
     fused: bool = False,
+    softcap: float | None = None,
     **loss_options,
 ) -> LinearPolicyLoss:
     """:func:`policy_loss` straight from the completion positions' last hidden states, never holding
@@ -278,7 +279,8 @@ def linear_policy_loss(
 
     hidden_BTH: ``[B, T, H]`` (the states that predict each completion token, already shifted); weight_VH: ``[V, H]``;
     bias: ``[V]`` or None; completion_ids_BT: ``[B, T]`` int64; mask_BT: ``[B, T]``; masked positions get label -100
-    and cost no head compute. ``temperature`` divides the logits, as TRL's sampling temperature does.
+    and cost no head compute. ``temperature`` divides the logits, as TRL's sampling temperature does; ``softcap``
+    caps them before it (``c * tanh(z / c)``, Gemma 2's ``final_logit_softcapping``; None or 0: no cap).
     ``compute_entropy=False`` skips the entropy (then the ``entropy`` metric is None; top-entropy masking and a
     non-zero ``entropy_coef`` compute it anyway). With ``entropy_coef`` the entropy bonus's gradient reaches hidden,
     weight and bias through the entropies (the returned ``entropy`` stays detached).
@@ -316,7 +318,7 @@ def linear_policy_loss(
         loss_backend = dispatch.traced_backend("policy_loss", hidden_BTH.device)
         if "reference" not in (head_backend, loss_backend):
             hidden_BTH, weight_VH, bias = checked_head(hidden_BTH, weight_VH, bias, labels_BT,
-                                                       temperature=temperature, ignore_index=-100)
+                                                       temperature=temperature, ignore_index=-100, softcap=softcap)
             # policy_loss's checks (and error messages) on a placeholder of the log-probs the head would give.
             placeholder = hidden_BTH.new_zeros(labels_BT.shape[0], 1 if sum_log_probs else labels_BT.shape[1],
                                                dtype=torch.float32)
@@ -328,10 +330,10 @@ def linear_policy_loss(
                                  **{**_POLICY_DEFAULTS, **loss_options, "entropy_BT": None, "entropy_coef": 0.0})
             return LinearPolicyLoss(*fused_head.fused_policy_loss(
                 hidden_BTH, weight_VH, bias, labels_BT, mask_BT, old_logps_BT, advantages, temperature=temperature,
-                with_entropy=with_entropy, sum_tokens=sum_log_probs, ratio_kl=ratio_weighted,
+                softcap=softcap, with_entropy=with_entropy, sum_tokens=sum_log_probs, ratio_kl=ratio_weighted,
                 head_backend=head_backend, loss_backend=loss_backend, options={**_POLICY_DEFAULTS, **loss_options}))
     out = linear_token_logprobs(hidden_BTH, weight_VH, labels_BT, bias=bias, temperature=temperature,
-                                with_entropy=with_entropy)
+                                with_entropy=with_entropy, softcap=softcap)
     # Without a bonus the entropy only selects tokens and feeds a metric: no gradient flows through it.
     logps_BT, entropy_BT = (out.logprobs, out.entropy if bonus_on else out.entropy.detach()) if with_entropy \
         else (out, None)

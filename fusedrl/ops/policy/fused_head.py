@@ -31,6 +31,7 @@ import importlib
 import torch
 
 from fusedrl.ops import dispatch
+from fusedrl.ops.logprobs import cap_argument
 from fusedrl.ops.logprobs import fused as head
 from fusedrl.ops.policy import compiled
 from fusedrl.ops.policy.reference import AGGREGATIONS, OBJECTIVES, entropy_bonus, off_policy_keep
@@ -114,7 +115,7 @@ def _policy_rows_fn(loss_backend: str):
 
 
 def _run(rows: head.RowFunctions, hidden, weight, bias, labels, old, advantages, mask, scale_B, ref, beta,
-         epsilon_low, epsilon_high, delta, sequence, kl_estimator, ratio_kl, sum_tokens, inv_temperature,
+         epsilon_low, epsilon_high, delta, sequence, kl_estimator, ratio_kl, sum_tokens, inv_temperature, softcap,
          with_entropy, needs_input_grad, loss_backend, objective, objective_params, entropy_coef,
          off_policy_threshold):
     num_rows, num_cols = labels.shape
@@ -179,7 +180,7 @@ def _run(rows: head.RowFunctions, hidden, weight, bias, labels, old, advantages,
 
     out = head.fused_head(hidden_KH, weight, bias, labels_K, layout.group_ends, loss_fn,
                           inv_temperature=inv_temperature, ignore_index=-100, with_entropy=with_entropy,
-                          with_stats=False, needs_input_grad=needs_input_grad, rows=rows)
+                          with_stats=False, needs_input_grad=needs_input_grad, rows=rows, softcap=softcap)
     grad_hidden = hidden.new_empty(0)
     if out.grad_hidden_KH is not None:
         grad_hidden = hidden.new_zeros(num_rows * num_cols, hidden.shape[-1]).index_copy_(
@@ -195,7 +196,7 @@ def linear_policy_rows_compiled(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     old: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor, scale_B: torch.Tensor,
     ref: torch.Tensor | None, beta: float, epsilon_low: float, epsilon_high: float, delta: float, sequence: bool,
-    kl_estimator: str, ratio_kl: bool, sum_tokens: bool, inv_temperature: float, with_entropy: bool,
+    kl_estimator: str, ratio_kl: bool, sum_tokens: bool, inv_temperature: float, softcap: float, with_entropy: bool,
     needs_input_grad: list[bool], loss_backend: str, objective: str, objective_params: list[float],
     entropy_coef: torch.Tensor | None, off_policy_threshold: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -206,14 +207,15 @@ def linear_policy_rows_compiled(
     the completion); old, mask, ref ``[B, U]`` (old None: on-policy, ratio 1); advantages ``[B]`` or ``[B, U]``;
     scale_B ``[B]`` (:func:`row_scale`); all fp32. ``ratio_kl``: the KL term is TRL's ratio-weighted one
     (:func:`ratio_kl_rows`) and ``kl_B`` its sums. ``objective`` / ``objective_params``: as
-    ``compiled.policy_rows``. ``entropy_coef``: a 0-d tensor adds the entropy bonus (needs ``with_entropy``), None
-    none. ``off_policy_threshold``: TRL's off-policy sequence mask (``reference.off_policy_keep``), None none."""
+    ``compiled.policy_rows``. ``softcap``: the head's soft cap, 0 for none. ``entropy_coef``: a 0-d tensor adds the
+    entropy bonus (needs ``with_entropy``), None none. ``off_policy_threshold``: TRL's off-policy sequence mask
+    (``reference.off_policy_keep``), None none."""
     from fusedrl.ops.logprobs import compiled as rows
 
     return _run(head.RowFunctions(rows.rows_fwd, rows.rows_bwd, rows.rows_stats), hidden, weight, bias, labels, old,
                 advantages, mask, scale_B, ref, beta, epsilon_low, epsilon_high, delta, sequence, kl_estimator,
-                ratio_kl, sum_tokens, inv_temperature, with_entropy, needs_input_grad, loss_backend, objective,
-                objective_params, entropy_coef, off_policy_threshold)
+                ratio_kl, sum_tokens, inv_temperature, softcap, with_entropy, needs_input_grad, loss_backend,
+                objective, objective_params, entropy_coef, off_policy_threshold)
 
 
 def linear_policy_rows_triton(*args):
@@ -223,8 +225,8 @@ def linear_policy_rows_triton(*args):
 
 
 def _fake(hidden, weight, bias, labels, old, advantages, mask, scale_B, ref, beta, epsilon_low, epsilon_high,
-          delta, sequence, kl_estimator, ratio_kl, sum_tokens, inv_temperature, with_entropy, needs_input_grad,
-          loss_backend, objective, objective_params, entropy_coef, off_policy_threshold):
+          delta, sequence, kl_estimator, ratio_kl, sum_tokens, inv_temperature, softcap, with_entropy,
+          needs_input_grad, loss_backend, objective, objective_params, entropy_coef, off_policy_threshold):
     tokens = hidden.new_empty(labels.shape, dtype=torch.float32)
     per_row = hidden.new_empty(labels.shape[:1], dtype=torch.float32)
 
@@ -237,7 +239,7 @@ def _fake(hidden, weight, bias, labels, old, advantages, mask, scale_B, ref, bet
 
 
 def _backward(ctx, grad_loss, *_unused):
-    return head.scaled_head_gradients(ctx, grad_loss, num_inputs=25)  # only hidden, weight and bias have gradients
+    return head.scaled_head_gradients(ctx, grad_loss, num_inputs=26)  # only hidden, weight and bias have gradients
 
 
 linear_policy_rows_op = dispatch.define_op(
@@ -248,8 +250,9 @@ linear_policy_rows_op = dispatch.define_op(
 
 
 def fused_policy_loss(hidden_BTH, weight_VH, bias, labels_BT, mask_BT, old_logps, advantages, *, temperature,
-                      with_entropy, sum_tokens, ratio_kl, head_backend, loss_backend, options) -> tuple:
-    """Run the custom op on ``head_backend`` with the loss on ``loss_backend``; ``options``: every keyword of
+                      softcap, with_entropy, sum_tokens, ratio_kl, head_backend, loss_backend, options) -> tuple:
+    """Run the custom op on ``head_backend`` with the loss on ``loss_backend`` (``softcap``: the head's soft cap,
+    None for none); ``options``: every keyword of
     ``policy_loss``, defaults filled in. Returns ``LinearPolicyLoss``'s fields in order (``loss, logps_BT,
     entropy_BT, kl, clip_ratio_low, clip_ratio_high, clip_ratio_region, mean_entropy, phi_mean, bonus_entropy_sum,
     bonus_tokens``)."""
@@ -271,7 +274,8 @@ def fused_policy_loss(hidden_BTH, weight_VH, bias, labels_BT, mask_BT, old_logps
                                           options["num_items_in_batch"]),
         detached(ref), float(options["beta"]), float(options["epsilon_low"]), float(options["epsilon_high"]),
         float("inf") if delta is None else float(delta), sequence, options["kl_estimator"], ratio_kl, sum_tokens,
-        1.0 / temperature, with_entropy, head.needs_gradients(hidden_BTH, weight_VH, bias), loss_backend, objective,
+        1.0 / temperature, cap_argument(softcap), with_entropy,
+        head.needs_gradients(hidden_BTH, weight_VH, bias), loss_backend, objective,
         params, torch.as_tensor(coef, dtype=torch.float32, device=hidden_BTH.device).reshape(()) if bonus_on else None,
         None if options["off_policy_mask_threshold"] is None else float(options["off_policy_mask_threshold"]),
         head_backend,

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from fusedrl.ops import dispatch
+from fusedrl.ops.logprobs import cap_argument
 from fusedrl.ops.logprobs import fused as head
 from fusedrl.ops.preference import compiled
 from fusedrl.ops.preference.losses import PairRequest
@@ -77,7 +78,7 @@ def _layout(mask_NT: torch.Tensor, weight_VH: torch.Tensor, element_size: int) -
 def _run(
     rows: head.RowFunctions, hidden, weight, bias, labels, seq_mask, average, ld_alpha, ref_chosen, ref_rejected,
     chosen_scale, rejected_scale, pair_weight, formulas, scores, params, scaled, beta, nll_weight, nll_in_losses, wpo,
-    inv_temperature, ignore_index, with_entropy, with_stats, needs_input_grad, loss_backend,
+    inv_temperature, softcap, ignore_index, with_entropy, with_stats, needs_input_grad, loss_backend,
 ):
     num_rows, num_cols = labels.shape
     num_pairs = num_rows // 2
@@ -158,7 +159,7 @@ def _run(
 
     out = head.fused_head(hidden_KH, weight, bias, labels_K, layout.group_ends, loss_fn,
                           inv_temperature=inv_temperature, ignore_index=ignore_index, with_entropy=with_entropy,
-                          with_stats=with_stats or wpo, needs_input_grad=needs_input_grad, rows=rows)
+                          with_stats=with_stats or wpo, needs_input_grad=needs_input_grad, rows=rows, softcap=softcap)
     chosen_nll = nll_sum / num_chosen
     if nll_in_losses:
         losses_B += nll_weight * chosen_nll
@@ -186,7 +187,7 @@ def linear_pair_losses_compiled(
     ref_rejected: torch.Tensor | None,
     chosen_scale: torch.Tensor | None, rejected_scale: torch.Tensor | None, pair_weight: torch.Tensor | None,
     formulas: str, scores: str, params: list[float], scaled: list[bool], beta: float, nll_weight: float,
-    nll_in_losses: bool, wpo: bool, inv_temperature: float, ignore_index: int, with_entropy: bool,
+    nll_in_losses: bool, wpo: bool, inv_temperature: float, softcap: float, ignore_index: int, with_entropy: bool,
     with_stats: bool, needs_input_grad: list[bool], loss_backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -196,13 +197,13 @@ def linear_pair_losses_compiled(
     (``ld_alpha``) over the labelled tokens, or over those of ``seq_mask`` ``[N, T]`` (the NLL term stays over the
     labelled tokens of the chosen rows); the ``[B]`` tensors may be None; per loss type
     ``formulas`` / ``scores`` (comma-separated: a custom-op schema has no list of strings), ``scaled`` and
-    :data:`_NUM_PARAMS` entries of ``params``."""
+    :data:`_NUM_PARAMS` entries of ``params``; ``softcap``: the head's soft cap, 0 for none."""
     from fusedrl.ops.logprobs import compiled as rows
 
     return _run(head.RowFunctions(rows.rows_fwd, rows.rows_bwd, rows.rows_stats), hidden, weight, bias, labels,
                 seq_mask, average, ld_alpha, ref_chosen, ref_rejected, chosen_scale, rejected_scale, pair_weight,
-                formulas, scores, params, scaled, beta, nll_weight, nll_in_losses, wpo, inv_temperature, ignore_index,
-                with_entropy, with_stats, needs_input_grad, loss_backend)
+                formulas, scores, params, scaled, beta, nll_weight, nll_in_losses, wpo, inv_temperature, softcap,
+                ignore_index, with_entropy, with_stats, needs_input_grad, loss_backend)
 
 
 def linear_pair_losses_triton(*args):
@@ -213,7 +214,7 @@ def linear_pair_losses_triton(*args):
 
 def _fake(hidden, weight, bias, labels, seq_mask, average, ld_alpha, ref_chosen, ref_rejected, chosen_scale,
           rejected_scale, pair_weight, formulas, scores, params, scaled, beta, nll_weight, nll_in_losses, wpo,
-          inv_temperature, ignore_index, with_entropy, with_stats, needs_input_grad, loss_backend):
+          inv_temperature, softcap, ignore_index, with_entropy, with_stats, needs_input_grad, loss_backend):
     num_rows = labels.shape[0]
     scalar = hidden.new_empty((), dtype=torch.float32)
     pair = hidden.new_empty(num_rows // 2, dtype=torch.float32)
@@ -230,7 +231,7 @@ def _fake(hidden, weight, bias, labels, seq_mask, average, ld_alpha, ref_chosen,
 
 
 def _backward(ctx, grad_loss, *_unused):
-    return head.scaled_head_gradients(ctx, grad_loss, num_inputs=26)  # only hidden, weight and bias have gradients
+    return head.scaled_head_gradients(ctx, grad_loss, num_inputs=27)  # only hidden, weight and bias have gradients
 
 
 linear_pair_losses_op = dispatch.define_op(
@@ -247,10 +248,11 @@ def fused_pair_losses(
     chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, pair_weights: torch.Tensor | None,
     requests: Sequence[PairRequest], beta: float, nll_weight: float, nll_in_losses: bool, wpo: bool,
     temperature: float, ignore_index: int, with_metrics: bool, head_backend: str, loss_backend: str,
+    softcap: float | None,
 ) -> FusedPairOutputs:
-    """Run the custom op on ``head_backend`` (``compiled`` / ``triton``) with the losses on ``loss_backend``;
-    ``requests``: one :class:`PairRequest` per loss type (weights included); gradients only for the inputs that
-    require them (none under ``no_grad``)."""
+    """Run the custom op on ``head_backend`` (``compiled`` / ``triton``) with the losses on ``loss_backend`` and the
+    head's soft cap ``softcap`` (None: none); ``requests``: one :class:`PairRequest` per loss type (weights
+    included); gradients only for the inputs that require them (none under ``no_grad``)."""
     needs = head.needs_gradients(hidden, weight, bias)
     params = [float(value) for request in requests for value in request[2:2 + _NUM_PARAMS]]
 
@@ -264,6 +266,7 @@ def fused_pair_losses(
         1.0 / chosen_lengths.detach().float().clamp(min=1.0), 1.0 / rejected_lengths.detach().float().clamp(min=1.0),
         detached(pair_weights), ",".join(r.formula for r in requests), ",".join(r.score for r in requests), params,
         [r.length_scaled for r in requests], float(beta), float(nll_weight), bool(nll_in_losses), bool(wpo),
-        1.0 / temperature, int(ignore_index), bool(with_metrics), bool(with_metrics), needs, loss_backend, head_backend,
+        1.0 / temperature, cap_argument(softcap), int(ignore_index), bool(with_metrics), bool(with_metrics), needs,
+        loss_backend, head_backend,
     )
     return FusedPairOutputs(*out[:9])

@@ -92,6 +92,7 @@ def linear_preference_loss(
     family: str = "dpo",
     with_metrics: bool = False,
     fused: bool = False,
+    softcap: float | None = None,
     **loss_options,
 ) -> LinearPreferenceLoss:
     """Preference loss straight from the last hidden states and the LM head, never holding ``[2B, T, V]`` logits.
@@ -106,6 +107,8 @@ def linear_preference_loss(
     ``use_weighting``: WPO pair weights from the policy's own tokens (``sequence.wpo_pair_weights``), multiplied
     with any ``pair_weights``. ``chosen_lengths`` / ``rejected_lengths`` default to the labelled counts;
     ``chosen_nll`` comes from the labels; every other keyword is :func:`preference_loss`'s.
+    ``softcap``: the head's soft cap (``c * tanh(z / c)`` of its output z, Gemma 2's ``final_logit_softcapping``;
+    None or 0: none), on the policy's head and on the reference's from ``ref_hidden`` (the same architecture).
 
     ``fused=True``: the loss's gradient is formed in the forward (3 head passes instead of 4, see
     ``fusedrl/ops/logprobs/fused.py`` for the memory it costs) and only ``loss`` is differentiable. It runs when the
@@ -133,7 +136,7 @@ def linear_preference_loss(
         with torch.no_grad():
             ref_logps_N = sequence(linear_token_logprobs(
                 ref_hidden, head.detach(), labels, bias=None if head_bias is None else head_bias.detach(),
-                ignore_index=ignore_index,
+                ignore_index=ignore_index, softcap=softcap,
             ))
         ref_chosen_logps, ref_rejected_logps = ref_logps_N[:num_pairs], ref_logps_N[num_pairs:]
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -153,14 +156,14 @@ def linear_preference_loss(
                     "loss_weights", "label_smoothing", "f_divergence_type", "chosen_lengths", "rejected_lengths",
                     "pair_weights", "reference_free", "cpo_alpha")})
             hidden, weight, bias = checked_head(hidden, weight, bias, labels, temperature=1.0,
-                                                ignore_index=ignore_index)
+                                                ignore_index=ignore_index, softcap=softcap)
             out = fused_head.fused_pair_losses(
                 hidden, weight, bias, labels, average=average_log_prob, ld_alpha=ld_alpha,
                 ref_chosen=ref_chosen_logps, ref_rejected=ref_rejected_logps,
                 chosen_lengths=options["chosen_lengths"], rejected_lengths=options["rejected_lengths"],
                 pair_weights=options["pair_weights"], requests=requests, beta=beta, nll_weight=nll_weight,
                 nll_in_losses=family == "dpo", wpo=use_weighting, temperature=1.0, ignore_index=ignore_index,
-                with_metrics=with_metrics, head_backend=head_backend, loss_backend=loss_backend,
+                with_metrics=with_metrics, head_backend=head_backend, loss_backend=loss_backend, softcap=softcap,
             )
             metrics = (out.entropy, out.is_top1) if with_metrics else (None, None)
             return LinearPreferenceLoss(out.loss, out.losses, out.chosen_rewards, out.rejected_rewards,
@@ -170,7 +173,7 @@ def linear_preference_loss(
     # The metrics and WPO's statistic come from the log-probs' own tiles (one head pass for the forward).
     with_stats = with_metrics or use_weighting
     result = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                                   with_entropy=with_metrics, with_stats=with_stats)
+                                   with_entropy=with_metrics, with_stats=with_stats, softcap=softcap)
     token_logps_NT = result.logprobs if with_stats else result
     logps_N = sequence(token_logps_NT)
     chosen_nll = token_mean_nll(token_logps_NT[:num_pairs], mask_NT[:num_pairs])
@@ -210,6 +213,7 @@ def linear_orpo_loss(
     beta: float = 0.1,
     ignore_index: int = -100,
     fused: bool = False,
+    softcap: float | None = None,
 ) -> LinearORPOLoss:
     """TRL 1.16's ORPO loss (:func:`orpo_loss`) straight from the last hidden states and the LM head.
 
@@ -217,12 +221,14 @@ def linear_orpo_loss(
     where the NLL reads the chosen rows (TRL: prompt and completion) and at least on the completions;
     completion_mask: ``[2B, T]`` (shifted like labels), the tokens of the mean log-probs of the odds ratio. The NLL is
     the token mean over the chosen rows' labelled tokens. ``fused=True`` as :func:`linear_preference_loss`'s (the
-    odds-ratio term is per pair): 3 head passes, only ``loss`` differentiable.
+    odds-ratio term is per pair): 3 head passes, only ``loss`` differentiable. ``softcap``: the head's soft cap, as
+    :func:`linear_preference_loss`'s.
     """
     num_pairs = check_linear_request(hidden, labels, None, None, None, {})
     if fused and "reference" not in (head_backend := dispatch.traced_backend("linear_logprobs", hidden.device),
                                      loss_backend := dispatch.traced_backend("preference", hidden.device)):
-        hidden, weight, bias = checked_head(hidden, weight, bias, labels, temperature=1.0, ignore_index=ignore_index)
+        hidden, weight, bias = checked_head(hidden, weight, bias, labels, temperature=1.0, ignore_index=ignore_index,
+                                            softcap=softcap)
         # beta 1 inside (the "rewards" are the log-odds scores), ORPO's beta as the loss weight: as orpo_loss.
         request = PairRequest("logistic", "log_odds", 1.0, 0.0, 0.0, 0.0, 0.0, float(beta), False)
         ones = labels.new_ones(num_pairs)
@@ -231,12 +237,14 @@ def linear_orpo_loss(
             seq_mask=completion_mask, chosen_lengths=ones, rejected_lengths=ones, pair_weights=None,
             requests=[request], beta=1.0, nll_weight=1.0, nll_in_losses=False, wpo=False, temperature=1.0,
             ignore_index=ignore_index, with_metrics=False, head_backend=head_backend, loss_backend=loss_backend,
+            softcap=softcap,
         )
         chosen, rejected = out.logps_N[:num_pairs], out.logps_N[num_pairs:]
         log_odds = out.chosen_rewards - out.rejected_rewards
         return LinearORPOLoss(out.loss, out.losses, beta * chosen, beta * rejected, F.logsigmoid(log_odds), log_odds,
                               chosen, rejected, out.chosen_nll)
-    token_logps_NT = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index)
+    token_logps_NT = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                           softcap=softcap)
     chosen, rejected = sequence_logps(token_logps_NT, completion_mask, average=True).chunk(2)
     nll = token_mean_nll(token_logps_NT[:num_pairs], labels[:num_pairs] != ignore_index)
     out = orpo_loss(chosen, rejected, chosen_nll=nll, beta=beta)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from fusedrl.ops import dispatch
-from fusedrl.ops.logprobs import checked_head, linear_token_logprobs
+from fusedrl.ops.logprobs import cap_argument, checked_head, linear_token_logprobs
 from fusedrl.ops.logprobs import fused as head
 from fusedrl.ops.preference import compiled
 from fusedrl.ops.preference.checks import check_kto_request
@@ -52,7 +52,7 @@ def _unpaired_loss_fn(loss_backend: str):
 
 
 def _run(rows: head.RowFunctions, hidden, weight, bias, labels, ref_logps, desirable, kl, beta, desirable_weight,
-         undesirable_weight, ignore_index, with_entropy, needs_input_grad, loss_backend):
+         undesirable_weight, softcap, ignore_index, with_entropy, needs_input_grad, loss_backend):
     num_rows, num_cols = labels.shape
     device = hidden.device
     mask_NT = labels != ignore_index
@@ -85,7 +85,7 @@ def _run(rows: head.RowFunctions, hidden, weight, bias, labels, ref_logps, desir
 
     out = head.fused_head(hidden_KH, weight, bias, labels_K, layout.group_ends, loss_fn, inv_temperature=1.0,
                           ignore_index=ignore_index, with_entropy=with_entropy, with_stats=False,
-                          needs_input_grad=needs_input_grad, rows=rows)
+                          needs_input_grad=needs_input_grad, rows=rows, softcap=softcap)
     count = (~torch.isnan(losses_N)).sum().float()
     grad_hidden = hidden.new_empty(0)
     if out.grad_hidden_KH is not None:
@@ -102,19 +102,20 @@ def _run(rows: head.RowFunctions, hidden, weight, bias, labels, ref_logps, desir
 def linear_unpaired_losses_compiled(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, beta: float, desirable_weight: float,
-    undesirable_weight: float, ignore_index: int, with_entropy: bool, needs_input_grad: list[bool],
+    undesirable_weight: float, softcap: float, ignore_index: int, with_entropy: bool, needs_input_grad: list[bool],
     loss_backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
     """The compiled backend of ``fusedrl::linear_unpaired_preference_losses`` (its signature is the schema):
     ``(loss, losses_N, rewards_N, logps_N, token_logps_NT, entropy_NT)`` then the gradients of hidden, weight and
     bias (empty where not asked). hidden ``[N, T, H]``; labels ``[N, T]``; ref_logps fp32 / desirable bool ``[N]``;
-    kl: the clamped fp32 scalar estimate (0 for ``apo_zero_unpaired``)."""
+    kl: the clamped fp32 scalar estimate (0 for ``apo_zero_unpaired``); ``softcap``: the head's soft cap, 0 for
+    none."""
     from fusedrl.ops.logprobs import compiled as rows
 
     return _run(head.RowFunctions(rows.rows_fwd, rows.rows_bwd, rows.rows_stats), hidden, weight, bias, labels,
-                ref_logps, desirable, kl, beta, desirable_weight, undesirable_weight, ignore_index, with_entropy,
-                needs_input_grad, loss_backend)
+                ref_logps, desirable, kl, beta, desirable_weight, undesirable_weight, softcap, ignore_index,
+                with_entropy, needs_input_grad, loss_backend)
 
 
 def linear_unpaired_losses_triton(*args):
@@ -124,7 +125,7 @@ def linear_unpaired_losses_triton(*args):
 
 
 def _fake(hidden, weight, bias, labels, ref_logps, desirable, kl, beta, desirable_weight, undesirable_weight,
-          ignore_index, with_entropy, needs_input_grad, loss_backend):
+          softcap, ignore_index, with_entropy, needs_input_grad, loss_backend):
     per_row = hidden.new_empty(labels.shape[:1], dtype=torch.float32)
     tokens = hidden.new_empty(labels.shape, dtype=torch.float32)
 
@@ -137,7 +138,7 @@ def _fake(hidden, weight, bias, labels, ref_logps, desirable, kl, beta, desirabl
 
 
 def _backward(ctx, grad_loss, *_unused):
-    return head.scaled_head_gradients(ctx, grad_loss, num_inputs=14)  # only hidden, weight and bias have gradients
+    return head.scaled_head_gradients(ctx, grad_loss, num_inputs=15)  # only hidden, weight and bias have gradients
 
 
 linear_unpaired_losses_op = dispatch.define_op(
@@ -163,30 +164,33 @@ def linear_kto_loss(
     ignore_index: int = -100,
     with_entropy: bool = False,
     fused: bool = False,
+    softcap: float | None = None,
 ) -> LinearKTOLoss:
     """TRL 1.16's KTO loss (:func:`kto_loss`) from the last hidden states ``[N, T, H]`` and the LM head.
 
     labels: ``[N, T]`` int64, shifted, labelled on the completions (summed log-probs); ref_logps ``[N]``; desirable
     ``[N]`` bool; kl: the unclamped KL estimate (``kto_kl`` of the mismatched pairs, averaged over ranks; ignored by
-    ``apo_zero_unpaired``). ``fused=True``: 3 head passes, only ``loss`` differentiable; it runs when the
+    ``apo_zero_unpaired``). ``softcap``: the head's soft cap (``c * tanh(z / c)`` of its output; None or 0: none).
+    ``fused=True``: 3 head passes, only ``loss`` differentiable; it runs when the
     ``linear_logprobs`` and ``preference`` backends are ``compiled`` / ``triton``, else the unfused path below.
     """
     check_kto_request(hidden.new_zeros(labels.shape[0]), ref_logps, desirable, loss_type=loss_type, kl=kl,
                       kl_logps=None, ref_kl_logps=None)
     if fused and "reference" not in (head_backend := dispatch.traced_backend("linear_logprobs", hidden.device),
                                      loss_backend := dispatch.traced_backend("preference", hidden.device)):
-        hidden, weight, bias = checked_head(hidden, weight, bias, labels, temperature=1.0, ignore_index=ignore_index)
+        hidden, weight, bias = checked_head(hidden, weight, bias, labels, temperature=1.0, ignore_index=ignore_index,
+                                            softcap=softcap)
         kl_value = (kl.detach().float().reshape(()).clamp(min=0) if loss_type == "kto"
                     else hidden.new_zeros((), dtype=torch.float32))
         out = linear_unpaired_losses_op(
             hidden, weight, bias, labels.long(), ref_logps.detach().float().contiguous(),
             desirable.to(device=hidden.device, dtype=torch.bool), kl_value, float(beta), float(desirable_weight),
-            float(undesirable_weight), int(ignore_index), bool(with_entropy),
+            float(undesirable_weight), cap_argument(softcap), int(ignore_index), bool(with_entropy),
             head.needs_gradients(hidden, weight, bias), loss_backend, head_backend,
         )
         return LinearKTOLoss(out[0], out[1], out[2], kl_value, out[3], out[4], out[5])
     result = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                                   with_entropy=with_entropy)
+                                   with_entropy=with_entropy, softcap=softcap)
     token_logps_NT = result.logprobs if with_entropy else result
     logps = sequence_logps(token_logps_NT, labels != ignore_index)
     out = kto_loss(logps, ref_logps, desirable, loss_type=loss_type, beta=beta, desirable_weight=desirable_weight,

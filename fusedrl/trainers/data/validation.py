@@ -103,17 +103,21 @@ def validate_prompt_dataset(
 _STREAMED_ROWS_CHECKED = 64
 
 
-def check_prompt_dataset(dataset: Any, name: str, *, streamed_ok: bool = False) -> None:
+def check_prompt_dataset(dataset: Any, name: str, *, streamed_ok: bool = False, prompt_optional: bool = False) -> None:
     """The online trainers' (GRPO, RLOO, PPO, online DPO) check of a prompt dataset at construction, or of each of a
     dict of them (None passes): a map-style ``Dataset`` (rollout batches are sampled by index), a ``prompt`` column,
     no images, and rows that pass :func:`validate_prompt_dataset`; with ``streamed_ok`` (GRPO, RLOO: train and eval
     sets) an ``IterableDataset`` too, its first rows checked. Every error names ``name``; the column is checked
-    first so a wrong layout is reported in the trainer's terms ("needs a 'prompt' column")."""
+    first so a wrong layout is reported in the trainer's terms ("needs a 'prompt' column"). ``prompt_optional``
+    (GRPO with an ``environment_factory``, whose ``reset`` may supply the prompt): rows without one pass."""
     if dataset is None:
         return
     if isinstance(dataset, dict):  # a DatasetDict or IterableDatasetDict, or a dict of eval datasets
         for key, value in dataset.items():
-            check_prompt_dataset(value, f"{name}[{key!r}]", streamed_ok=streamed_ok)
+            check_prompt_dataset(value, f"{name}[{key!r}]", streamed_ok=streamed_ok, prompt_optional=prompt_optional)
+        return
+    columns = dataset.column_names if isinstance(dataset, (Dataset, IterableDataset)) else None
+    if prompt_optional and columns is not None and "prompt" not in columns:
         return
     if streamed_ok and isinstance(dataset, IterableDataset):
         columns = dataset.column_names or list(next(iter(dataset)).keys())

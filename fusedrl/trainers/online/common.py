@@ -32,11 +32,12 @@ class RewardAttributes:
     def reward_processing_classes(self) -> list:
         return [reward.processing_class for reward in self.rewards]
 
-    def _start_async_loop(self) -> None:
-        """TRL's ``self.async_loop``: when a reward function is async, an event loop running in a daemon thread
-        that every batch's async rewards run on (``rewards/async_loop.py``); None otherwise. The loop stops with
-        the trainer (or at exit)."""
-        if any(not reward.is_model and is_async_callable(reward.func) for reward in self.rewards):
+    def _start_async_loop(self, tools: Sequence = ()) -> None:
+        """TRL's ``self.async_loop``: when a reward function (or a GRPO tool) is async, an event loop running in a
+        daemon thread that every batch's async rewards and tool calls run on (``rewards/async_loop.py``); None
+        otherwise. The loop stops with the trainer (or at exit)."""
+        if (any(not reward.is_model and is_async_callable(reward.func) for reward in self.rewards)
+                or any(is_async_callable(tool) for tool in tools)):
             self._async_loop_owner = BackgroundEventLoop(f"{type(self).__name__}-AsyncLoop")
             self.async_loop = self._async_loop_owner.loop
         else:

@@ -10,7 +10,9 @@ loss is ``fusedrl.linear_policy_loss`` on the unpatched model's final hidden sta
 One generation round (every ``steps_per_generation * num_iterations`` micro-steps; ``_prepare_inputs``):
 
 1. the sampler yields ``generation_batch_size`` rows per process, each prompt ``num_generations`` times in a row;
-2. ``rollout.generate_completions`` samples one completion per row (KV cache on, masks up to the first EOS);
+2. ``rollout.generate_completions`` samples one completion per row (KV cache on, masks up to the first EOS); with
+   ``tools``, ``environment_factory`` or a ``rollout_func``, ``agents/rollouts.py`` runs the round instead (tool
+   turns, environments, the tool mask that keeps tool results out of the loss);
 3. without grad: old log-probs when the round outlives one optimizer step (``num_iterations > 1`` or more
    micro-batches than accumulation steps), reference log-probs when ``beta != 0``;
 4. every reward scores every completion (``rewards/``); the weighted sum gives group advantages
@@ -42,9 +44,22 @@ from fusedrl.trainers.base import FusedTrainer
 from fusedrl.trainers.data.validation import check_prompt_dataset
 from fusedrl.trainers.head import IGNORE_INDEX
 from fusedrl.trainers.models import tokenizer_of
+from fusedrl.trainers.online.agents import (
+    EMPTY_PROMPT,
+    AgentAttributes,
+    AgentRollouts,
+    check_tools_unsharded,
+    environment_prompts,
+    row_extra_columns,
+)
 from fusedrl.trainers.online.common import RewardAttributes
 from fusedrl.trainers.online.grpo_config import GRPOConfig
-from fusedrl.trainers.online.grpo_loss import TOKEN_NORMALISED_LOSS_TYPES, GRPOLossTerms, loss_type_options
+from fusedrl.trainers.online.grpo_loss import (
+    TOKEN_NORMALISED_LOSS_TYPES,
+    GRPOLossTerms,
+    loss_mask,
+    loss_type_options,
+)
 from fusedrl.trainers.online.grpo_scoring import (
     GroupScoring,
     completion_logs,
@@ -79,7 +94,7 @@ from fusedrl.trainers.rewards import (
 
 
 def _grpo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_logps_BC, advantages_B, ref_logps_BC,
-                 normaliser, entropy_coef, args: GRPOConfig):
+                 normaliser, entropy_coef, args: GRPOConfig, softcap: float | None = None):
     """The loss region (compiled whole with ``compile=True``): completion hidden states -> fused head -> TRL's
     GRPO loss (``linear_policy_loss(fused=True)``: loss, gradient, entropy and clip counts from one pass over each
     logits tile, 3 head passes), with TRL's ratio-weighted KL when ``use_bias_correction_kl`` and the entropy bonus
@@ -93,11 +108,11 @@ def _grpo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_
         importance_sampling_level=args.importance_sampling_level, loss_type=args.loss_type,
         max_completion_length=args.max_completion_length, num_items_in_batch=normaliser,
         top_entropy_quantile=args.top_entropy_quantile, entropy_coef=entropy_coef, **loss_type_options(args),
-        off_policy_mask_threshold=args.off_policy_mask_threshold, fused=True,
+        off_policy_mask_threshold=args.off_policy_mask_threshold, fused=True, softcap=softcap,
     )
 
 
-class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, RoundCheckpointing, FusedTrainer):
+class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes, RoundCheckpointing, FusedTrainer):
     """Group Relative Policy Optimization (https://huggingface.co/papers/2402.03300), as ``trl.GRPOTrainer`` 1.16.
 
     ``model``: a path or a causal LM (or a PeftModel). ``reward_funcs``: one or a list of registered names
@@ -106,6 +121,8 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, RoundCheckpoint
     ``Dataset`` or streamed ``IterableDataset`` (then ``max_steps`` is required) with a ``prompt`` column; its other
     columns reach the reward functions. ``eval_dataset``: the same, or a dict of them (an ``IterableDatasetDict``).
     ``reward_processing_classes``: tokenizers of reward models (one per reward, None entries allowed).
+    ``tools``, ``environment_factory``, ``rollout_func``: agentic rollouts, as TRL 1.16 (``agents/rollouts.py``);
+    with an ``environment_factory`` that owns the data, ``train_dataset`` may be None (then ``max_steps`` is required).
     """
 
     loss_is_scaled_for_ga = True  # most loss types divide by the accumulation steps, dapo/cispo/vespo by tokens
@@ -114,22 +131,28 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, RoundCheckpoint
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, reward_processing_classes=None, callbacks=None,
-                 optimizers=(None, None), quantization_config=None, peft_config=None):
+                 optimizers=(None, None), quantization_config=None, peft_config=None, tools=None, rollout_func=None,
+                 environment_factory=None):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = self.config_class(f"{name.rstrip('/').split('/')[-1] or 'model'}-{self.method}")
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required: a Dataset with a 'prompt' column")
+        environment_data = train_dataset is None  # the environment's reset supplies the prompts
+        if environment_data:
+            train_dataset = environment_prompts(environment_factory, args)
         if self._joint_datasets(args, train_dataset, eval_dataset) is train_dataset:
             # A stream carries the prompt repeats (repeated_stream): TRL's dispatch refusal comes first, as in TRL.
             configure_streams(args, train_dataset, eval_dataset)
-            check_prompt_dataset(train_dataset, "train_dataset", streamed_ok=True)
-            check_prompt_dataset(eval_dataset, "eval_dataset", streamed_ok=True)
+            has_environments = environment_factory is not None
+            if not environment_data:
+                check_prompt_dataset(train_dataset, "train_dataset", streamed_ok=True,
+                                     prompt_optional=has_environments)
+            check_prompt_dataset(eval_dataset, "eval_dataset", streamed_ok=True, prompt_optional=has_environments)
         else:  # several adapters trained together: one dataset per adapter (adapters/joint_rollout.py)
             for name in args.model_adapter_name:
                 check_prompt_dataset(train_dataset[name], f"train_dataset[{name!r}]")
                 check_prompt_dataset(None if eval_dataset is None else eval_dataset[name], f"eval_dataset[{name!r}]")
-        check_reward_source(reward_funcs, args.reward_funcs)
+        if environment_factory is None:  # an environment may own the reward: checked once it is probed
+            check_reward_source(reward_funcs, args.reward_funcs)
         check_liger_prompt_learning(args, model, peft_config)
 
         set_seed(args.seed)  # PEFT initialises adapters randomly
@@ -143,11 +166,23 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, RoundCheckpoint
         if getattr(args, "cast_lm_head_to_fp32", False):  # before the reference copy (_finish_setup) is made
             cast_lm_head_to_fp32(model)
         self._tokenizer = tokenizer_of(processing_class)
-        self.rewards = resolve_rewards(reward_funcs if reward_funcs is not None else args.reward_funcs,
-                                       reward_processing_classes, model_init_kwargs=args.model_init_kwargs,
-                                       trust_remote_code=args.trust_remote_code)
-        self.reward_func_names = [reward.name for reward in self.rewards]
+        self.agents = self.environments = None
+        if tools or environment_factory is not None or rollout_func is not None:
+            self.agents = AgentRollouts(self._tokenizer, tools=tools, environment_factory=environment_factory,
+                                        rollout_func=rollout_func,
+                                        max_tool_calling_iterations=args.max_tool_calling_iterations,
+                                        chat_template_kwargs=args.chat_template_kwargs)
+        user_rewards = reward_funcs if reward_funcs is not None else args.reward_funcs
+        if environment_factory is not None and not self.agents.reward_functions:
+            check_reward_source(user_rewards, None)
+        self.rewards = [] if user_rewards is None and environment_factory is not None else resolve_rewards(
+            user_rewards, reward_processing_classes, model_init_kwargs=args.model_init_kwargs,
+            trust_remote_code=args.trust_remote_code)
         self.reward_weights = reward_weights_tensor(args.reward_weights, len(self.rewards))
+        if self.agents is not None and self.agents.reward_functions:  # environments' own rewards: weight 1 each
+            self.rewards += resolve_rewards(self.agents.reward_functions)
+            self.reward_weights = torch.cat([self.reward_weights, torch.ones(len(self.agents.reward_functions))])
+        self.reward_func_names = [reward.name for reward in self.rewards]
         self.num_generations = args.num_generations
         self.num_generations_eval = args.num_generations_eval or args.num_generations
         self.eos_token_ids = eos_token_ids_of(model, self._tokenizer)
@@ -170,7 +205,9 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, RoundCheckpoint
         self._step_time = 0.0
         self._logs = completion_logs(args.generation_batch_size)  # TRL's: the log_completions table
         self._reward_logs = RewardLogBuffer()  # log_extra / log_metric of the batch being scored
-        self._start_async_loop()
+        self._start_async_loop(() if self.agents is None else self.agents.tools)
+        if self.agents is not None and self.agents.tools:
+            check_tools_unsharded(self)
         # Each process its own sampling stream, as TRL (duplicate prompts across processes then differ).
         set_seed(args.seed, device_specific=True)
 
@@ -295,38 +332,58 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, RoundCheckpoint
                 labels_BC = part["completion_ids"].masked_fill(part["completion_mask"] == 0, IGNORE_INDEX)
                 with self.head_region(hidden_BCH.device):
                     chunks.append(linear_token_logprobs(hidden_BCH.to(weight_VH.dtype), weight_VH, labels_BC,
-                                                        bias=bias_V, temperature=self.args.temperature))
+                                                        bias=bias_V, temperature=self.args.temperature,
+                                                        softcap=self.head_softcap(model)))
         return torch.cat(chunks)
 
     def _generate_and_score(self, inputs: list[dict]) -> dict:
         args, mode, device = self.args, self._mode(), self.accelerator.device
-        prompts = [row["prompt"] for row in inputs]
-        rollout = generate_completions(
-            self.model_wrapped, self._tokenizer, prompts, max_prompt_length=args.max_prompt_length,
-            prompt_truncation=args.prompt_truncation, eos_token_ids=self.eos_token_ids,
-            chat_template_kwargs=args.chat_template_kwargs, pad_to_multiple_of=args.pad_to_multiple_of,
-            accelerator=self.accelerator, generation_config=self.generation_config,
-            row_seeds=trainer_row_seeds(self, len(prompts)), share_prompt_prefill=self.prefix_sharing.enabled,
-        )
+        prompts = [row["prompt"] if self.agents is None else row.get("prompt", EMPTY_PROMPT) for row in inputs]
+
+        def sample(prompts, prompt_tools=None):
+            return generate_completions(
+                self.model_wrapped, self._tokenizer, prompts, max_prompt_length=args.max_prompt_length,
+                prompt_truncation=args.prompt_truncation, eos_token_ids=self.eos_token_ids,
+                chat_template_kwargs=args.chat_template_kwargs, pad_to_multiple_of=args.pad_to_multiple_of,
+                accelerator=self.accelerator, generation_config=self.generation_config,
+                row_seeds=trainer_row_seeds(self, len(prompts)), share_prompt_prefill=self.prefix_sharing.enabled,
+                prompt_tools=prompt_tools,
+            )
+
+        agent_round = None if self.agents is None else self.agents.run(
+            self, inputs, prompts, sample, max_completion_length=args.max_completion_length,
+            max_model_length=getattr(self.model.config.get_text_config(), "max_position_embeddings", None),
+            pad_to_multiple_of=args.pad_to_multiple_of, generation_config=self.generation_config,
+            eos_token_ids=self.eos_token_ids, async_loop=self.async_loop)
+        rollout = sample(prompts) if agent_round is None else agent_round.rollout
+        if agent_round is not None:  # TRL's trainer.environments: the latest round's instances, one per row
+            self.environments = agent_round.environments
         completion_mask = rollout.completion_mask
         if args.mask_truncated_completions:
             completion_mask = completion_mask * (~rollout.is_truncated).long()[:, None]
         batch = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
                  "completion_ids": rollout.completion_ids, "completion_mask": completion_mask}
+        if agent_round is not None and agent_round.tool_mask is not None:
+            batch["tool_mask"] = agent_round.tool_mask
         batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
         if self._needs_old_logps():
             batch["old_per_token_logps"] = self._sampled_logps(self.model, batch, batch_size)
         if args.beta != 0.0:
             with self.reference_context() as reference:
                 batch["ref_per_token_logps"] = self._sampled_logps(reference, batch, batch_size)
-        batch["num_items_in_batch"] = self.accelerator.gather(completion_mask.sum()).sum()
+        batch["num_items_in_batch"] = self.accelerator.gather(loss_mask(batch).sum()).sum()
 
         columns = {key: [row[key] for row in inputs] for key in inputs[0]
                    if key not in ("prompt", "completion", "completion_ids")}
+        extra_kwargs = self._reward_kwargs(len(prompts))
+        if agent_round is not None:
+            columns.update(row_extra_columns(agent_round.extra_columns, len(prompts)))
+            if agent_round.environments is not None:
+                extra_kwargs["environments"] = agent_round.environments
         scores = score_completions(
-            self.rewards, prompts=prompts, completions=rollout.completions,
+            self.rewards, prompts=rollout.prompts, completions=rollout.completions,
             completion_ids=rollout.completion_ids_list, columns=columns, on_error=args.reward_failure,
-            extra_kwargs=self._reward_kwargs(len(prompts)), device=device, async_loop=self.async_loop,
+            extra_kwargs=extra_kwargs, device=device, async_loop=self.async_loop,
         )
         for name in scores.failures:
             self.record(mode, f"rewards/{name}/failures", 1.0)
@@ -336,7 +393,10 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, RoundCheckpoint
         local = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) *
                       len(prompts))
         batch["advantages"] = advantages[local]
-        self._record_rollout(mode, rollout, rewards_per_func, advantages, num_generations)
+        model_tokens = None if "tool_mask" not in batch else (rollout.completion_mask * batch["tool_mask"]).sum(1)
+        self._record_rollout(mode, rollout, rewards_per_func, advantages, num_generations, model_tokens)
+        if self.agents is not None and self.agents.tools:
+            self._record_tool_calls(mode, agent_round, len(prompts))
         return batch
 
     # --- loss ---------------------------------------------------------------------------------------------------
@@ -357,9 +417,9 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, RoundCheckpoint
         weight_VH, bias_V = self._lm_head(model)
         with self.head_region(hidden_BCH.device):
             out = self.loss_region(_grpo_region)(
-                hidden_BCH.to(weight_VH.dtype), weight_VH, bias_V, inputs["completion_ids"], inputs["completion_mask"],
+                hidden_BCH.to(weight_VH.dtype), weight_VH, bias_V, inputs["completion_ids"], loss_mask(inputs),
                 inputs.get("old_per_token_logps"), inputs["advantages"], inputs.get("ref_per_token_logps"),
-                normaliser, entropy_coef, args)
+                normaliser, entropy_coef, args, softcap=self.head_softcap(model))
         loss = out.loss if args.loss_type in TOKEN_NORMALISED_LOSS_TYPES else out.loss / accumulation
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation

@@ -7,9 +7,10 @@ them) and ``reward_failure`` (``"raise"`` or ``"skip"`` a reward function that f
 Implemented as TRL 1.16 (``GRPOConfig`` only; TRL's RLOOConfig has neither): ``off_policy_mask_threshold``
 (DeepSeek-V3.2's off-policy sequence mask on the policy term, from the old log-probs, on every kernel backend:
 ``fusedrl/ops/policy/reference.py``) and ``cast_lm_head_to_fp32`` (the fused head and the model's own lm_head run on
-fp32 weights and hidden states under bf16 mixed precision: ``grpo_setup.py``).
+fp32 weights and hidden states under bf16 mixed precision: ``grpo_setup.py``) and ``max_tool_calling_iterations``
+(the trainer's ``tools`` / ``environment_factory``: ``agents/``).
 Not implemented (fields absent, so a config naming them fails loudly): vLLM (so no vLLM importance-sampling
-correction), continuous batching, tools and environments (``environment_factory``).
+correction) and continuous batching.
 """
 
 from __future__ import annotations
@@ -193,6 +194,10 @@ class GRPOConfig(OnlineConfig):
         default=False, metadata={"help": "Run the LM head of the policy and reference in float32 (weights and hidden "
                                          "states, generation included), as the ScaleRL recipe recommends."}
     )
+    max_tool_calling_iterations: int | None = field(
+        default=None, metadata={"help": "Most tool-calling turns per rollout (tools / environment_factory); None: "
+                                        "until no tool is called or max_completion_length is reached."}
+    )
     off_policy_mask_threshold: float | None = field(
         default=None, metadata={"help": "Off-policy sequence masking (DeepSeek-V3.2's delta, e.g. 0.5): drop the "
                                         "policy term of negative-advantage sequences whose mean log-prob drop since "
@@ -273,6 +278,9 @@ class GRPOConfig(OnlineConfig):
                                       or not math.isfinite(threshold)):
             raise ValueError(f"off_policy_mask_threshold must be a finite number (e.g. 0.5) or None to disable the "
                              f"off-policy mask, got {threshold!r}")
+        turns = self.max_tool_calling_iterations
+        if turns is not None and (isinstance(turns, bool) or not isinstance(turns, int) or turns < 0):
+            raise ValueError(f"max_tool_calling_iterations must be an integer >= 0 or None (no limit), got {turns!r}")
         if not 0.0 <= self.top_entropy_quantile <= 1.0:
             raise ValueError(f"top_entropy_quantile must lie in [0, 1], got {self.top_entropy_quantile}")
         self._check_loss_type_fields()

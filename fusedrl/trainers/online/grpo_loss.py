@@ -46,6 +46,13 @@ def loss_type_options(args) -> dict:
     return {name: getattr(args, name) for name in _LOSS_TYPE_FIELDS}
 
 
+def loss_mask(batch: dict) -> torch.Tensor:
+    """``[B, C]`` the tokens the loss and its metrics count: the completion mask, times the tool mask (0 on tool
+    results) of an agentic round."""
+    mask = batch["completion_mask"]
+    return mask if batch.get("tool_mask") is None else mask * batch["tool_mask"]
+
+
 class GRPOLossTerms:
     """Mixed in before ``FusedTrainer`` by GRPOTrainer (and inherited by RLOOTrainer, whose config has no entropy
     bonus: TRL's RLOO has none). Attribute names are TRL's: ``entropy_coef``, ``use_adaptive_entropy``,
@@ -133,12 +140,12 @@ class GRPOLossTerms:
 
     @torch.no_grad()
     def _record_loss_metrics(self, mode: str, inputs: dict, out) -> None:
-        mask = inputs["completion_mask"].float()
+        mask = loss_mask(inputs).float()
         # Token means (sequence shares at sequence level) of this process's micro-batch, weighted across processes.
         tokens = mask.sum()
         if self.args.beta != 0.0:
             self.record(mode, "kl", self.weighted_mean(out.kl, tokens))
-        self.record(mode, "entropy", self.masked_mean(out.entropy, inputs["completion_mask"]))
+        self.record(mode, "entropy", self.masked_mean(out.entropy, loss_mask(inputs)))
         clipped = tokens if self.args.importance_sampling_level == "token" else mask.shape[0]
         objective = LOSS_TYPE_OBJECTIVES[self.args.loss_type]
         if objective == "cispo":  # the op reports its one clip share as clip_ratio_high

@@ -101,8 +101,12 @@ class GroupScoring:
         self.record(mode, "frac_reward_zero_std", zero_std.float().mean().item())
         return advantages
 
-    def _record_rollout(self, mode: str, rollout, rewards_per_func, advantages, num_generations) -> None:
-        lengths = torch.tensor([len(ids) for ids in rollout.completion_ids_list], device=self.accelerator.device)
+    def _record_rollout(self, mode: str, rollout, rewards_per_func, advantages, num_generations,
+                        model_tokens=None) -> None:
+        """``model_tokens`` ``[B]``: the sampled tokens of each completion when tool results sit among them (the
+        lengths TRL logs then); else every completion token counts."""
+        lengths = (torch.tensor([len(ids) for ids in rollout.completion_ids_list], device=self.accelerator.device)
+                   if model_tokens is None else model_tokens.to(self.accelerator.device))
         prompt_tokens = self.accelerator.gather(rollout.prompt_mask.sum()).sum()
         lengths = self.accelerator.gather(lengths).float()
         truncated = self.accelerator.gather(rollout.is_truncated.to(self.accelerator.device))

@@ -172,7 +172,7 @@ class OnlineDPOTrainer(RewardAttributes, FusedTrainer):
         with self.head_region(head.hidden_NTH.device):
             out = self.loss_region(_online_dpo_region)(head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT,
                                                        ref_chosen, ref_rejected, pair_weights_B,
-                                                       self.args.loss_type, self.beta)
+                                                       self.args.loss_type, self.beta, softcap=head.softcap)
         self._record_metrics(inputs, out.token_logps.detach(), ref.logps, mask_NT, out, out.chosen_logps,
                              out.rejected_logps)
         return out.loss
@@ -205,12 +205,13 @@ class OnlineDPOTrainer(RewardAttributes, FusedTrainer):
 
 
 def _online_dpo_region(hidden_NTH, weight_VH, bias_V, labels_NT, ref_chosen_B, ref_rejected_B, pair_weights_B,
-                       loss_type: str, beta: float) -> LinearPreferenceLoss:
+                       loss_type: str, beta: float, softcap: float | None = None) -> LinearPreferenceLoss:
     """The loss region (compiled whole with ``compile=True``): policy hidden states -> fused head -> summed
-    completion log-probs -> the DPO loss weighted over the ranked pairs (``linear_preference_loss(fused=True)``)."""
+    completion log-probs -> the DPO loss weighted over the ranked pairs (``linear_preference_loss(fused=True)``);
+    softcap: the head's soft cap."""
     units = torch.ones_like(ref_chosen_B)  # ipo on sums, as TRL's online DPO (DPO's ipo divides by the lengths)
     return linear_preference_loss(
         hidden_NTH, weight_VH, labels_NT, bias=bias_V, ref_chosen_logps=ref_chosen_B, ref_rejected_logps=ref_rejected_B,
         loss_type=loss_type, beta=beta, chosen_lengths=units, rejected_lengths=units, pair_weights=pair_weights_B,
-        fused=True,
+        fused=True, softcap=softcap,
     )

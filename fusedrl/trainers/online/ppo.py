@@ -98,15 +98,15 @@ def ppo_targets(scores_B, logps_BC, ref_logps_BC, values_BC, mask_BC, *, kl_coef
 
 
 def _ppo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_logps_BC, advantages_BC, values_BC,
-                old_values_BC, returns_BC, args: PPOConfig):
+                old_values_BC, returns_BC, args: PPOConfig, softcap: float | None = None):
     """The loss region (compiled whole with ``compile=True``): completion hidden states -> fused head -> clipped
     policy loss (``linear_policy_loss(fused=True)``: loss, gradient, entropy and clip counts from one pass over each
-    logits tile, 3 head passes), plus the clipped value loss weighted by ``vf_coef``. Returns
-    ``(loss, policy, vf_loss)``."""
+    logits tile, 3 head passes; softcap: the head's soft cap), plus the clipped value loss weighted by ``vf_coef``.
+    Returns ``(loss, policy, vf_loss)``."""
     policy = linear_policy_loss(
         hidden_BCH, weight_VH, completion_ids_BC, mask_BC, old_logps_BC, advantages_BC, bias=bias_V,
         temperature=args.temperature, epsilon_low=args.cliprange, epsilon_high=args.cliprange, loss_type="bnpo",
-        fused=True)
+        fused=True, softcap=softcap)
     vf_loss = value_loss(values_BC, old_values_BC, returns_BC, mask_BC, clip_range_value=args.cliprange_value)
     return policy.loss + args.vf_coef * vf_loss, policy, vf_loss
 
@@ -216,7 +216,7 @@ class PPOTrainer(RewardAttributes, RoundCheckpointing, FusedTrainer):
         labels_BC = completion_ids_BC.masked_fill(~mask_BC, -100).to(weight_VH.device)
         with self.head_region(hidden_BCH.device):
             return linear_token_logprobs(hidden_BCH, weight_VH, labels_BC, bias=bias_V,
-                                         temperature=self.args.temperature)
+                                         temperature=self.args.temperature, softcap=self.head_softcap(model))
 
     def _sample(self, rows):
         args = self.args
@@ -321,7 +321,8 @@ class PPOTrainer(RewardAttributes, RoundCheckpointing, FusedTrainer):
         with self.head_region(hidden_BCH.device):
             loss, policy, vf_loss = self.loss_region(_ppo_region)(
                 hidden_BCH, weight_VH, bias_V, inputs["completion_ids"], mask_BC, inputs["old_logps"],
-                inputs["advantages"], values_BC, inputs["old_values"], inputs["returns"], args)
+                inputs["advantages"], values_BC, inputs["old_values"], inputs["returns"], args,
+                softcap=self.head_softcap(model))
         # Both losses are token means over this process's micro-batch. Weighted by the process's share of the
         # global micro-batch's tokens, the processes' average (DDP, FSDP and ZeRO average gradients) is the token
         # mean of the global micro-batch, what one process with the whole batch computes (the weight is exactly 1

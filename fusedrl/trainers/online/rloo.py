@@ -30,16 +30,16 @@ from fusedrl.trainers.online.sampling import zero_std_groups
 
 
 def _rloo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_logps_BC, advantages_B,
-                 args: RLOOConfig):
+                 args: RLOOConfig, softcap: float | None = None):
     """The loss region (compiled whole with ``compile=True``): completion hidden states -> fused head -> the clipped
     objective on summed log-probs, one "token" per sequence, averaged over sequences (``grpo`` aggregation), with the
-    entropy from the same tiles (``linear_policy_loss(sum_log_probs=True, fused=True)``: 3 head passes). Returns the
-    loss and the summed old log-probs."""
+    entropy from the same tiles (``linear_policy_loss(sum_log_probs=True, fused=True)``: 3 head passes; softcap: the
+    head's soft cap). Returns the loss and the summed old log-probs."""
     old_B1 = (old_logps_BC * mask_BC).sum(-1, keepdim=True)
     out = linear_policy_loss(hidden_BCH, weight_VH, completion_ids_BC, mask_BC, old_B1, advantages_B, bias=bias_V,
                              temperature=args.temperature, sum_log_probs=True, epsilon_low=args.epsilon,
                              epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
-                             loss_type="grpo", fused=True)
+                             loss_type="grpo", fused=True, softcap=softcap)
     return out, old_B1
 
 
@@ -77,7 +77,7 @@ class RLOOTrainer(GRPOTrainer):
         with self.head_region(hidden_BCH.device):
             out, old_B1 = self.loss_region(_rloo_region)(
                 hidden_BCH.to(weight_VH.dtype), weight_VH, bias_V, inputs["completion_ids"], mask_BC,
-                inputs["old_per_token_logps"], inputs["advantages"], args)
+                inputs["old_per_token_logps"], inputs["advantages"], args, softcap=self.head_softcap(model))
         loss = out.loss
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss

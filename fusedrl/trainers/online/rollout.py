@@ -92,9 +92,11 @@ def render_prompts(tokenizer, prompts: Sequence, chat_template_kwargs: dict | No
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence, *, max_prompt_length: int | None = None,
-                     prompt_truncation: str = "keep_end", chat_template_kwargs: dict | None = None) -> list[list[int]]:
+                     prompt_truncation: str = "keep_end", chat_template_kwargs: dict | None = None,
+                     prompt_tools: Sequence[list | None] | None = None) -> list[list[int]]:
     """Token ids of each prompt, as TRL tokenizes them: standard prompts with the tokenizer's special tokens (e.g. BOS),
-    conversational ones via the chat template (which adds its own). Long prompts per the module docstring."""
+    conversational ones via the chat template (which adds its own), with the row's tools from ``prompt_tools`` (one
+    list or None per prompt) rendered in. Long prompts per the module docstring."""
     if prompt_truncation not in PROMPT_TRUNCATION_MODES:
         raise ValueError(f"prompt_truncation must be one of {PROMPT_TRUNCATION_MODES}, got {prompt_truncation!r}")
     if max_prompt_length is not None and max_prompt_length < 1:
@@ -104,7 +106,9 @@ def tokenize_prompts(tokenizer, prompts: Sequence, *, max_prompt_length: int | N
     ids = []
     for i, prompt in enumerate(prompts):
         if is_conversational_prompt(prompt):
-            tokens = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
+            # `or None`: some templates (Llama 3) write their tool preamble for tools=[] too.
+            tools = (prompt_tools[i] or None) if prompt_tools is not None else None
+            tokens = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, tools=tools,
                                                    return_dict=True, **(chat_template_kwargs or {}))["input_ids"]
         elif isinstance(prompt, str):
             tokens = tokenizer(prompt)["input_ids"]
@@ -217,6 +221,47 @@ def trainer_sampling_config(args, tokenizer, eos_token_ids: Sequence[int], max_c
         cache_implementation=args.cache_implementation, generation_kwargs=args.generation_kwargs)
 
 
+def _sample(model, prompt_ids, prompt_mask, generation_config, accelerator, *, row_seeds=None,
+            share_prompt_prefill=False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``model.generate`` on left-padded prompts: ``(prompt_ids, prompt_mask, raw completion ids [B, C])`` on the
+    model's device (the completions still hold whatever follows each row's EOS)."""
+    with unwrapped_for_generation(model, accelerator) as generator:
+        device = next(generator.parameters()).device
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        processors = None
+        if row_seeds is not None:
+            generation_config, processors = row_seeded_generation(generation_config, generator, row_seeds, device)
+        # A sharded model's forwards are collective: a process whose rows all ended must keep stepping with the
+        # others. transformers only knows this for ZeRO-3 and its own FSDP2 wrapping, not accelerate's.
+        synced = (is_sharded(generator) and torch.distributed.is_available() and torch.distributed.is_initialized()
+                  and torch.distributed.get_world_size() > 1)
+        with eager_generation():  # compiled blocks (compile_blocks=True) would recompile every decoding step
+            # A cache of its own (e.g. cache_implementation="static") or lock-step sharded decoding: plain prefill.
+            own_cache = getattr(generation_config, "cache_implementation", None) not in (None, "dynamic")
+            cache = (shared_prompt_cache(generator, prompt_ids, prompt_mask)
+                     if share_prompt_prefill and not (synced or own_cache) else None)
+            if cache is not None and (repeats := rows_per_input_row(generation_config, generator)) > 1:
+                # Beam search decodes num_beams rows per prompt row: generate repeats the prompts, not our cache.
+                cache.batch_repeat_interleave(repeats)
+            output = generator.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                        generation_config=generation_config, logits_processor=processors,
+                                        synced_gpus=True if synced else None,
+                                        **({cache_keyword(generator): cache} if cache is not None else {}))
+    return prompt_ids, prompt_mask, output[:, prompt_ids.shape[1]:]
+
+
+@torch.no_grad()
+def sample_continuations(model: torch.nn.Module, tokenizer, sequences: Sequence[Sequence[int]], *,
+                         generation_config: GenerationConfig, eos_token_ids: Sequence[int], accelerator=None
+                         ) -> list[list[int]]:
+    """One sampled continuation of each token sequence (a conversation so far: prompt, completion, tool results),
+    cut after its first EOS; the multi-turn tool loop's later turns. Uses the global torch RNG."""
+    prompt_ids, prompt_mask = pad_sequences(sequences, tokenizer.pad_token_id, side="left")
+    _, _, completion_ids = _sample(model, prompt_ids, prompt_mask, generation_config, accelerator)
+    mask = completion_mask_after_eos(completion_ids, eos_token_ids).bool().cpu()
+    return [row[keep].tolist() for row, keep in zip(completion_ids.cpu(), mask, strict=True)]
+
+
 @torch.no_grad()
 def generate_completions(
     model: torch.nn.Module,
@@ -241,6 +286,7 @@ def generate_completions(
     generation_config: GenerationConfig | None = None,
     row_seeds: Sequence[int] | None = None,
     share_prompt_prefill: bool = False,
+    prompt_tools: Sequence[list | None] | None = None,
 ) -> Rollout:
     """Sample ``num_generations`` completions of each prompt with ``model.generate`` (KV cache on).
 
@@ -254,6 +300,7 @@ def generate_completions(
     row, prompts x num_generations) gives each row its own random stream instead, so its completion does not depend
     on the other rows of the batch (``row_seeds.py``). ``share_prompt_prefill``: a prompt repeated in the batch (a
     GRPO group) is prefilled once and its KV cache copied to its rows (``runtime/shared_prefix/prefill.py``).
+    ``prompt_tools``: the tools rendered into each row's prompt (rows = prompts x num_generations; agents/).
     """
     if num_generations < 1:
         raise ValueError(f"num_generations must be >= 1, got {num_generations}")
@@ -265,7 +312,8 @@ def generate_completions(
     if row_seeds is not None and len(row_seeds) != len(prompts):
         raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(prompts)} rows (prompts x num_generations)")
     prompt_ids_list = tokenize_prompts(tokenizer, prompts, max_prompt_length=max_prompt_length,
-                                       prompt_truncation=prompt_truncation, chat_template_kwargs=chat_template_kwargs)
+                                       prompt_truncation=prompt_truncation, chat_template_kwargs=chat_template_kwargs,
+                                       prompt_tools=prompt_tools)
     if eos_token_ids is None:
         eos_token_ids = eos_token_ids_of(accelerator.unwrap_model(model) if accelerator is not None else model,
                                          tokenizer)
@@ -278,29 +326,9 @@ def generate_completions(
         )
     prompt_ids, prompt_mask = pad_sequences(prompt_ids_list, tokenizer.pad_token_id, side="left",
                                             pad_to_multiple_of=pad_to_multiple_of)
-    with unwrapped_for_generation(model, accelerator) as generator:
-        device = next(generator.parameters()).device
-        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        processors = None
-        if row_seeds is not None:
-            generation_config, processors = row_seeded_generation(generation_config, generator, row_seeds, device)
-        # A sharded model's forwards are collective: a process whose rows all ended must keep stepping with the
-        # others. transformers only knows this for ZeRO-3 and its own FSDP2 wrapping, not accelerate's.
-        synced = (is_sharded(generator) and torch.distributed.is_available() and torch.distributed.is_initialized()
-                  and torch.distributed.get_world_size() > 1)
-        with eager_generation():  # compiled blocks (compile_blocks=True) would recompile every decoding step
-            # A cache of its own (e.g. cache_implementation="static") or lock-step sharded decoding: plain prefill.
-            own_cache = getattr(generation_config, "cache_implementation", None) not in (None, "dynamic")
-            cache = (shared_prompt_cache(generator, prompt_ids, prompt_mask)
-                     if share_prompt_prefill and not (synced or own_cache) else None)
-            if cache is not None and (repeats := rows_per_input_row(generation_config, generator)) > 1:
-                # Beam search decodes num_beams rows per prompt row: generate repeats the prompts, not our cache.
-                cache.batch_repeat_interleave(repeats)
-            output = generator.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                        generation_config=generation_config, logits_processor=processors,
-                                        synced_gpus=True if synced else None,
-                                        **({cache_keyword(generator): cache} if cache is not None else {}))
-    completion_ids = output[:, prompt_ids.shape[1]:]
+    prompt_ids, prompt_mask, completion_ids = _sample(model, prompt_ids, prompt_mask, generation_config, accelerator,
+                                                      row_seeds=row_seeds, share_prompt_prefill=share_prompt_prefill)
+    device = prompt_ids.device
     completion_mask = completion_mask_after_eos(completion_ids, eos_token_ids)
     lengths = completion_mask.sum(1)
     is_truncated = ~torch.isin(completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1),
@@ -328,4 +356,34 @@ def generate_completions(
         completion_mask=completion_mask, is_truncated=is_truncated, prompts=prompts,
         prompts_text=render_prompts(tokenizer, prompts, chat_template_kwargs), completions=completions,
         completions_text=completions_text, completion_ids_list=completion_ids_list,
+    )
+
+
+def rollout_from_ids(tokenizer, prompts: Sequence, prompt_ids_list: Sequence[Sequence[int]],
+                     completion_ids_list: Sequence[Sequence[int]], completions: list, *,
+                     eos_token_ids: Sequence[int], pad_to_multiple_of: int | None = None, device=None,
+                     chat_template_kwargs: dict | None = None) -> Rollout:
+    """A :class:`Rollout` from per-row token lists that did not come out of one ``generate`` call (a multi-turn tool
+    conversation, a user's ``rollout_func``): every listed completion token is masked in, and a row is truncated
+    when its last token is neither an EOS nor the pad id (TRL's rule; an empty completion counts as truncated)."""
+    if len(prompt_ids_list) != len(completion_ids_list):
+        raise ValueError(f"{len(prompt_ids_list)} prompt_ids rows but {len(completion_ids_list)} completion_ids rows")
+    prompt_ids, prompt_mask = pad_sequences(prompt_ids_list, tokenizer.pad_token_id, side="left",
+                                            pad_to_multiple_of=pad_to_multiple_of)
+    completion_ids, completion_mask = pad_sequences([list(ids) or [tokenizer.pad_token_id] for ids in
+                                                     completion_ids_list], tokenizer.pad_token_id, side="right",
+                                                    pad_to_multiple_of=pad_to_multiple_of)
+    for row, ids in enumerate(completion_ids_list):
+        if not ids:  # the placeholder pad token of an empty completion is not a completion token
+            completion_mask[row] = 0
+    ends = {*eos_token_ids, tokenizer.pad_token_id}
+    is_truncated = torch.tensor([not ids or ids[-1] not in ends for ids in completion_ids_list])
+    prompts_text = render_prompts(tokenizer, prompts, chat_template_kwargs)
+    completions_text = [c if isinstance(c, str) else "".join(str(m.get("content") or "") for m in c)
+                        for c in completions]
+    return Rollout(
+        prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device), completion_ids=completion_ids.to(device),
+        completion_mask=completion_mask.to(device), is_truncated=is_truncated.to(device), prompts=list(prompts),
+        prompts_text=prompts_text, completions=completions, completions_text=completions_text,
+        completion_ids_list=[list(ids) for ids in completion_ids_list],
     )

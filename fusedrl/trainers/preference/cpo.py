@@ -57,7 +57,8 @@ class CPOTrainer(ReferenceFreeTrainer):
 
     def head_loss(self, head, inputs):
         args = self.args
-        out = self.loss_region(_cpo_region)(head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT, args)
+        out = self.loss_region(_cpo_region)(head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT, args,
+                                            softcap=head.softcap)
         # TRL logs nll_loss = 0 when cpo_alpha == 0 (it does not compute the NLL then).
         nll_loss = torch.zeros_like(out.chosen_nll) if args.cpo_alpha == 0 else out.chosen_nll.detach()
         metrics = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
@@ -66,12 +67,14 @@ class CPOTrainer(ReferenceFreeTrainer):
         return out.loss, metrics
 
 
-def _cpo_region(hidden_NTH, weight_VH, bias_V, labels_NT, args: CPOConfig) -> LinearPreferenceLoss:
+def _cpo_region(hidden_NTH, weight_VH, bias_V, labels_NT, args: CPOConfig,
+                softcap: float | None = None) -> LinearPreferenceLoss:
     """The loss region (compiled whole with ``compile=True``): completion hidden states -> fused head -> sums or
     means per row and the chosen NLL -> the preference term plus ``cpo_alpha`` x NLL, 3 head passes
-    (``linear_preference_loss(family="cpo", fused=True)``)."""
+    (``linear_preference_loss(family="cpo", fused=True)``); softcap: the head's soft cap."""
     return linear_preference_loss(
         hidden_NTH, weight_VH, labels_NT, bias=bias_V, family="cpo", loss_type=args.loss_type, beta=args.beta,
         label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma, alpha=args.alpha,
         cpo_alpha=args.cpo_alpha, average_log_prob=args.loss_type in _AVERAGED_LOSS_TYPES, fused=True,
+        softcap=softcap,
     )

@@ -86,12 +86,12 @@ def _sequence_logps(logps_NT: torch.Tensor, mask_NT: torch.Tensor, ld_alpha: flo
 
 
 def _dpo_region(hidden_NTH, weight_VH, bias_V, labels_NT, ref_chosen, ref_rejected, lengths_N,
-                args: DPOConfig) -> LinearPreferenceLoss:
+                args: DPOConfig, softcap: float | None = None) -> LinearPreferenceLoss:
     """The loss region (compiled whole with ``compile=True``): policy hidden states -> fused head -> sequence
     log-probs -> the loss of every ``loss_type``, averaged over pairs, with the per-token metrics from the same tiles
     (``linear_preference_loss(fused=True)``: 3 head passes; a request coupling the batch takes the unfused path).
     Steps 1, 2 and 4 of the module docstring. lengths_N: unshifted completion lengths (ipo / sigmoid_norm average
-    over them, as TRL counts)."""
+    over them, as TRL counts); softcap: the head's soft cap (``HeadInputs.softcap``)."""
     num_pairs = labels_NT.shape[0] // 2
     return linear_preference_loss(
         hidden_NTH, weight_VH, labels_NT, bias=bias_V, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
@@ -99,7 +99,7 @@ def _dpo_region(hidden_NTH, weight_VH, bias_V, labels_NT, ref_chosen, ref_reject
         label_smoothing=args.label_smoothing, f_divergence_type=args.f_divergence_type,
         f_alpha_divergence_coef=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau,
         chosen_lengths=lengths_N[:num_pairs], rejected_lengths=lengths_N[num_pairs:], ld_alpha=args.ld_alpha,
-        use_weighting=args.use_weighting, with_metrics=True, fused=True,
+        use_weighting=args.use_weighting, with_metrics=True, fused=True, softcap=softcap,
     )
 
 
@@ -230,7 +230,7 @@ class DPOTrainer(FusedTrainer):
         with self.head_region(head.hidden_NTH.device):
             out = self.loss_region(_dpo_region)(
                 head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT, ref_chosen, ref_rejected,
-                completion_mask.sum(-1).float(), self.args,
+                completion_mask.sum(-1).float(), self.args, softcap=head.softcap,
             )
         policy = TokenOutputs(out.token_logps, out.entropy, head.stats["mean_logits"], out.is_top1,
                               aux_loss=head.aux_loss)

@@ -55,8 +55,8 @@ def check_encoder_decoder(model: torch.nn.Module) -> None:
 
 
 class EncoderDecoderHeadMixin:
-    """The encoder-decoder counterpart of ``FusedHeadMixin.head_inputs`` (``self._lm_head`` and
-    ``self.accelerator`` come from the trainer)."""
+    """The encoder-decoder counterpart of ``FusedHeadMixin.head_inputs`` (``self._lm_head``, ``self.head_softcap``
+    and ``self.accelerator`` come from the trainer)."""
 
     def encoder_decoder_head_inputs(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], *,
                                     router_logits: bool = False) -> HeadInputs:
@@ -76,9 +76,10 @@ class EncoderDecoderHeadMixin:
             model_inputs["output_router_logits"] = True
         outputs, hidden_NLH = head_input_forward(model, **model_inputs)
         weight_VH, bias_V = self._lm_head(model)
+        softcap = self.head_softcap(model)  # T5Gemma caps its logits as Gemma 2 does
         hidden_NLH = hidden_NLH.to(weight_VH.device, weight_VH.dtype)
         mean_logits_NL = vocab_mean_logits(hidden_NLH.detach(), weight_VH.detach(),
-                                           None if bias_V is None else bias_V.detach())
+                                           None if bias_V is None else bias_V.detach(), softcap)
         aux_loss = getattr(outputs, "aux_loss", None) if router_logits else None
         return HeadInputs(hidden_NLH, weight_VH, bias_V, labels_NL.to(weight_VH.device), aux_loss,
-                          {"mean_logits": mean_logits_NL})
+                          {"mean_logits": mean_logits_NL}, softcap)

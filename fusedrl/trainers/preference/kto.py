@@ -51,14 +51,14 @@ _REF_COLUMNS = ("ref_logps", "ref_KL_logps")
 
 
 def _kto_region(hidden_NTH, weight_VH, bias_V, labels_NT, ref_logps_N, desirable_N, kl,
-                args: KTOConfig) -> LinearKTOLoss:
+                args: KTOConfig, softcap: float | None = None) -> LinearKTOLoss:
     """The loss region (compiled whole with ``compile=True``): policy hidden states -> fused head -> summed
     completion log-probs -> KTO's per-example losses against ``kl`` (3 head passes, the entropy from the same
-    tiles: ``linear_kto_loss(fused=True)``)."""
+    tiles: ``linear_kto_loss(fused=True)``); softcap: the head's soft cap."""
     return linear_kto_loss(hidden_NTH, weight_VH, labels_NT, ref_logps=ref_logps_N, desirable=desirable_N, kl=kl,
                            bias=bias_V, loss_type=args.loss_type, beta=args.beta,
                            desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
-                           with_entropy=True, fused=True)
+                           with_entropy=True, fused=True, softcap=softcap)
 
 
 def _check_config(args: KTOConfig) -> None:
@@ -249,7 +249,7 @@ class KTOTrainer(FusedTrainer):
             kl = self.accelerator.gather_for_metrics(kto_kl(kl_logps, ref_kl_logps).reshape(1)).mean()
         with self.head_region(head.hidden_NTH.device):
             out = self.loss_region(_kto_region)(head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT,
-                                                ref_logps, labels_N, kl, self.args)
+                                                ref_logps, labels_N, kl, self.args, softcap=head.softcap)
         loss = out.loss  # TRL's reduction, a nanmean: a NaN example does not poison the batch
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * head.aux_loss

@@ -242,7 +242,7 @@ class ORPOTrainer(ReferenceFreeTrainer):
 
     def head_loss(self, head, inputs):
         out = self.loss_region(_orpo_region)(head.hidden_NTH, head.weight_VH, head.bias_V, head.labels_NT,
-                                             self.completion_positions(inputs), self.args.beta)
+                                             self.completion_positions(inputs), self.args.beta, softcap=head.softcap)
         metrics = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
                    "chosen_logps": out.chosen_logps.detach(), "rejected_logps": out.rejected_logps.detach(),
                    "nll_loss": out.chosen_nll.detach(), "log_odds_ratio": out.log_odds_ratio.mean(),
@@ -250,8 +250,10 @@ class ORPOTrainer(ReferenceFreeTrainer):
         return out.loss, metrics
 
 
-def _orpo_region(hidden_NTH, weight_VH, bias_V, labels_NT, completion_mask_NT, beta: float) -> LinearORPOLoss:
+def _orpo_region(hidden_NTH, weight_VH, bias_V, labels_NT, completion_mask_NT, beta: float,
+                 softcap: float | None = None) -> LinearORPOLoss:
     """The loss region (compiled whole with ``compile=True``): hidden states -> fused head -> mean completion
-    log-probs and the chosen NLL -> ORPO's loss, 3 head passes (``linear_orpo_loss(fused=True)``)."""
+    log-probs and the chosen NLL -> ORPO's loss, 3 head passes (``linear_orpo_loss(fused=True)``); softcap: the
+    head's soft cap."""
     return linear_orpo_loss(hidden_NTH, weight_VH, labels_NT, completion_mask=completion_mask_NT, bias=bias_V,
-                            beta=beta, fused=True)
+                            beta=beta, fused=True, softcap=softcap)

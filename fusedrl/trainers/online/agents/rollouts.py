@@ -1,0 +1,217 @@
+"""GRPO's agentic rollouts (TRL 1.16): ``tools``, ``environment_factory`` and ``rollout_func``.
+
+One round, for the rows of a generation batch:
+
+1. environments (if any): each row draws an instance of its environment, ``reset`` with its example; an
+   observation is appended to the prompt (``environments.py``);
+2. the first turn: a user ``rollout_func(prompts, trainer)`` (its ``prompt_ids``, ``completion_ids`` and
+   ``logprobs``, an optional ``env_mask`` and extra fields that reach the reward functions as columns), or
+   fusedrl's own sampling with each row's tools rendered into its prompt;
+3. with tools: completions are parsed (``parsing.py``); rows that called tools get the results appended (the chat
+   template's tokens around tool messages, never a re-tokenization) and sample a continuation, until no row calls
+   a tool, ``max_tool_calling_iterations`` turns have run, or the next tool results would pass
+   ``max_completion_length`` (those results are dropped and the row keeps its completion as it is);
+4. the tool mask: 0 on tool-result tokens, 1 on sampled ones. The loss (and ``num_items_in_batch``, the
+   completion-length metrics) count only the sampled tokens; attention still sees the whole conversation.
+
+The completion a reward function gets is the conversation after the prompt: assistant turns (with ``tool_calls``)
+and tool messages, as TRL gives it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from fusedrl.trainers.online.agents.environments import Environments
+from fusedrl.trainers.online.agents.parsing import (
+    check_tool_calling,
+    derived_response_template,
+    parse_completion,
+    tool_suffix_ids,
+)
+from fusedrl.trainers.online.agents.tools import run_tool_calls, tools_by_name
+from fusedrl.trainers.online.rollout import (
+    Rollout,
+    is_conversational_prompt,
+    pad_sequences,
+    rollout_from_ids,
+    sample_continuations,
+)
+
+_ROLLOUT_FUNC_KEYS = ("completion_ids", "logprobs", "prompt_ids")
+
+
+def _experimental(name: str) -> None:
+    if os.environ.get("TRL_EXPERIMENTAL_SILENCE", "0") != "1":
+        warnings.warn(f"You are using '{name}', which is an experimental feature. This API may change or be removed at "
+                      "any time without prior notice. Silence this warning by setting environment variable "
+                      "TRL_EXPERIMENTAL_SILENCE=1.", UserWarning, stacklevel=4)
+
+
+class AgentRound(NamedTuple):
+    """A round's rollout plus what the agentic path adds: ``tool_mask`` ``[B, C]`` (None without tools or an
+    ``env_mask``), ``extra_columns`` for the reward functions, the rows' ``environments`` (None without them) and
+    the tool-call counts of this process."""
+
+    rollout: Rollout
+    tool_mask: torch.Tensor | None
+    extra_columns: dict
+    environments: list | None
+    num_tool_calls: int
+    num_tool_failures: int
+
+
+class AgentRollouts:
+    """The agentic side of one GRPO trainer (module docstring). ``tokenizer`` gets a response template when the
+    trainer has tools and it has none."""
+
+    def __init__(self, tokenizer, *, tools: list[Callable] | None, environment_factory, rollout_func,
+                 max_tool_calling_iterations: int | None, chat_template_kwargs: dict | None):
+        if rollout_func is not None:
+            _experimental("rollout_func")
+            if not callable(rollout_func):
+                raise TypeError(f"rollout_func is a {type(rollout_func).__name__}; expected a callable "
+                                "(prompts, trainer) -> dict")
+        if environment_factory is not None:
+            _experimental("environment_factory")
+        for tool in tools or []:
+            if not callable(tool):
+                raise TypeError(f"tools holds a {type(tool).__name__}; every tool must be a function (its name, "
+                                "signature and docstring become the schema the model sees)")
+        self.standalone_tools = list(tools or [])
+        self.environments = (None if environment_factory is None
+                              else Environments(environment_factory, self.standalone_tools))
+        self.tools = list(dict.fromkeys(self.standalone_tools + ([] if self.environments is None
+                                                                 else self.environments.all_tools())))
+        self.rollout_func = rollout_func
+        self.max_turns = sys.maxsize if max_tool_calling_iterations is None else max_tool_calling_iterations
+        self.chat_template_kwargs = chat_template_kwargs or {}
+        self.tokenizer = tokenizer
+        if self.tools:
+            check_tool_calling(tokenizer, chat_template_kwargs=self.chat_template_kwargs)
+            if getattr(tokenizer, "response_template", None) is None:
+                tokenizer.response_template = derived_response_template(tokenizer, self.chat_template_kwargs)
+
+    @property
+    def reward_functions(self) -> list[Callable]:
+        """Reward functions of the environments that define ``get_reward`` (one per environment class)."""
+        return [] if self.environments is None else self.environments.reward_functions
+
+    # --- one round ----------------------------------------------------------------------------------------------
+
+    def run(self, trainer, examples: list[dict], prompts: list, sample_first_turn: Callable[..., Rollout],
+            *, max_completion_length: int, max_model_length: int | None, pad_to_multiple_of: int | None,
+            generation_config, eos_token_ids, async_loop) -> AgentRound:
+        """``sample_first_turn(prompts, prompt_tools)`` is the trainer's own sampling (``generate_completions``)."""
+        environments, row_tools = None, [self.standalone_tools] * len(prompts)
+        if self.environments is not None:
+            names = self.environments.names_of(examples)
+            environments = self.environments.instances_for(names)
+            prompts = self.environments.reset(environments, examples, prompts)
+            row_tools = [[*self.standalone_tools, *Environments.methods_of(e)] for e in environments]
+        tokenizer, extra_columns, tool_mask = self.tokenizer, {}, None
+        if self.rollout_func is not None:
+            output = self.rollout_func(prompts, trainer)
+            missing = sorted(set(_ROLLOUT_FUNC_KEYS) - set(output))
+            if missing:
+                raise ValueError(f"rollout_func must return keys {missing} in its output dict. fusedrl: it returned "
+                                 f"{sorted(output)}")
+            prompt_ids = [list(ids) for ids in output["prompt_ids"]]
+            completion_ids = [list(ids) for ids in output["completion_ids"]]
+            for key in ("prompt_ids", "completion_ids"):
+                if len(output[key]) != len(prompts):
+                    raise ValueError(f"rollout_func returned {len(output[key])} {key} rows for {len(prompts)} "
+                                     "prompts; return one row per prompt")
+            extra_columns = {k: v for k, v in output.items() if k not in _ROLLOUT_FUNC_KEYS}
+            tool_mask = extra_columns.pop("env_mask", None)
+            rollout = None
+        else:
+            rollout = sample_first_turn(prompts, [tools or None for tools in row_tools])
+            prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.prompt_ids.cpu(),
+                                                                         rollout.prompt_mask.cpu(), strict=True)]
+            completion_ids = rollout.completion_ids_list
+        conversational = is_conversational_prompt(prompts[0])
+        parse = conversational and getattr(tokenizer, "response_template", None) is not None
+        if parse:
+            completions = [[parse_completion(tokenizer, ids, prompt_ids[i], row_tools[i] or None)]
+                           for i, ids in enumerate(completion_ids)]
+        elif rollout is not None:
+            completions = rollout.completions
+        else:
+            texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+            completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        calls = failures = 0
+        if self.tools and conversational:
+            tool_mask, calls, failures = self._tool_turns(
+                trainer, prompts, prompt_ids, completion_ids, completions, row_tools,
+                max_completion_length=max_completion_length, max_model_length=max_model_length,
+                generation_config=generation_config, eos_token_ids=eos_token_ids, async_loop=async_loop)
+            rollout = None  # the completions grew: rebuilt from the lists below
+        device = trainer.accelerator.device
+        if rollout is None:
+            rollout = rollout_from_ids(tokenizer, prompts, prompt_ids, completion_ids, completions,
+                                       eos_token_ids=eos_token_ids, pad_to_multiple_of=pad_to_multiple_of,
+                                       device=device, chat_template_kwargs=self.chat_template_kwargs)
+        elif parse:
+            rollout = rollout._replace(completions=completions)
+        mask = None
+        if tool_mask is not None:
+            if len(tool_mask) != len(completion_ids) or any(len(m) != len(c) for m, c in zip(tool_mask, completion_ids,
+                                                                                             strict=True)):
+                raise ValueError("env_mask must hold one 0/1 entry per completion token of every row (the "
+                                 "completion_ids' shape); fix rollout_func's env_mask")
+            mask, _ = pad_sequences([list(m) for m in tool_mask], 1, side="right", pad_to_multiple_of=None)
+            mask = torch.nn.functional.pad(mask, (0, rollout.completion_ids.shape[1] - mask.shape[1]), value=1)
+            mask = mask.to(device)
+        return AgentRound(rollout, mask, extra_columns, environments, calls, failures)
+
+    def _tool_turns(self, trainer, prompts, prompt_ids, completion_ids, completions, row_tools, *,
+                    max_completion_length, max_model_length, generation_config, eos_token_ids, async_loop):
+        """Run tool calls and sample continuations in place (``completion_ids`` and ``completions`` grow); returns
+        ``(tool_mask lists, calls, failures)``."""
+        tokenizer = self.tokenizer
+        tool_mask = [[1] * len(ids) for ids in completion_ids]
+        tables = [tools_by_name(tools) for tools in row_tools]
+        calls = failures = 0
+        active = [i for i, c in enumerate(completions) if c[-1].get("tool_calls")]
+        turn = 0
+        while active and turn < self.max_turns:
+            extended, kept = [], []
+            for i in active:
+                results = run_tool_calls(completions[i][-1]["tool_calls"], tables[i], async_loop)
+                calls, failures = calls + results.num_calls, failures + results.num_failures
+                suffix = tool_suffix_ids(tokenizer, results.messages, chat_template_kwargs=self.chat_template_kwargs)
+                sequence = prompt_ids[i] + completion_ids[i] + suffix
+                too_long = (len(sequence) - len(prompt_ids[i]) > max_completion_length
+                            or (max_model_length is not None and len(sequence) >= max_model_length))
+                if too_long:  # the results would not fit: the row ends with its completion as it is
+                    continue
+                completions[i].extend(results.messages)
+                tool_mask[i] += [0] * len(suffix)
+                completion_ids[i] = completion_ids[i] + suffix
+                extended.append(sequence)
+                kept.append(i)
+            if not kept:
+                break
+            continuations = sample_continuations(trainer.model_wrapped, tokenizer, extended,
+                                                 generation_config=generation_config, eos_token_ids=eos_token_ids,
+                                                 accelerator=trainer.accelerator)
+            active = []
+            for i, sequence, new_ids in zip(kept, extended, continuations, strict=True):
+                new_ids = new_ids[:max(0, max_completion_length - len(completion_ids[i]))]
+                completion_ids[i] = completion_ids[i] + new_ids
+                tool_mask[i] += [1] * len(new_ids)
+                if not new_ids:
+                    continue
+                message = parse_completion(tokenizer, new_ids, sequence, row_tools[i] or None)
+                completions[i].append(message)
+                if message.get("tool_calls"):
+                    active.append(i)
+            turn += 1
+        return tool_mask, calls, failures
