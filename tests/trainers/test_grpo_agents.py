@@ -372,3 +372,17 @@ def test_rollout_func_missing_keys_raise(tmp_path):
                            rollout_func=lambda prompts, trainer: {"prompt_ids": [[1]], "completion_ids": [[2]]})
     with pytest.raises(ValueError, match=r"rollout_func must return keys \['logprobs'\]"):
         train_quietly(trainer)
+
+
+def test_agentic_refusals(tmp_path):
+    """Tools on string prompts (no assistant turn to read a call from) and the off-policy mask with a rollout_func
+    (TRL masks with the rollout's sampling log-probs) are refused with the fix."""
+    tokenizer = tool_tokenizer()
+    strings = Dataset.from_dict({"prompt": ["What is 2 times 4?", "And 3 times 4?"]})
+    trainer = make_trainer(tmp_path, tokenizer, dataset=strings, tools=[multiply])
+    with patch.object(trainer.model, "generate", side_effect=scripted_generate(tokenizer, [["1<eos>"] * 4], [])), \
+            pytest.raises(ValueError, match="need conversational prompts"):
+        train_quietly(trainer)
+    with pytest.raises(ValueError, match="off_policy_mask_threshold with a rollout_func"):
+        make_trainer(tmp_path, tokenizer, rollout_func=lambda prompts, trainer: {},
+                     config={"off_policy_mask_threshold": 0.5})

@@ -167,6 +167,10 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
             cast_lm_head_to_fp32(model)
         self._tokenizer = tokenizer_of(processing_class)
         self.agents = self.environments = None
+        if rollout_func is not None and args.off_policy_mask_threshold is not None:
+            raise ValueError("off_policy_mask_threshold with a rollout_func is not supported by fusedrl: TRL masks with "
+                             "the rollout's own sampling log-probs there, fusedrl's mask reads the old policy's. Unset "
+                             "off_policy_mask_threshold, or sample without rollout_func")
         if tools or environment_factory is not None or rollout_func is not None:
             self.agents = AgentRollouts(self._tokenizer, tools=tools, environment_factory=environment_factory,
                                         rollout_func=rollout_func,

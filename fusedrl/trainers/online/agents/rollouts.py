@@ -137,6 +137,10 @@ class AgentRollouts:
                                                                          rollout.prompt_mask.cpu(), strict=True)]
             completion_ids = rollout.completion_ids_list
         conversational = is_conversational_prompt(prompts[0])
+        if self.tools and not conversational:
+            raise ValueError("tools / environment_factory need conversational prompts (lists of chat messages): a tool "
+                             "call is read from an assistant turn and answered with a tool message. The prompts are "
+                             "strings; give the dataset's 'prompt' column as [{'role': 'user', 'content': ...}]")
         parse = conversational and getattr(tokenizer, "response_template", None) is not None
         if parse:
             completions = [[parse_completion(tokenizer, ids, prompt_ids[i], row_tools[i] or None)]
