@@ -103,7 +103,8 @@ def test_bench_runs_the_checkout_suite_in_a_subprocess(capfd):
     assert cli_main(["bench", "--list"]) == 0
     listed = capfd.readouterr().out.split("\n")
     assert [line.split()[0] for line in listed if line.strip()] == [
-        "linear_logprobs_entropy", "linear_logprobs_entropy.half_labelled", "linear_logprobs",
+        "linear_logprobs_entropy", "linear_logprobs_entropy.half_labelled", "linear_logprobs_entropy.softcap",
+        "linear_logprobs",
         "linear_logprobs.half_labelled", "logprobs_entropy", "linear_preference.dpo_sigmoid", "gae",
         "linear_policy_loss.grpo", "ddim_step_logprob.score", "ddim_step_logprob.draw", "multi_lora_linear",
         "shared_prefix_attention", "shared_prefix_attention.no_grad",
