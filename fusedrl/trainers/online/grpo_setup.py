@@ -20,7 +20,8 @@ from fusedrl.trainers.models import CAST_LM_HEAD_PEFT_ERROR
 
 
 def check_reward_source(reward_funcs, config_reward_funcs) -> None:
-    """TRL's refusal of a trainer without rewards (fusedrl has no environments to own one)."""
+    """TRL's refusal of a trainer without rewards (GRPO checks it once its environments, which may own a reward
+    through ``get_reward``, are probed)."""
     source = reward_funcs if reward_funcs is not None else config_reward_funcs
     if source is None or (isinstance(source, (list, tuple)) and len(source) == 0):
         raise ValueError("No reward source provided. fusedrl: reward_funcs is required: pass reward_funcs "

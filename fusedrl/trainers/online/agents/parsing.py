@@ -27,8 +27,8 @@ _PROBE_USER = [{"role": "user", "content": "probe"}]
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>")
 
 
-def _render(tokenizer, messages, *, chat_template=None, tools=None, add_generation_prompt=False, **kwargs) -> str:
-    return tokenizer.apply_chat_template(messages, tools=tools, chat_template=chat_template, tokenize=False,
+def _render(tokenizer, messages, *, tools=None, add_generation_prompt=False, **kwargs) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                          add_generation_prompt=add_generation_prompt, **kwargs)
 
 
@@ -71,13 +71,13 @@ def derived_response_template(tokenizer, chat_template_kwargs: dict | None = Non
     return template
 
 
-def check_tool_calling(tokenizer, chat_template=None, chat_template_kwargs: dict | None = None) -> None:
+def check_tool_calling(tokenizer, chat_template_kwargs: dict | None = None) -> None:
     """TRL's refusal of a chat template that cannot render a tool-calling conversation (user -> assistant with
     tool_calls -> tool); fusedrl adds which part went missing."""
     messages = [*_PROBE_USER, {"role": "assistant", "content": "", "tool_calls": _PROBE_CALL},
                 {"role": "tool", "name": _PROBE_TOOL, "content": "probe-result-42"}]
     try:
-        text = _render(tokenizer, messages, chat_template=chat_template, **(chat_template_kwargs or {}))
+        text = _render(tokenizer, messages, **(chat_template_kwargs or {}))
     except Exception as error:  # a template that raises on the tool role  # noqa: BLE001
         missing = f"rendering it raised {type(error).__name__}: {error}"
     else:
@@ -110,8 +110,7 @@ def parse_completion(tokenizer, completion_ids: list[int], prompt_ids: list[int]
     return parsed
 
 
-def tool_suffix_ids(tokenizer, tool_messages: list[dict], *, chat_template=None,
-                    chat_template_kwargs: dict | None = None) -> list[int]:
+def tool_suffix_ids(tokenizer, tool_messages: list[dict], *, chat_template_kwargs: dict | None = None) -> list[int]:
     """The tokens the chat template puts after an assistant tool-call turn: the tool messages and the next
     generation prompt, read off a minimal conversation rendered with and without them.
 
@@ -122,7 +121,7 @@ def tool_suffix_ids(tokenizer, tool_messages: list[dict], *, chat_template=None,
     call = [{"type": "function", "function": {"name": tool_messages[0]["name"], "arguments": {}}}]
     user = [{"role": "user", "content": "dummy"}]
     turn = [*user, {"role": "assistant", "content": "", "tool_calls": call}]
-    kwargs = {"chat_template": chat_template, "tokenize": True, "return_dict": False, **(chat_template_kwargs or {})}
+    kwargs = {"tokenize": True, "return_dict": False, **(chat_template_kwargs or {})}
     prefix = list(tokenizer.apply_chat_template(turn, add_generation_prompt=False, **kwargs))
     full = list(tokenizer.apply_chat_template(turn + tool_messages, add_generation_prompt=True, **kwargs))
     eos = tokenizer.eos_token_id

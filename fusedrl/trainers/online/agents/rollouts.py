@@ -39,7 +39,6 @@ from fusedrl.trainers.online.agents.tools import run_tool_calls, tools_by_name
 from fusedrl.trainers.online.rollout import (
     Rollout,
     is_conversational_prompt,
-    pad_sequences,
     rollout_from_ids,
     sample_continuations,
 )
@@ -170,9 +169,9 @@ class AgentRollouts:
                                                                                              strict=True)):
                 raise ValueError("env_mask must hold one 0/1 entry per completion token of every row (the "
                                  "completion_ids' shape); fix rollout_func's env_mask")
-            mask, _ = pad_sequences([list(m) for m in tool_mask], 1, side="right", pad_to_multiple_of=None)
-            mask = torch.nn.functional.pad(mask, (0, rollout.completion_ids.shape[1] - mask.shape[1]), value=1)
-            mask = mask.to(device)
+            mask = torch.ones_like(rollout.completion_ids)  # 1 (sampled) on the padding, as TRL pads it
+            for row, row_mask in enumerate(tool_mask):
+                mask[row, :len(row_mask)] = torch.as_tensor(list(row_mask), dtype=mask.dtype)
         return AgentRound(rollout, mask, extra_columns, environments, calls, failures)
 
     def _tool_turns(self, trainer, prompts, prompt_ids, completion_ids, completions, row_tools, *,
