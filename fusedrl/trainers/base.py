@@ -81,7 +81,8 @@ class FusedTrainer(TrainerMetrics, FusedHeadMixin, JointAdapterMixin, ResumableT
     def prefix_sharing(self) -> PrefixSharing:
         """The shared-prefix forwards of this trainer's models (``args.shared_prefix``); its ``counts`` are the trunk
         positions run so far and what the plain layout would have run."""
-        return PrefixSharing(getattr(self.args, "shared_prefix", False))
+        # A vision-language model's rows carry image fields that the shared layout (text ids only) cannot split.
+        return PrefixSharing(getattr(self.args, "shared_prefix", False) and not getattr(self, "_is_vlm", False))
 
     @property
     def _tag_names(self) -> list[str]:  # TRL's name; Trainer writes them into the model card
@@ -144,9 +145,10 @@ class FusedTrainer(TrainerMetrics, FusedHeadMixin, JointAdapterMixin, ResumableT
             self.add_callback(MemoryCallback(self.accelerator.device, functools.partial(self.record, "train"),
                                              log_memory=args.log_memory, release=args.release_memory_every_step))
 
-    def _checked_inputs(self, model, args, config_cls, train_dataset, compute_metrics, eval_dataset=None):
+    def _checked_inputs(self, model, args, config_cls, train_dataset, compute_metrics, eval_dataset=None, *,
+                        images_ok: bool = False):
         """TRL's constructor prelude: a default config named ``<model>-<method>`` when ``args`` is None, then the
-        refusals that apply before any set-up. Returns the config."""
+        refusals that apply before any set-up (image columns unless ``images_ok``). Returns the config."""
         trainer = type(self).__name__
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
@@ -161,8 +163,8 @@ class FusedTrainer(TrainerMetrics, FusedHeadMixin, JointAdapterMixin, ResumableT
                 raise ValueError(PRECOMPUTE_ITERABLE_ERROR)
             args.accelerator_config.dispatch_batches = False
         columns = train_dataset.column_names or list(next(iter(train_dataset)).keys())
-        if "image" in columns or "images" in columns:
-            raise ValueError(f"vision preference data is not supported by fusedrl's {trainer}")
+        if not images_ok and ("image" in columns or "images" in columns):
+            raise ValueError(f"vision data (an 'image' / 'images' column) is not supported by fusedrl's {trainer}")
         return args
 
     def _prepare_splits(self, train_dataset, eval_dataset, tokenizer, args):

@@ -109,21 +109,45 @@ def load_causal_lm(model: str | PreTrainedModel, args, quantization_config=None)
         # transformers reads a local directory as it is and ignores the revision without a word.
         logger.warning("fusedrl: model_init_kwargs['revision']=%r has no effect: %s is a local directory",
                        kwargs["revision"], model)
-    loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    loaded = _model_class(model, kwargs).from_pretrained(model, **kwargs)
     logger.info("fusedrl: loaded %s from %s (%s, attention %s)", type(loaded).__name__, model, loaded.dtype,
                 loaded.config._attn_implementation)
     return loaded
 
 
-def load_tokenizer(path: str, args) -> PreTrainedTokenizerBase:
-    """The tokenizer stored with the model at ``path`` (hub id or directory), read with the model's revision,
-    cache and ``trust_remote_code``; a ValueError naming the path and the fix when there is none."""
-    from transformers import AutoTokenizer
+def _model_class(path: str, kwargs: dict) -> type:
+    """The class a checkpoint is loaded with: a vision-language model's own class (as TRL's
+    ``create_model_from_path``: ``AutoModelForCausalLM`` would load Qwen 3.5 as its text-only model, and refuses
+    Qwen2-VL or LLaVA), else ``AutoModelForCausalLM``."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, **{k: v for k, v in kwargs.items() if k in _SOURCE_KWARGS})
+    name = (getattr(config, "architectures", None) or [None])[0]
+    if is_vision_language(name):
+        return getattr(transformers, name)
+    return AutoModelForCausalLM
+
+
+def is_vision_language(architecture: str | None) -> bool:
+    """An architecture name (``config.architectures[0]``) of an image-text-to-text model in transformers."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return architecture in set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values()) and \
+        hasattr(transformers, architecture)
+
+
+def load_tokenizer(path: str, args, *, processor: bool = False) -> PreTrainedTokenizerBase | ProcessorMixin:
+    """The tokenizer stored with the model at ``path`` (hub id or directory), or with ``processor`` its processor
+    (a vision-language model's), read with the model's revision, cache and ``trust_remote_code``; a ValueError naming
+    the path and the fix when there is none."""
+    from transformers import AutoProcessor, AutoTokenizer
 
     source = {key: value for key, value in pretrained_kwargs(args.model_init_kwargs, args.trust_remote_code).items()
               if key in _SOURCE_KWARGS}
     try:
-        return AutoTokenizer.from_pretrained(path, **source)
+        return (AutoProcessor if processor else AutoTokenizer).from_pretrained(path, **source)
     except (OSError, ValueError) as error:
         reason = " ".join(str(error).split())  # transformers' messages span lines
         raise ValueError(f"no tokenizer could be loaded from the model's path {path!r} ({reason}); pass the tokenizer "
@@ -210,7 +234,8 @@ def prepare_model(model, args, processing_class, *, peft_config, ref_model, quan
         raise ValueError(f"ref_adapter_name={args.ref_adapter_name!r} but this trainer uses no reference (a "
                          "reference-free loss, or beta=0); unset ref_adapter_name")
     if processing_class is None:
-        processing_class = load_tokenizer(model.config._name_or_path, args)
+        processing_class = load_tokenizer(model.config._name_or_path, args,
+                                          processor=is_vision_language(type(model).__name__))
     tokenizer = tokenizer_of(processing_class)
     check_vocab_fits(model, tokenizer)
     if tokenizer.pad_token is None:

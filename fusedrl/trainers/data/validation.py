@@ -103,18 +103,21 @@ def validate_prompt_dataset(
 _STREAMED_ROWS_CHECKED = 64
 
 
-def check_prompt_dataset(dataset: Any, name: str, *, streamed_ok: bool = False, prompt_optional: bool = False) -> None:
+def check_prompt_dataset(dataset: Any, name: str, *, streamed_ok: bool = False, prompt_optional: bool = False,
+                         images_ok: bool = False) -> None:
     """The online trainers' (GRPO, RLOO, PPO, online DPO) check of a prompt dataset at construction, or of each of a
     dict of them (None passes): a map-style ``Dataset`` (rollout batches are sampled by index), a ``prompt`` column,
     no images, and rows that pass :func:`validate_prompt_dataset`; with ``streamed_ok`` (GRPO, RLOO: train and eval
     sets) an ``IterableDataset`` too, its first rows checked. Every error names ``name``; the column is checked
     first so a wrong layout is reported in the trainer's terms ("needs a 'prompt' column"). ``prompt_optional``
-    (GRPO with an ``environment_factory``, whose ``reset`` may supply the prompt): rows without one pass."""
+    (GRPO with an ``environment_factory``, whose ``reset`` may supply the prompt): rows without one pass.
+    ``images_ok`` (the trainers that take a vision-language model's processor): ``image`` / ``images`` columns pass."""
     if dataset is None:
         return
     if isinstance(dataset, dict):  # a DatasetDict or IterableDatasetDict, or a dict of eval datasets
         for key, value in dataset.items():
-            check_prompt_dataset(value, f"{name}[{key!r}]", streamed_ok=streamed_ok, prompt_optional=prompt_optional)
+            check_prompt_dataset(value, f"{name}[{key!r}]", streamed_ok=streamed_ok, prompt_optional=prompt_optional,
+                                 images_ok=images_ok)
         return
     columns = dataset.column_names if isinstance(dataset, (Dataset, IterableDataset)) else None
     if prompt_optional and columns is not None and "prompt" not in columns:
@@ -134,8 +137,9 @@ def check_prompt_dataset(dataset: Any, name: str, *, streamed_ok: bool = False, 
         raise ValueError(msg)  # noqa: TRY004
     if "prompt" not in dataset.column_names:
         raise ValueError(f"{name} needs a 'prompt' column (TRL's prompt-only format); it has {dataset.column_names}")
-    if {"image", "images"} & set(dataset.column_names):
-        raise ValueError(f"{name} has images: vision prompts are not supported by fusedrl's online trainers")
+    if not images_ok and {"image", "images"} & set(dataset.column_names):
+        raise ValueError(f"{name} has images: vision prompts are not supported by this fusedrl trainer (GRPO, RLOO "
+                         "and online DPO take them with a vision-language model's processor)")
     try:
         validate_prompt_dataset(dataset)
     except DatasetFormatError as error:

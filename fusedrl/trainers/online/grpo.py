@@ -34,7 +34,7 @@ import math
 import time
 
 import torch
-from accelerate.utils import gather, is_peft_model, set_seed
+from accelerate.utils import gather, gather_object, is_peft_model, set_seed
 from datasets import IterableDataset
 
 from fusedrl.ops.logprobs import linear_token_logprobs
@@ -42,6 +42,13 @@ from fusedrl.ops.policy import linear_policy_loss
 from fusedrl.trainers.adapters.joint_rollout import JointRollouts, examples_batch
 from fusedrl.trainers.base import FusedTrainer
 from fusedrl.trainers.data.validation import check_prompt_dataset
+from fusedrl.trainers.data.vision import (
+    check_vision_trainer,
+    collate_vision,
+    is_vision_processor,
+    row_images,
+    suppress_image_tokens,
+)
 from fusedrl.trainers.head import IGNORE_INDEX
 from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.online.agents import (
@@ -145,8 +152,9 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
             has_environments = environment_factory is not None
             if not environment_data:
                 check_prompt_dataset(train_dataset, "train_dataset", streamed_ok=True,
-                                     prompt_optional=has_environments)
-            check_prompt_dataset(eval_dataset, "eval_dataset", streamed_ok=True, prompt_optional=has_environments)
+                                     prompt_optional=has_environments, images_ok=True)
+            check_prompt_dataset(eval_dataset, "eval_dataset", streamed_ok=True, prompt_optional=has_environments,
+                                 images_ok=True)
         else:  # several adapters trained together: one dataset per adapter (adapters/joint_rollout.py)
             for name in args.model_adapter_name:
                 check_prompt_dataset(train_dataset[name], f"train_dataset[{name!r}]")
@@ -166,6 +174,9 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
         if getattr(args, "cast_lm_head_to_fp32", False):  # before the reference copy (_finish_setup) is made
             cast_lm_head_to_fp32(model)
         self._tokenizer = tokenizer_of(processing_class)
+        self._is_vlm = is_vision_processor(processing_class)  # TRL's name
+        if self._is_vlm:
+            check_vision_trainer(args, agents=bool(tools or environment_factory or rollout_func))
         self.agents = self.environments = None
         if rollout_func is not None and args.off_policy_mask_threshold is not None:
             raise ValueError("off_policy_mask_threshold with a rollout_func is not supported by fusedrl: TRL masks with "
@@ -192,6 +203,8 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
         self.eos_token_ids = eos_token_ids_of(model, self._tokenizer)
         self.generation_config = trainer_sampling_config(args, self._tokenizer, self.eos_token_ids,
                                                          args.max_completion_length)
+        if self._is_vlm:
+            self.generation_config.update(**suppress_image_tokens({}, model))
 
         super().__init__(model=model, args=args, data_collator=identity_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
@@ -314,10 +327,13 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
             input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
             attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
         extra = {"output_router_logits": True} if router_logits else {}
+        num_completion = batch["completion_ids"].shape[1]
+        if batch.get("vision") is not None:  # a vision-language model's image fields, beside the ids
+            extra.update(collate_vision(batch["vision"], input_ids.shape[1] - num_completion, num_completion,
+                                        device=input_ids.device, dtype=self.accelerator.unwrap_model(model).dtype))
         # The final (normed) states are caught on the trunk (runtime/hidden.py): compiled blocks stay traceable.
         outputs, hidden_NTH = self._model_forward(model, {"input_ids": input_ids, "attention_mask": attention_mask},
                                                   **extra)
-        num_completion = batch["completion_ids"].shape[1]
         hidden_BCH = hidden_NTH[:, -(num_completion + 1):-1]
         return hidden_BCH, getattr(outputs, "aux_loss", None) if router_logits else None
 
@@ -330,7 +346,8 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
         with self.compute_loss_context_manager():
             for start in range(0, rows, batch_size):
                 part = {key: batch[key][start:start + batch_size] for key in
-                        ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
+                        ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "vision")
+                        if batch.get(key) is not None}
                 hidden_BCH, _ = self._completion_hidden(model, part)
                 weight_VH, bias_V = self._lm_head(model)
                 labels_BC = part["completion_ids"].masked_fill(part["completion_mask"] == 0, IGNORE_INDEX)
@@ -343,6 +360,7 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
     def _generate_and_score(self, inputs: list[dict]) -> dict:
         args, mode, device = self.args, self._mode(), self.accelerator.device
         prompts = [row["prompt"] if self.agents is None else row.get("prompt", EMPTY_PROMPT) for row in inputs]
+        images = row_images(inputs)
 
         def sample(prompts, prompt_tools=None):
             return generate_completions(
@@ -351,7 +369,7 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
                 chat_template_kwargs=args.chat_template_kwargs, pad_to_multiple_of=args.pad_to_multiple_of,
                 accelerator=self.accelerator, generation_config=self.generation_config,
                 row_seeds=trainer_row_seeds(self, len(prompts)), share_prompt_prefill=self.prefix_sharing.enabled,
-                prompt_tools=prompt_tools,
+                prompt_tools=prompt_tools, processor=self.processing_class, images=images,
             )
 
         agent_round = None if self.agents is None else self.agents.run(
@@ -369,6 +387,8 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
                  "completion_ids": rollout.completion_ids, "completion_mask": completion_mask}
         if agent_round is not None and agent_round.tool_mask is not None:
             batch["tool_mask"] = agent_round.tool_mask
+        if rollout.vision is not None:
+            batch["vision"] = rollout.vision
         batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
         if self._needs_old_logps():
             batch["old_per_token_logps"] = self._sampled_logps(self.model, batch, batch_size)
@@ -399,6 +419,8 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
         batch["advantages"] = advantages[local]
         model_tokens = None if "tool_mask" not in batch else (rollout.completion_mask * batch["tool_mask"]).sum(1)
         self._record_rollout(mode, rollout, rewards_per_func, advantages, num_generations, model_tokens)
+        if images is not None and args.log_multimodal:
+            self._logs["images"].extend(gather_object(images))
         if self.agents is not None and self.agents.tools:
             self._record_tool_calls(mode, agent_round, len(prompts))
         return batch

@@ -122,6 +122,9 @@ class OnlineConfig(FusedConfig):
         default=False, metadata={"help": "Print a sample of prompts, completions and rewards at each log."}
     )
     num_completions_to_print: int | None = field(default=None, metadata={"help": "Rows printed; None = all."})
+    log_multimodal: bool = field(
+        default=True, metadata={"help": "Keep the round's prompt images with the logged completions (TRL's _logs)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -38,6 +38,13 @@ from transformers import set_seed
 from fusedrl.ops.preference import LinearPreferenceLoss, linear_preference_loss, sequence_logps
 from fusedrl.trainers.base import FusedTrainer
 from fusedrl.trainers.data.validation import check_prompt_dataset
+from fusedrl.trainers.data.vision import (
+    check_vision_trainer,
+    collate_vision,
+    is_vision_processor,
+    row_images,
+    suppress_image_tokens,
+)
 from fusedrl.trainers.head import IGNORE_INDEX
 from fusedrl.trainers.models import load_causal_lm, tokenizer_of
 from fusedrl.trainers.online.common import RewardAttributes, judge_pairs, rollout_scores, sequence_inputs
@@ -65,7 +72,7 @@ class OnlineDPOTrainer(RewardAttributes, FusedTrainer):
         if args is not None and args.accelerator_config.dispatch_batches and (
                 is_streamed(train_dataset) or is_streamed(eval_dataset)):
             raise ValueError(DISPATCHED_STREAM_ERROR)
-        args = self._checked_inputs(model, args, OnlineDPOConfig, train_dataset, compute_metrics)
+        args = self._checked_inputs(model, args, OnlineDPOConfig, train_dataset, compute_metrics, images_ok=True)
         # Rows reach the trainer raw (identity collator), which accelerate cannot dispatch: a stream (train, eval, or
         # one given to evaluate()) would fail at its first batch, as it does in TRL 1.16 unless this is set by hand.
         if args.accelerator_config.dispatch_batches is None:
@@ -74,8 +81,9 @@ class OnlineDPOTrainer(RewardAttributes, FusedTrainer):
             raise ValueError("use_vllm=True is not supported by fusedrl's OnlineDPOTrainer: it samples with "
                              "model.generate (KV cache on); set use_vllm=False")
         self.use_vllm = False
-        check_prompt_dataset(train_dataset, "train_dataset", streamed_ok=True)  # no sampler: a stream is read in order
-        check_prompt_dataset(eval_dataset, "eval_dataset", streamed_ok=True)  # one split or a dict; else a KeyError mid-eval
+        # No sampler: a stream is read in order. An eval set may be a dict of splits (else a KeyError mid-eval).
+        check_prompt_dataset(train_dataset, "train_dataset", streamed_ok=True, images_ok=True)
+        check_prompt_dataset(eval_dataset, "eval_dataset", streamed_ok=True, images_ok=True)
         if reward_funcs is None and judge is None:
             reward_funcs = list(args.reward_funcs or []) + ([args.reward_model_path] if args.reward_model_path else [])
         if judge is not None and reward_funcs:
@@ -92,6 +100,9 @@ class OnlineDPOTrainer(RewardAttributes, FusedTrainer):
         if isinstance(ref_model, str):
             ref_model = load_causal_lm(ref_model, args)
         self._tokenizer = tokenizer_of(processing_class)
+        self._is_vlm = is_vision_processor(processing_class)
+        if self._is_vlm:
+            check_vision_trainer(args)
         self.judge = judge
         self.rewards = [] if judge is not None else resolve_rewards(
             reward_funcs, reward_processing_classes, model_init_kwargs=args.model_init_kwargs,
@@ -101,6 +112,8 @@ class OnlineDPOTrainer(RewardAttributes, FusedTrainer):
         self.eos_token_ids = eos_token_ids_of(model, self._tokenizer)
         self.generation_config = trainer_sampling_config(args, self._tokenizer, self.eos_token_ids,
                                                          args.max_new_tokens)
+        if self._is_vlm:
+            self.generation_config.update(**suppress_image_tokens({}, model))
         super().__init__(model=model, args=args, data_collator=data_collator or identity_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          callbacks=callbacks, optimizers=optimizers)
@@ -125,7 +138,8 @@ class OnlineDPOTrainer(RewardAttributes, FusedTrainer):
             max_prompt_length=args.max_prompt_length, prompt_truncation=args.prompt_truncation,
             eos_token_ids=self.eos_token_ids, generation_config=self.generation_config, accelerator=self.accelerator,
             row_seeds=trainer_row_seeds(self, 2 * len(rows)),
-            share_prompt_prefill=self.prefix_sharing.enabled)
+            share_prompt_prefill=self.prefix_sharing.enabled, processor=self.processing_class,
+            images=row_images(rows))
         device = rollout.completion_ids.device
         num_pairs = len(rows)
         scores_N = None
@@ -147,6 +161,9 @@ class OnlineDPOTrainer(RewardAttributes, FusedTrainer):
         chosen_B = first_B + (~first_wins_B).long()
         order_N = torch.cat([chosen_B, first_B + first_wins_B.long()])
         inputs = {key: value[order_N] for key, value in sequence_inputs(rollout, args.max_length).items()}
+        if rollout.vision is not None:  # the model numbers image positions itself (Qwen-VL's 3-D rotary positions)
+            del inputs["position_ids"]
+            inputs["vision"] = [rollout.vision[i] for i in order_N.tolist()]
         completion_mask = rollout.completion_mask[order_N]
         completion_length = completion_mask.shape[1]
         labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
@@ -159,7 +176,12 @@ class OnlineDPOTrainer(RewardAttributes, FusedTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("return_outputs=True needs logits, which fusedrl's OnlineDPOTrainer never builds")
-        model_inputs = {key: inputs[key] for key in _MODEL_KEYS}
+        model_inputs = {key: inputs[key] for key in _MODEL_KEYS if key in inputs}
+        if inputs.get("vision") is not None:
+            completion_width = inputs["completion_mask"].shape[1]
+            model_inputs.update(collate_vision(
+                inputs["vision"], inputs["input_ids"].shape[1] - completion_width, completion_width,
+                device=inputs["input_ids"].device, dtype=self.accelerator.unwrap_model(model).dtype))
         labels, ranked_B = inputs["labels"], inputs["ranked"]
         mask_NT = labels[:, 1:] != IGNORE_INDEX
         head = self.head_inputs(model, model_inputs, labels)

@@ -57,6 +57,10 @@ def _encode(value, name: str, tensors: dict[str, torch.Tensor]):
         return {"tensor": name}
     if isinstance(value, PerAdapter):
         return {"per_adapter": [_encode(item, f"{name}/{k}", tensors) for k, item in enumerate(value)]}
+    if _holds_tensors(value):  # a vision-language round's per-row image fields (lists of dicts of tensors)
+        if isinstance(value, dict):
+            return {"dict": {key: _encode(item, f"{name}/{key}", tensors) for key, item in value.items()}}
+        return {"list": [_encode(item, f"{name}/{k}", tensors) for k, item in enumerate(value)]}
     try:
         json.dumps(value, allow_nan=True)
     except TypeError as error:
@@ -64,9 +68,21 @@ def _encode(value, name: str, tensors: dict[str, torch.Tensor]):
     return {"json": value}
 
 
+def _holds_tensors(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_tensors(item) for item in value.values())
+    return isinstance(value, (list, tuple)) and any(_holds_tensors(item) for item in value)
+
+
 def _decode(spec: dict, tensors: dict[str, torch.Tensor], device: torch.device):
     if "tensor" in spec:
         return tensors[spec["tensor"]].to(device)
+    if "dict" in spec:
+        return {key: _decode(item, tensors, device) for key, item in spec["dict"].items()}
+    if "list" in spec:
+        return [_decode(item, tensors, device) for item in spec["list"]]
     if "per_adapter" in spec:
         return PerAdapter(_decode(item, tensors, device) for item in spec["per_adapter"])
     return spec["json"]

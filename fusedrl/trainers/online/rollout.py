@@ -38,6 +38,14 @@ from transformers import GenerationConfig
 from fusedrl.runtime.compile import eager_generation
 from fusedrl.runtime.sharded_head import is_sharded
 from fusedrl.runtime.shared_prefix.prefill import cache_keyword, shared_prompt_cache
+from fusedrl.trainers.data.vision import (
+    attach_images,
+    check_vision_prompts,
+    collate_vision,
+    encode_vision_prompt,
+    is_vision_processor,
+    prompt_images,
+)
 from fusedrl.trainers.online.row_seeds import row_seeded_generation, rows_per_input_row
 
 PROMPT_TRUNCATION_MODES = ("keep_end", "error")
@@ -54,6 +62,8 @@ class Rollout(NamedTuple):
     completions: decoded completions in the prompts' format: a string, or ``[{"role": "assistant", "content": ...}]``
     for conversational prompts (what TRL passes to reward functions). completions_text: the plain strings.
     completion_ids_list: the masked-in ids of each completion (EOS included), as TRL passes ``completion_ids``.
+    vision: with a vision processor, each row's image fields (``data.vision.VisionRow``, None for a row without
+    images), which every forward over the rows takes beside the ids (``data.vision.collate_vision``).
     """
 
     prompt_ids: torch.Tensor
@@ -66,6 +76,7 @@ class Rollout(NamedTuple):
     completions: list
     completions_text: list[str]
     completion_ids_list: list[list[int]]
+    vision: list | None = None  # each row's processor fields (data/vision.py) for a vision-language model
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -83,12 +94,51 @@ def is_conversational_prompt(prompt: Any) -> bool:
 
 
 def render_prompts(tokenizer, prompts: Sequence, chat_template_kwargs: dict | None = None) -> list[str]:
-    """Prompt strings: conversational prompts through the chat template with the generation prompt appended."""
+    """Prompt strings: conversational prompts through the chat template with the generation prompt appended (a
+    vision processor's own template for image prompts)."""
     return [
         tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {}))
         if is_conversational_prompt(p) else p
         for p in prompts
     ]
+
+
+def _truncated(tokens: list[int], i: int, max_prompt_length: int | None, prompt_truncation: str,
+               has_images: bool = False) -> list[int]:
+    if max_prompt_length is None or len(tokens) <= max_prompt_length:
+        return tokens
+    if prompt_truncation == "error" or has_images:
+        fix = ("set prompt_truncation='keep_end' to keep its last tokens" if not has_images else
+               "a cut would drop image tokens that the image features fill")
+        raise ValueError(f"prompt {i} has {len(tokens)} tokens, more than max_prompt_length={max_prompt_length}; "
+                         f"raise max_prompt_length (None keeps prompts whole), shorten the prompt, or {fix}")
+    return tokens[-max_prompt_length:]
+
+
+def tokenize_vision_prompts(processor, prompts: Sequence, images: Sequence | None, *,
+                            max_prompt_length: int | None = None, prompt_truncation: str = "keep_end",
+                            chat_template_kwargs: dict | None = None, prompt_tools: Sequence[list | None] | None = None
+                            ) -> tuple[list, list[list[int]], list]:
+    """``(prompts with their images in them, token ids, VisionRow or None)`` per prompt, encoded by a vision
+    processor (``data/vision.py``); ``images``: each prompt's images or None. A prompt with images longer than
+    ``max_prompt_length`` is refused: cutting it would drop image tokens."""
+    check_vision_prompts(prompts, images)
+    prepared, ids, rows = [], [], []
+    for i, prompt in enumerate(prompts):
+        if not is_conversational_prompt(prompt):  # a text prompt of a vision-language model: the tokenizer's
+            ids.append(_truncated(list(processor.tokenizer(prompt)["input_ids"]), i, max_prompt_length,
+                                  prompt_truncation))
+            prepared.append(prompt)
+            rows.append(None)
+            continue
+        messages = attach_images(prompt, None if images is None else images[i])
+        tools = (prompt_tools[i] or None) if prompt_tools is not None else None
+        tokens, row = encode_vision_prompt(processor, messages, tools=tools, chat_template_kwargs=chat_template_kwargs)
+        has_images = bool(prompt_images(messages))
+        ids.append(_truncated(tokens, i, max_prompt_length, prompt_truncation, has_images))
+        prepared.append(messages)
+        rows.append(row if has_images or row["tokens"] else None)
+    return prepared, ids, rows
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence, *, max_prompt_length: int | None = None,
@@ -115,14 +165,7 @@ def tokenize_prompts(tokenizer, prompts: Sequence, *, max_prompt_length: int | N
         else:
             raise ValueError(f"prompt {i} is a {type(prompt).__name__}; expected a string or a list of chat "
                              "messages ({'role': ..., 'content': ...})")
-        tokens = list(tokens)
-        if max_prompt_length is not None and len(tokens) > max_prompt_length:
-            if prompt_truncation == "error":
-                raise ValueError(f"prompt {i} has {len(tokens)} tokens, more than max_prompt_length="
-                                 f"{max_prompt_length}; raise max_prompt_length, shorten the prompt, or set "
-                                 "prompt_truncation='keep_end' to keep its last tokens")
-            tokens = tokens[-max_prompt_length:]
-        ids.append(tokens)
+        ids.append(_truncated(list(tokens), i, max_prompt_length, prompt_truncation))
     return ids
 
 
@@ -222,12 +265,16 @@ def trainer_sampling_config(args, tokenizer, eos_token_ids: Sequence[int], max_c
 
 
 def _sample(model, prompt_ids, prompt_mask, generation_config, accelerator, *, row_seeds=None,
-            share_prompt_prefill=False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            share_prompt_prefill=False, vision=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``model.generate`` on left-padded prompts: ``(prompt_ids, prompt_mask, raw completion ids [B, C])`` on the
-    model's device (the completions still hold whatever follows each row's EOS)."""
+    model's device (the completions still hold whatever follows each row's EOS). ``vision``: each row's image fields
+    (``Rollout.vision``)."""
     with unwrapped_for_generation(model, accelerator) as generator:
         device = next(generator.parameters()).device
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        image_inputs = {} if vision is None else collate_vision(vision, prompt_ids.shape[1], device=device,
+                                                                dtype=generator.dtype)
+        share_prompt_prefill = share_prompt_prefill and not image_inputs  # the shared prefill runs the text alone
         processors = None
         if row_seeds is not None:
             generation_config, processors = row_seeded_generation(generation_config, generator, row_seeds, device)
@@ -245,7 +292,7 @@ def _sample(model, prompt_ids, prompt_mask, generation_config, accelerator, *, r
                 cache.batch_repeat_interleave(repeats)
             output = generator.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                                         generation_config=generation_config, logits_processor=processors,
-                                        synced_gpus=True if synced else None,
+                                        synced_gpus=True if synced else None, **image_inputs,
                                         **({cache_keyword(generator): cache} if cache is not None else {}))
     return prompt_ids, prompt_mask, output[:, prompt_ids.shape[1]:]
 
@@ -287,6 +334,8 @@ def generate_completions(
     row_seeds: Sequence[int] | None = None,
     share_prompt_prefill: bool = False,
     prompt_tools: Sequence[list | None] | None = None,
+    processor=None,
+    images: Sequence[list | None] | None = None,
 ) -> Rollout:
     """Sample ``num_generations`` completions of each prompt with ``model.generate`` (KV cache on).
 
@@ -301,6 +350,8 @@ def generate_completions(
     on the other rows of the batch (``row_seeds.py``). ``share_prompt_prefill``: a prompt repeated in the batch (a
     GRPO group) is prefilled once and its KV cache copied to its rows (``runtime/shared_prefix/prefill.py``).
     ``prompt_tools``: the tools rendered into each row's prompt (rows = prompts x num_generations; agents/).
+    ``processor``: a vision-language model's processor (``data/vision.py``), which then encodes conversational
+    prompts with ``images`` (each prompt's list of images, or None) in them; ``Rollout.vision`` holds the rows' fields.
     """
     if num_generations < 1:
         raise ValueError(f"num_generations must be >= 1, got {num_generations}")
@@ -311,9 +362,21 @@ def generate_completions(
     prompts = [p for p in prompts for _ in range(num_generations)]
     if row_seeds is not None and len(row_seeds) != len(prompts):
         raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(prompts)} rows (prompts x num_generations)")
-    prompt_ids_list = tokenize_prompts(tokenizer, prompts, max_prompt_length=max_prompt_length,
-                                       prompt_truncation=prompt_truncation, chat_template_kwargs=chat_template_kwargs,
-                                       prompt_tools=prompt_tools)
+    vision = None
+    if processor is not None and is_vision_processor(processor):
+        images = None if images is None else [i for i in images for _ in range(num_generations)]
+        prompts, prompt_ids_list, vision = tokenize_vision_prompts(
+            processor, prompts, images, max_prompt_length=max_prompt_length, prompt_truncation=prompt_truncation,
+            chat_template_kwargs=chat_template_kwargs, prompt_tools=prompt_tools)
+        if all(row is None for row in vision):
+            vision = None
+    elif images is not None:
+        raise ValueError("the rows carry images but processing_class is a tokenizer; pass the vision-language "
+                         "model's processor (AutoProcessor.from_pretrained(model_id)) as processing_class")
+    else:
+        prompt_ids_list = tokenize_prompts(tokenizer, prompts, max_prompt_length=max_prompt_length,
+                                           prompt_truncation=prompt_truncation,
+                                           chat_template_kwargs=chat_template_kwargs, prompt_tools=prompt_tools)
     if eos_token_ids is None:
         eos_token_ids = eos_token_ids_of(accelerator.unwrap_model(model) if accelerator is not None else model,
                                          tokenizer)
@@ -327,7 +390,8 @@ def generate_completions(
     prompt_ids, prompt_mask = pad_sequences(prompt_ids_list, tokenizer.pad_token_id, side="left",
                                             pad_to_multiple_of=pad_to_multiple_of)
     prompt_ids, prompt_mask, completion_ids = _sample(model, prompt_ids, prompt_mask, generation_config, accelerator,
-                                                      row_seeds=row_seeds, share_prompt_prefill=share_prompt_prefill)
+                                                      row_seeds=row_seeds, share_prompt_prefill=share_prompt_prefill,
+                                                      vision=vision)
     device = prompt_ids.device
     completion_mask = completion_mask_after_eos(completion_ids, eos_token_ids)
     lengths = completion_mask.sum(1)
@@ -354,8 +418,9 @@ def generate_completions(
     return Rollout(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
         completion_mask=completion_mask, is_truncated=is_truncated, prompts=prompts,
-        prompts_text=render_prompts(tokenizer, prompts, chat_template_kwargs), completions=completions,
-        completions_text=completions_text, completion_ids_list=completion_ids_list,
+        prompts_text=render_prompts(processor if vision is not None else tokenizer, prompts, chat_template_kwargs),
+        completions=completions, completions_text=completions_text, completion_ids_list=completion_ids_list,
+        vision=vision,
     )
 
 

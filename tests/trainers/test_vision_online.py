@@ -1,0 +1,195 @@
+"""Vision-language models in the sampling trainers (GRPO, RLOO, online DPO): prompts with images are encoded by the
+model's processor, sampled with the image features, and scored by the fused head with the same image fields in every
+forward. The scores are checked against the model's own logits over the same inputs, so a forward that lost its
+images (or misaligned a per-token field) fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+
+from fusedrl import GRPOConfig, GRPOTrainer, OnlineDPOConfig, OnlineDPOTrainer, PPOConfig, RLOOConfig, RLOOTrainer
+from fusedrl.trainers.data.vision import attach_images, collate_vision, prompt_images, row_images
+from fusedrl.trainers.online.resume import load_round, save_round
+from tests.helpers.vision import image_prompts, save_tiny_vlm, solid_image, tiny_vlm
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "gemma3", "llava", "llava_next", "idefics2")
+
+
+def completion_length(completions, **kwargs):
+    return [float(len(completion[0]["content"])) for completion in completions]
+
+
+def _grpo(tmp_path, family: str, trainer_cls=GRPOTrainer, config_cls=GRPOConfig, dataset=None, **overrides):
+    model, processor = tiny_vlm(family)
+    settings = {"output_dir": str(tmp_path), "per_device_train_batch_size": 2, "num_generations": 2,
+                "max_completion_length": 6, "learning_rate": 0.1, "report_to": "none", "max_steps": 2,
+                "use_cpu": True, "beta": 0.1, "logging_steps": 1, "save_strategy": "no", **overrides}
+    return trainer_cls(model=model, reward_funcs=completion_length, args=config_cls(**settings),
+                       train_dataset=dataset if dataset is not None else image_prompts(4), processing_class=processor)
+
+
+def _model_logps(model, batch: dict, temperature: float) -> torch.Tensor:
+    """The completion tokens' log-probs from the model's own ``[B, T, V]`` logits, image fields included."""
+    prompt_width, completion_width = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
+    fields = collate_vision(batch["vision"], prompt_width, completion_width, dtype=model.dtype)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
+                       attention_mask=torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1),
+                       **fields).logits
+    logps = torch.log_softmax(logits[:, prompt_width - 1:-1].float() / temperature, -1)
+    token_logps = logps.gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
+    return token_logps * batch["completion_mask"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grpo_round_is_scored_with_the_image_features(tmp_path, family):
+    trainer = _grpo(tmp_path, family, temperature=0.7, bf16=False)  # fp32 throughout: exact up to rounding
+    rows = [trainer.train_dataset[i] for i in (0, 0, 1, 1)]
+    batch = trainer._generate_and_score(rows)
+    assert len(batch["vision"]) == 4 and all(row is not None and row["images"] for row in batch["vision"])
+    image_token = trainer.model.config.image_token_id
+    assert not (batch["completion_ids"] == image_token).any()  # suppressed: no features would stand behind it
+    assert (batch["prompt_ids"] == image_token).sum(1).min() > 0
+    ours = trainer._sampled_logps(trainer.model, batch, batch_size=3)  # 3: a micro-batch cuts the rows 3 + 1
+    expected = _model_logps(trainer.model, batch, temperature=0.7)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    # The images reach the scores: the same rows with the other prompt's pixels (same size) score differently.
+    swapped = [{"images": batch["vision"][j]["images"], "tokens": batch["vision"][i]["tokens"]}
+               for i, j in enumerate((2, 3, 0, 1))]
+    other = dict(batch, vision=swapped)
+    assert not torch.allclose(trainer._sampled_logps(trainer.model, other, batch_size=4), ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3", "llava"])
+def test_grpo_and_rloo_train_a_vision_model(tmp_path, family):
+    for trainer_cls, config_cls in ((GRPOTrainer, GRPOConfig), (RLOOTrainer, RLOOConfig)):
+        trainer = _grpo(tmp_path / trainer_cls.__name__, family, trainer_cls, config_cls)
+        before = {name: param.clone() for name, param in trainer.model.named_parameters()}
+        trainer.train()
+        logged = trainer.state.log_history[-2]
+        assert torch.isfinite(torch.tensor(logged["loss"])) and logged["completions/mean_length"] > 0
+        changed = {name for name, param in trainer.model.named_parameters() if not torch.equal(param, before[name])}
+        decoder = [name for name in before if ".language_model." in name or name.startswith("lm_head")]
+        assert decoder and set(decoder) <= changed | {n for n in decoder if "norm" in n}
+        # The latest generation batch's rows, each with its prompt's image (TRL's _logs["images"]).
+        assert len(trainer._logs["images"]) == trainer.args.generation_batch_size
+        assert all(len(images) == 1 for images in trainer._logs["images"])
+
+
+def test_grpo_takes_several_images_per_row_and_logs_none_when_asked(tmp_path):
+    rows = image_prompts(2, column="images")
+    two_per_row = Dataset.from_dict({"prompt": rows["prompt"], "images": [
+        [solid_image(__import__("random").Random(i), 32), solid_image(__import__("random").Random(10 + i), 32)]
+        for i in range(2)]})
+    trainer = _grpo(tmp_path, "qwen2_vl", dataset=two_per_row, log_multimodal=False, bf16=False)
+    batch = trainer._generate_and_score([trainer.train_dataset[i] for i in (0, 0, 1, 1)])
+    assert all(row["images"]["image_grid_thw"].shape[0] == 2 for row in batch["vision"])
+    image_token = trainer.model.config.image_token_id
+    per_row = (batch["prompt_ids"] == image_token).sum(1)
+    assert per_row.tolist() == [int(row["images"]["image_grid_thw"].prod(1).sum() // 4) for row in batch["vision"]]
+    torch.testing.assert_close(trainer._sampled_logps(trainer.model, batch, 4),
+                               _model_logps(trainer.model, batch, 1.0), rtol=1e-4, atol=1e-5)
+    trainer.train()
+    assert len(trainer._logs["images"]) == 0
+
+
+def test_online_dpo_trains_a_vision_model(tmp_path):
+    model, processor = tiny_vlm("llava")
+    args = OnlineDPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_new_tokens=6,
+                           learning_rate=0.1, bf16=False, report_to="none", max_steps=2, use_cpu=True, logging_steps=1,
+                           save_strategy="no")
+    trainer = OnlineDPOTrainer(model=model, reward_funcs=completion_length, args=args,
+                               train_dataset=image_prompts(4, column="images"), processing_class=processor)
+    rows = [trainer.train_dataset[i] for i in (0, 1)]
+    inputs = trainer._prepare_inputs(rows)
+    assert "position_ids" not in inputs and len(inputs["vision"]) == 4
+    head = trainer.head_inputs(trainer.model, {"input_ids": inputs["input_ids"],
+                                               "attention_mask": inputs["attention_mask"],
+                                               **collate_vision(inputs["vision"], inputs["input_ids"].shape[1], 0)},
+                               inputs["labels"])
+    with torch.no_grad():
+        logits = trainer.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                               **collate_vision(inputs["vision"], inputs["input_ids"].shape[1], 0)).logits
+    expected = logits[:, :-1] @ torch.eye(logits.shape[-1])  # the head's input, projected: the model's logits
+    projected = head.hidden_NTH @ head.weight_VH.T
+    mask = inputs["attention_mask"][:, 1:].bool()
+    torch.testing.assert_close(projected[mask], expected[mask], rtol=1e-4, atol=1e-4)
+    trainer.train()
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[-2]["loss"]))
+
+
+def test_a_vision_model_loads_by_path_with_its_processor(tmp_path):
+    path = save_tiny_vlm("gemma3", str(tmp_path / "vlm"))
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, num_generations=2,
+                      max_completion_length=4, report_to="none", max_steps=1, use_cpu=True, save_strategy="no")
+    trainer = GRPOTrainer(model=path, reward_funcs=completion_length, args=args, train_dataset=image_prompts(2))
+    assert type(trainer.model).__name__ == "Gemma3ForConditionalGeneration"
+    assert type(trainer.processing_class).__name__ == "Gemma3Processor" and trainer._is_vlm
+    trainer.train()
+
+
+def test_vision_refusals_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="conversational prompts"):
+        _grpo(tmp_path, "llava", dataset=Dataset.from_dict(
+            {"prompt": ["a string prompt"], "image": [solid_image(__import__("random").Random(0), 32)]}),
+            max_steps=1).train()
+    model, _ = tiny_vlm("llava")
+    tokenizer_only = GRPOTrainer(model=model, reward_funcs=completion_length, train_dataset=image_prompts(2),
+                                 processing_class=tiny_vlm("llava")[1].tokenizer, args=GRPOConfig(
+                                     output_dir=str(tmp_path / "t"), per_device_train_batch_size=2,
+                                     num_generations=2, max_completion_length=4, report_to="none", use_cpu=True))
+    with pytest.raises(ValueError, match="pass the vision-language model's processor"):
+        tokenizer_only._generate_and_score([tokenizer_only.train_dataset[0]] * 2)
+    with pytest.raises(ValueError, match="tools, environment_factory and rollout_func are not supported"):
+        model, processor = tiny_vlm("llava")
+        GRPOTrainer(model=model, reward_funcs=completion_length, train_dataset=image_prompts(2),
+                    processing_class=processor, tools=[completion_length], args=GRPOConfig(
+                        output_dir=str(tmp_path / "u"), per_device_train_batch_size=2, num_generations=2,
+                        report_to="none", use_cpu=True))
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        _grpo(tmp_path / "v", "llava", max_prompt_length=4, max_steps=1).train()
+    from fusedrl import PPOTrainer  # PPO keeps text prompts only
+    assert PPOTrainer is not None and PPOConfig is not None
+
+
+def test_attach_images_follows_trl_placement_and_leaves_the_input_alone():
+    image_a, image_b = object(), object()
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is this?"},
+                {"role": "assistant", "content": "a cat"}, {"role": "user", "content": "and this?"}]
+    attached = attach_images(messages, [image_a, image_b])
+    assert messages[1]["content"] == "what is this?"
+    assert attached[0]["content"] == [{"type": "text", "text": "be brief"}]
+    assert attached[1]["content"] == [{"type": "image", "image": image_a}, {"type": "image", "image": image_b},
+                                      {"type": "text", "text": "what is this?"}]
+    assert attached[3]["content"] == [{"type": "text", "text": "and this?"}]
+    assert prompt_images(attached) == [image_a, image_b]
+    placed = [{"role": "user", "content": [{"type": "text", "text": "compare"}, {"type": "image"}]}]
+    assert attach_images(placed, [image_a])[0]["content"][1] == {"type": "image", "image": image_a}
+    with pytest.raises(ValueError, match="1 image placeholder"):
+        attach_images(placed, [image_a, image_b])
+    assert row_images([{"image": None}, {"image": image_a}]) == [None, [image_a]]
+    assert row_images([{"images": []}]) is None and row_images([{"prompt": "x"}]) is None
+
+
+def test_collate_vision_pads_images_and_aligns_token_fields():
+    rows = [{"images": {"pixel_values": torch.ones(1, 2, 3)}, "tokens": {"token_type_ids": torch.tensor([1, 1, 0])}},
+            None,
+            {"images": {"pixel_values": torch.full((2, 4, 3), 2.0)}, "tokens": {"token_type_ids": torch.tensor([1])}}]
+    out = collate_vision(rows, prompt_width=4, completion_width=2)
+    assert out["pixel_values"].shape == (3, 4, 3)
+    assert out["pixel_values"][0, 2:].abs().sum() == 0 and out["pixel_values"][1:].eq(2.0).all()
+    assert out["token_type_ids"].tolist() == [[0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0]]
+
+
+def test_a_pending_vision_round_survives_a_checkpoint(tmp_path):
+    row = {"images": {"pixel_values": torch.randn(4, 6), "image_grid_thw": torch.tensor([[1, 2, 2]])},
+           "tokens": {"mm_token_type_ids": torch.tensor([0, 1, 1])}}
+    batches = [{"prompt_ids": torch.ones(2, 3, dtype=torch.long), "vision": [row, None]}]
+    save_round(str(tmp_path / "round.safetensors"), batches, {})
+    loaded, _ = load_round(str(tmp_path / "round.safetensors"), torch.device("cpu"))
+    assert loaded[0]["vision"][1] is None
+    for kind in ("images", "tokens"):
+        for key, value in row[kind].items():
+            assert torch.equal(loaded[0]["vision"][0][kind][key], value)
