@@ -9,7 +9,12 @@ Two sources, each config with TRL's columns and split sizes (19 rows: 17 train, 
 - our own rows otherwise (proverbs split into a prompt and its ending).
 
 Saved as one parquet file per split, so ``streaming=True`` (an ``IterableDataset``) works as on the hub.
-``zen-image`` / ``zen-multi-image`` (vision) have no stand-in.
+
+``zen-image`` / ``zen-multi-image`` (vision): the conversational configs with TRL's column layout (read off its
+``generate_zen_image_dataset.py`` / ``generate_zen_multi_image_dataset.py``): ``zen-image`` keeps plain-text
+messages beside one ``image`` per row; ``zen-multi-image`` puts ``{"type": "image"}`` blocks in the user turn
+(1-3, before, after or around the text) and one entry per block in ``images``. Our own rows and our own random
+images (32-63 px a side, as TRL's, from a fixed seed); no test pins their text. Written on first use.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from datasets import Dataset
+import numpy as np
+import PIL.Image
+from datasets import Dataset, Features, Image, List, Value
 
 DATASET = "trl-internal-testing/zen"
 NUM_TEST = 2
@@ -121,18 +128,87 @@ def write_zen(root: Path, script: Path | None = None) -> Path:
     return folder
 
 
+IMAGE_DATASETS = {"trl-internal-testing/zen-image": False, "trl-internal-testing/zen-multi-image": True}
+_CONVERSATIONAL = ("conversational_language_modeling", "conversational_prompt_only", "conversational_prompt_completion",
+                   "conversational_preference", "conversational_unpaired_preference")
+# Where the image blocks sit in a zen-multi-image user turn (row i takes layout i % 5), as in TRL's rows.
+_LAYOUTS = (("image", "text"), ("text", "image"), ("image", "text", "image"), ("image", "image", "text"),
+            ("text", "image", "image"))
+
+
+def _with_images(messages: list[dict], layout: tuple[str, ...]) -> list[dict]:
+    """A conversation with its user turn's text split into content blocks placed by ``layout`` and every other
+    turn's text as one text block (TRL's multi-image rows)."""
+    blocks = []
+    for message in messages:
+        if message["role"] == "user":
+            content = [{"type": "image"} if kind == "image" else {"type": "text", "text": message["content"]}
+                       for kind in layout]
+        else:
+            content = [{"type": "text", "text": message["content"]}]
+        blocks.append({"role": message["role"], "content": content})
+    return blocks
+
+
+def zen_image_configs(multi: bool, seed: int = 0) -> dict[str, tuple[dict[str, list], Features]]:
+    """``{config: (columns, features)}`` of ``zen-image`` (``multi=False``) or ``zen-multi-image``."""
+    rng = np.random.default_rng(seed)
+
+    def image():
+        height, width = rng.integers(32, 64, size=2)
+        return PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+    text = zen_configs()
+    message = [{"content": Value("string"), "role": Value("string")}]
+    if multi:
+        block = {"type": Value("string"), "text": Value("string")}
+        message = [{"content": List(block), "role": Value("string")}]
+    configs = {}
+    for name in _CONVERSATIONAL:
+        columns = dict(text[name])
+        features = {column: message for column in columns if column != "label"}
+        if "label" in columns:
+            features["label"] = Value("bool")
+        if multi:
+            for column in features.keys() - {"label"}:
+                columns[column] = [_with_images(row, _LAYOUTS[i % len(_LAYOUTS)])
+                                   for i, row in enumerate(columns[column])]
+            first = "messages" if "messages" in columns else "prompt"
+            columns["images"] = [[image() for part in row[0]["content"] if part["type"] == "image"]
+                                 for row in columns[first]]
+            features["images"] = List(Image())
+        else:
+            columns["image"] = [image() for _ in range(len(next(iter(columns.values()))))]
+            features["image"] = Image()
+        configs[name] = (columns, Features(features))
+    return configs
+
+
+def write_zen_images(root: Path, path: str) -> None:
+    """Write ``path`` (a key of IMAGE_DATASETS) as ``root/<dataset>/<config>/{train,test}.parquet``."""
+    for name, (columns, features) in zen_image_configs(IMAGE_DATASETS[path]).items():
+        split = Dataset.from_dict(columns, features=features).train_test_split(test_size=NUM_TEST, shuffle=False)
+        for part, dataset in split.items():
+            file = root / path.replace("/", "--") / name / f"{part}.parquet"
+            file.parent.mkdir(parents=True, exist_ok=True)
+            dataset.to_parquet(str(file))
+
+
 def redirected_load_dataset(original, root: Path):
     """``datasets.load_dataset`` that serves ``trl-internal-testing/zen`` configs from ``root`` (as
-    :func:`write_zen` left them) and passes every other call to ``original``."""
+    :func:`write_zen` left them), ``zen-image`` / ``zen-multi-image`` (written on first use), and passes every
+    other call to ``original``."""
 
     def load_dataset(path, name=None, *args, split=None, streaming=False, **kwargs):
-        if path != DATASET:
+        if path != DATASET and path not in IMAGE_DATASETS:
             return original(path, name, *args, split=split, streaming=streaming, **kwargs)
         if name is None:
-            raise ValueError(f"{DATASET} needs a config name (trl_suite stand-in)")
-        folder = root / DATASET.replace("/", "--") / name
+            raise ValueError(f"{path} needs a config name (trl_suite stand-in)")
+        if path in IMAGE_DATASETS and not (root / path.replace("/", "--")).is_dir():
+            write_zen_images(root, path)
+        folder = root / path.replace("/", "--") / name
         if not folder.is_dir():
-            raise FileNotFoundError(f"trl_suite has no stand-in of {DATASET} config {name!r}")
+            raise FileNotFoundError(f"trl_suite has no stand-in of {path} config {name!r}")
         files = {part: str(folder / f"{part}.parquet") for part in ("train", "test")}
         return original("parquet", data_files=files, split=split, streaming=streaming)
 

@@ -6,9 +6,9 @@ models are, and written into a Hugging Face hub-cache layout (``models--<org>--<
 ``refs/main``). With ``HF_HUB_CACHE`` pointing there and ``HF_HUB_OFFLINE=1``, every ``from_pretrained(<hub id>)``,
 in the tests and inside either library, resolves to the stand-in without code changes.
 
-Vision-language models (``*ForConditionalGeneration`` with an image processor) have no stand-in: building their
-processors offline would need each model's image processor and chat template, so those tests fail at load on both
-libraries and are not counted.
+Vision-language models (``*ForConditionalGeneration`` with an image processor) are built by ``trl_suite.vision``:
+the same toy text model behind a toy vision tower, with a processor (image processor, this tokenizer plus the
+family's image tokens, a chat template) saved beside it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import transformers
 from transformers import GenerationConfig
 
 from trl_suite.tokenizer import SMALL_VOCAB, build_tokenizer
+from trl_suite.vision import VISION_STANDINS, build_vision
 
 ORG = "trl-internal-testing"
 REVISION = "0" * 40  # the snapshot folder name: any 40-hex string works as a commit hash
@@ -168,6 +169,7 @@ def build_models(hub_cache: Path, names: list[str] | None = None, seed: int = 0,
     builders: dict[str, Callable[[Path], None]] = {name: (lambda p, n=name: _build(n, tokenizer, p, seed))
                                                    for name in STANDINS}
     builders[REMOTE] = lambda p: _build_remote(tokenizer, p, seed)
+    builders.update({name: (lambda p, n=name: build_vision(n, p, seed, vocab_size, vocab)) for name in VISION_STANDINS})
     status = {}
     for name, build in builders.items():
         if names is not None and name not in names:

@@ -1,7 +1,7 @@
 """pytest plugin of the TRL-suite runs (``pytest -p trl_suite.plugin``): stand-in datasets and a per-test time limit.
 
 Loaded before collection, so the test modules' ``from datasets import load_dataset`` already binds the redirected
-function: ``trl-internal-testing/zen`` configs come from ``$TRL_SUITE_DATA`` (``trl_suite.datasets``); models need
+function: ``trl-internal-testing/zen`` (and ``zen-image`` / ``zen-multi-image``) configs come from ``$TRL_SUITE_DATA`` (``trl_suite.datasets``); models need
 nothing here, they resolve through the stand-in hub cache (``HF_HUB_CACHE`` + ``HF_HUB_OFFLINE=1``, set by
 ``trl_suite.run``). ``--suite-timeout N`` fails a test that runs longer than N seconds (SIGALRM in the main thread;
 pytest-timeout is not a dependency of this repo), so one stuck generation cannot stall a whole file.
@@ -17,7 +17,9 @@ import datasets
 import pytest
 
 from trl_suite.datasets import redirected_load_dataset
+from trl_suite.vision import torchvision_shim
 
+torchvision_shim()  # before any test module imports torchvision (trl_suite.vision says why)
 _DATA = os.environ.get("TRL_SUITE_DATA")
 if _DATA:
     datasets.load_dataset = redirected_load_dataset(datasets.load_dataset, Path(_DATA))

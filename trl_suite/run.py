@@ -186,6 +186,9 @@ def _versions() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from trl_suite.vision import torchvision_shim
+
+    torchvision_shim()  # before the stand-ins import transformers' image utilities (README: Limits)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trl-tests", type=Path, required=True, help="TRL's tests/ folder (not copied into the repo)")
     parser.add_argument("--file", action="append", required=True, help="test file relative to --trl-tests")

@@ -561,6 +561,9 @@ def test_check_prompt_dataset_is_the_online_trainers_check():
         data.check_prompt_dataset(streamed, "train_dataset")
     with pytest.raises(ValueError, match=r"^train_dataset has images: vision prompts are not supported"):
         data.check_prompt_dataset(Dataset.from_dict({"prompt": ["a"], "image": [None]}), "train_dataset")
+    # GRPO, RLOO and online DPO take images with a vision-language model's processor (test_vision_online.py).
+    assert data.check_prompt_dataset(Dataset.from_dict({"prompt": ["a"], "image": [None]}), "train_dataset",
+                                     images_ok=True) is None
     hard = Dataset.from_dict({"prompt": ["Hi", ""]})
     with pytest.raises(DatasetFormatError, match=r"^eval_dataset\['hard'\]: row 1, field 'prompt': is empty$"):
         data.check_prompt_dataset(DatasetDict(easy=good, hard=hard), "eval_dataset")

@@ -193,3 +193,45 @@ def test_a_pending_vision_round_survives_a_checkpoint(tmp_path):
     for kind in ("images", "tokens"):
         for key, value in row[kind].items():
             assert torch.equal(loaded[0]["vision"][0][kind][key], value)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics2"])
+def test_grpo_on_a_vision_model_logs_what_trl_logs(tmp_path, family):
+    """fusedrl's and TRL's GRPOTrainer on the same saved VLM, image prompts, reward and seed: the same completions
+    are sampled (one RNG stream, same image inputs) and every metric TRL logs agrees (fp32, reference kernels).
+    Qwen-VL and Gemma 3 are not compared: TRL 1.16 re-encodes the rendered prompt text for its scoring forward with
+    the tokenizer's special tokens on, and this tokenizer adds a BOS to plain text, so TRL's per-token image fields
+    sit one column off the ids (Qwen-VL's rotary index then fails; Gemma 3's bidirectional image mask shifts)."""
+    import trl
+    from transformers import AutoModelForImageTextToText
+
+    from tests.helpers.grpo_parity import GRPO_BASE, assert_grpo_logs_match
+
+    path = save_tiny_vlm(family, str(tmp_path / "vlm"))
+    logs = []
+    for trainer_cls, config_cls in ((GRPOTrainer, GRPOConfig), (trl.GRPOTrainer, trl.GRPOConfig)):
+        config = config_cls(str(tmp_path / trainer_cls.__module__.split(".")[0]), **{
+            **GRPO_BASE, "per_device_train_batch_size": 4, "num_generations": 2, "max_completion_length": 5,
+            "beta": 0.1})
+        if hasattr(config, "kernels"):
+            config.kernels = "all=reference"
+        trainer = trainer_cls(AutoModelForImageTextToText.from_pretrained(path), reward_funcs=completion_length,
+                              args=config, train_dataset=image_prompts(8), processing_class=tiny_vlm(family)[1])
+        trainer.train()
+        logs.append([entry for entry in trainer.state.log_history if "loss" in entry])
+    assert_grpo_logs_match(*logs)
+
+
+def test_prompt_validation_takes_multimodal_blocks_and_names_a_bad_one():
+    from fusedrl.trainers.data import DatasetFormatError, check_prompt_dataset
+
+    blocks = [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "Why?"}]}]
+    check_prompt_dataset(Dataset.from_list([{"prompt": blocks, "images": [solid_image(__import__("random").Random(0),
+                                                                                       32)]}]), "train_dataset",
+                         images_ok=True)
+    bad = [{"role": "user", "content": [{"type": "video"}]}]
+    with pytest.raises(DatasetFormatError, match=r"row 0, field 'prompt', message 0, block 0: expected"):
+        check_prompt_dataset(Dataset.from_list([{"prompt": bad}]), "train_dataset")
+    blank = [{"role": "user", "content": [{"type": "text", "text": "  "}]}]
+    with pytest.raises(DatasetFormatError, match="empty"):
+        check_prompt_dataset(Dataset.from_list([{"prompt": blank}]), "train_dataset")

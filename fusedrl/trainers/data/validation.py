@@ -224,11 +224,24 @@ def _text_format(value: Any, field: str, at: str) -> str:
             )
         if _is_tool_call(message) and content is None:
             continue  # an assistant turn that only calls tools (TRL's tool-calling format): the template renders it
-        if not isinstance(content, str):
+        if isinstance(content, list):  # TRL's multimodal blocks: [{"type": "image"}, {"type": "text", ...}]
+            _check_blocks(content, f"{at}, field {field!r}, message {number}")
+        elif not isinstance(content, str):
             raise DatasetFormatError(
                 f"{at}, field {field!r}, message {number}: 'content' must be a string, got {_describe(content)}"
             )
     return "conversational"
+
+
+def _check_blocks(blocks: list, at: str) -> None:
+    """Content blocks as TRL's vision datasets write them: each a dict of type 'image' (filled from the row's
+    ``image`` / ``images`` column) or 'text' with a string ``text``."""
+    for number, block in enumerate(blocks):
+        kind = block.get("type") if isinstance(block, Mapping) else None
+        if kind == "text" and isinstance(block.get("text"), str) or kind == "image":
+            continue
+        raise DatasetFormatError(f"{at}, block {number}: expected {{'type': 'text', 'text': str}} or "
+                                 f"{{'type': 'image'}}, got {_describe(block)}")
 
 
 def _is_tool_call(message: Mapping) -> bool:
@@ -240,7 +253,13 @@ def _is_tool_call(message: Mapping) -> bool:
 def _is_empty(value: str | list[dict[str, str]]) -> bool:
     if isinstance(value, str):
         return not value.strip()
-    return not any(_is_tool_call(message) or (message.get("content") or "").strip() for message in value)
+    return not any(_is_tool_call(message) or _has_content(message.get("content")) for message in value)
+
+
+def _has_content(content) -> bool:
+    if isinstance(content, list):  # multimodal blocks: an image, or a text block with more than blanks
+        return any(block.get("type") == "image" or (block.get("text") or "").strip() for block in content)
+    return bool((content or "").strip())
 
 
 def _check_row(row: Mapping[str, Any], layout: _Layout, at: str, max_length: int | None, tokenizer: Any) -> None:
