@@ -146,7 +146,8 @@ def collate_vision(rows: Sequence[VisionRow | None], prompt_width: int, completi
         value = sample.new_zeros((len(rows), prompt_width + completion_width))
         for i, row in enumerate(rows):
             if row is not None and key in row["tokens"]:
-                tokens = row["tokens"][key][-prompt_width:]  # a prompt cut to its last tokens keeps their types
+                tokens = row["tokens"][key]  # a prompt cut to its last tokens keeps their types
+                tokens = tokens[max(len(tokens) - prompt_width, 0):]
                 value[i, prompt_width - len(tokens):prompt_width] = tokens
         out[key] = value.to(device) if device is not None else value
     return out

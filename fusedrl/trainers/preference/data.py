@@ -77,13 +77,19 @@ def _tokenize_completions(row: dict[str, Any], tokenizer, fields: tuple[str, ...
         for field in fields:
             completion = row[field] if row[field].endswith(eos) else row[field] + eos
             full[field] = tokenizer(text=row["prompt"] + completion)["input_ids"]
+    return split_completions(prompt, full)
+
+
+def split_completions(prompt: list[int], full: dict[str, list[int]]) -> dict[str, list[int]]:
+    """``prompt_ids`` and ``<field>_ids``: each tokenized prompt + completion in ``full`` cut where the tokenized
+    ``prompt`` stops being a prefix of all of them (warned when that is before its end)."""
     prompt_length = min(_common_prefix_length(prompt, ids) for ids in full.values())
     if prompt_length < len(prompt):
         warnings.warn(
             "the tokenized prompt is not a prefix of the tokenized prompt + completion (the chat template renders "
             "the prompt alone differently, or tokens merge across the boundary); the completion starts where they "
             "diverge, so the model trains on a context that differs from the one it sees at inference",
-            stacklevel=2,
+            stacklevel=3,
         )
     completions = {f"{field}_ids": ids[prompt_length:] for field, ids in full.items()}
     return {"prompt_ids": prompt[:prompt_length], **completions}
@@ -200,7 +206,7 @@ def prepare_unpaired_dataset(dataset: Dataset | IterableDataset, tokenizer, *, m
 # --- collators -------------------------------------------------------------------------------------------------------
 
 
-def _right_pad(rows: list[list[int]], value: int, multiple: int | None) -> torch.Tensor:
+def right_pad(rows: list[list[int]], value: int, multiple: int | None) -> torch.Tensor:
     length = max(len(row) for row in rows)
     if multiple is not None:
         length = -(-length // multiple) * multiple
@@ -210,20 +216,20 @@ def _right_pad(rows: list[list[int]], value: int, multiple: int | None) -> torch
     return out
 
 
-def _pad_sequences(prompts: list[list[int]], completions: list[list[int]], *, pad_token_id: int, kept: slice,
+def pad_sequences(prompts: list[list[int]], completions: list[list[int]], *, pad_token_id: int, kept: slice,
                    multiple: int | None, prefix: str = "") -> dict[str, torch.Tensor]:
     """prompt + completion per row, cut to ``kept`` -> right-padded int64 ``input_ids``, ``attention_mask``,
     ``completion_mask`` (keys prefixed with ``prefix``)."""
     sequences = [(list(prompt) + list(completion))[kept] for prompt, completion in zip(prompts, completions)]
     masks = [([0] * len(prompt) + [1] * len(completion))[kept] for prompt, completion in zip(prompts, completions)]
     return {
-        f"{prefix}input_ids": _right_pad(sequences, pad_token_id, multiple),
-        f"{prefix}attention_mask": _right_pad([[1] * len(s) for s in sequences], 0, multiple),
-        f"{prefix}completion_mask": _right_pad(masks, 0, multiple),
+        f"{prefix}input_ids": right_pad(sequences, pad_token_id, multiple),
+        f"{prefix}attention_mask": right_pad([[1] * len(s) for s in sequences], 0, multiple),
+        f"{prefix}completion_mask": right_pad(masks, 0, multiple),
     }
 
 
-def _floats(examples: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def float_columns(examples: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
     return {key: torch.tensor([example[key] for example in examples], dtype=torch.float32)
             for key in keys if key in examples[0]}
 
@@ -257,9 +263,9 @@ class PreferenceCollator:
             for example in examples:
                 prompts.append(example["prompt_ids"])
                 completions.append(example[f"{side}_ids"])
-        batch = _pad_sequences(prompts, completions, pad_token_id=self.pad_token_id, kept=kept,
+        batch = pad_sequences(prompts, completions, pad_token_id=self.pad_token_id, kept=kept,
                                multiple=self.pad_to_multiple_of)
-        return {**batch, **_floats(examples, ("ref_chosen_logps", "ref_rejected_logps"))}
+        return {**batch, **float_columns(examples, ("ref_chosen_logps", "ref_rejected_logps"))}
 
 
 @dataclasses.dataclass
@@ -280,8 +286,8 @@ class UnpairedCollator:
         batch = {}
         for prefix in ("", "KL_"):
             if f"{prefix}completion_ids" in examples[0]:
-                batch.update(_pad_sequences(prompts, [example[f"{prefix}completion_ids"] for example in examples],
+                batch.update(pad_sequences(prompts, [example[f"{prefix}completion_ids"] for example in examples],
                                             pad_token_id=self.pad_token_id, kept=kept,
                                             multiple=self.pad_to_multiple_of, prefix=prefix))
         batch["label"] = torch.tensor([bool(example["label"]) for example in examples])
-        return {**batch, **_floats(examples, ("ref_logps", "ref_KL_logps"))}
+        return {**batch, **float_columns(examples, ("ref_logps", "ref_KL_logps"))}

@@ -20,6 +20,12 @@ One step, for a batch of B pairs laid out as 2B rows ``[chosen; rejected]`` (``p
    path);
 5. TRL's metrics: rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected}, logits/{chosen,rejected},
    entropy, mean_token_accuracy, num_tokens (and aux_loss for MoE).
+
+Vision-language models (a processor as ``processing_class``, an ``image`` / ``images`` column), as TRL: the rows stay
+raw and are encoded with their images when batched (``preference/vision_data.py``); both rows of a pair get the pair's
+image fields in every forward (policy, reference, precomputed reference). ``truncation_mode='keep_end'`` is refused
+with images; a prompt that does not fit below ``max_length`` is refused when its batch is built. Unlike TRL,
+``precompute_ref_log_probs=True`` works with images; ``compute_metrics`` does not (its logits would miss them).
 """
 
 from __future__ import annotations
@@ -43,10 +49,20 @@ from fusedrl.ops.preference import (
 )
 from fusedrl.trainers.base import FusedTrainer
 from fusedrl.trainers.data.validation import PRECOMPUTE_ITERABLE_ERROR
+from fusedrl.trainers.data.vision import is_vision_processor
 from fusedrl.trainers.head import IGNORE_INDEX, TokenOutputs
 from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.preference.data import PreferenceCollator, prepare_preference_dataset
 from fusedrl.trainers.preference.dpo_config import DPOConfig
+from fusedrl.trainers.preference.vision_data import (
+    PAIRED_COLUMNS,
+    VisionPreferenceCollator,
+    check_vision_config,
+    check_vision_dataset,
+    has_images,
+    image_dtype,
+    text_tokenizer,
+)
 
 logger = logging.getLogger("fusedrl")
 
@@ -119,17 +135,22 @@ class DPOTrainer(FusedTrainer):
                  eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
                  optimizers=(None, None), quantization_config=None, peft_config=None):
         args = self._checked_inputs(model, args, DPOConfig, train_dataset, compute_metrics,
-                                   eval_dataset)
+                                   eval_dataset, images_ok=True)
         _check_config(args)
 
         set_seed(args.seed)  # PEFT initialises adapters randomly
         model, processing_class = self._setup_model(model, args, processing_class, peft_config=peft_config,
                                                     ref_model=ref_model, quantization_config=quantization_config)
+        self._is_vlm = is_vision_processor(processing_class)  # TRL's name; turns prefix sharing off
+        # TRL's _is_vision_dataset: raw rows, encoded with their images when batched (vision_data.py).
+        self._vision_data = has_images(train_dataset)
+        if self._vision_data:
+            check_vision_config(args, trainer="DPOTrainer", is_vlm=self._is_vlm, compute_metrics=compute_metrics)
         if args.sync_ref_model and is_peft_model(model) and args.ref_adapter_name is None:
             raise ValueError("sync_ref_model=True with a PEFT model: the reference is the base model with adapters "
                              "disabled, there is no separate reference to update; name a reference adapter to sync "
                              "into with ref_adapter_name")
-        tokenizer = tokenizer_of(processing_class)
+        tokenizer = text_tokenizer(processing_class, tokenizer_of(processing_class))
         if args.padding_free:
             logger.warning("padding_free=True is unavailable (as in TRL 1.16); falling back to padding")
         if data_collator is None:
@@ -138,8 +159,12 @@ class DPOTrainer(FusedTrainer):
                 raise ValueError(f"pad_token {pad_token!r} is not in the tokenizer's vocabulary")
             tokenizer.pad_token = pad_token
             model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-            data_collator = PreferenceCollator(tokenizer.pad_token_id, args.max_length, args.truncation_mode,
-                                               args.pad_to_multiple_of)
+            if self._vision_data:
+                data_collator = VisionPreferenceCollator(processing_class, tokenizer.pad_token_id, args.max_length,
+                                                         args.pad_to_multiple_of, dtype=image_dtype(model))
+            else:
+                data_collator = PreferenceCollator(tokenizer.pad_token_id, args.max_length, args.truncation_mode,
+                                                   args.pad_to_multiple_of)
         self._max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         train_dataset, eval_dataset = self._prepare_splits(train_dataset, eval_dataset, tokenizer, args)
 
@@ -153,12 +178,17 @@ class DPOTrainer(FusedTrainer):
     # --- data ---------------------------------------------------------------------------------------------------
 
     def _prepare(self, dataset, tokenizer, args: DPOConfig, name: str):
+        if self._vision_data:
+            check_vision_dataset(dataset, paired=True, name=name)
+            return dataset
         return prepare_preference_dataset(dataset, tokenizer, max_length=args.max_length,
                                           truncation_mode=args.truncation_mode, max_positions=self._max_positions,
                                           num_proc=args.dataset_num_proc, name=name)
 
     def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
+        if self._signature_columns is None and self._vision_data:
+            self._signature_columns = list(PAIRED_COLUMNS)
+        elif self._signature_columns is None:
             self._signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", *_REF_COLUMNS]
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:

@@ -22,9 +22,16 @@ One step, for N examples (``preference_data.UnpairedCollator``; a paired dataset
 
 Deliberate differences from TRL: a model given as a path loads in fp32 unless ``model_init_kwargs`` says otherwise,
 and the reference is a copy of the loaded policy rather than a second load from the path (same weights);
-precomputed reference log-probs are added as columns, not cached in a file keyed by the model's hash; vision data and
-``return_outputs`` (it needs logits) are refused. ``compute_metrics`` gets TRL's predictions, the policy's
+precomputed reference log-probs are added as columns, not cached in a file keyed by the model's hash;
+``return_outputs`` (it needs logits) is refused. ``compute_metrics`` gets TRL's predictions, the policy's
 ``[N, T, V]`` logits, built only for it.
+
+Vision-language models (a processor as ``processing_class``, an ``image`` / ``images`` column): the rows stay raw and
+are encoded with their images when batched (``preference/vision_data.py``); every forward of a row, policy,
+reference, precomputed reference and its KL pair, gets its prompt's image fields. As TRL, paired rows with images are
+refused; unlike TRL, ``precompute_ref_log_probs=True`` works with them, and the KL pairs are fixed in the dataset per
+run of ``per_device_train_batch_size`` rows (a ``KL_completion`` column), as in the text path, so precomputed and
+live reference log-probs see the same pairs. ``compute_metrics`` is refused with images.
 """
 
 from __future__ import annotations
@@ -40,14 +47,28 @@ from transformers import set_seed
 from fusedrl.ops.preference import KTO_LOSS_TYPES, LinearKTOLoss, kto_kl, linear_kto_loss, sequence_logps
 from fusedrl.trainers.base import FusedTrainer
 from fusedrl.trainers.data.validation import PRECOMPUTE_ITERABLE_ERROR
+from fusedrl.trainers.data.vision import is_vision_processor
 from fusedrl.trainers.head import IGNORE_INDEX, TokenOutputs
 from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.preference.data import UnpairedCollator, prepare_unpaired_dataset
 from fusedrl.trainers.preference.kto_config import KTOConfig
+from fusedrl.trainers.preference.vision_data import (
+    UNPAIRED_COLUMNS,
+    VisionUnpairedCollator,
+    check_vision_config,
+    check_vision_dataset,
+    has_images,
+    image_dtype,
+    pair_kl_completions,
+    text_tokenizer,
+)
 
 logger = logging.getLogger("fusedrl")
 
 _REF_COLUMNS = ("ref_logps", "ref_KL_logps")
+# Batch keys no forward takes; every other key without the KL_ prefix is a model input (ids, mask, image fields),
+# for the KL rows taken from its KL_ twin when there is one (ids, mask, per-token image fields).
+_NON_MODEL_KEYS = frozenset({"completion_mask", "label", *_REF_COLUMNS})
 
 
 def _kto_region(hidden_NTH, weight_VH, bias_V, labels_NT, ref_logps_N, desirable_N, kl,
@@ -108,19 +129,28 @@ class KTOTrainer(FusedTrainer):
                  eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
                  optimizers=(None, None), quantization_config=None, peft_config=None):
         args = self._checked_inputs(model, args, KTOConfig, train_dataset, compute_metrics,
-                                   eval_dataset)
+                                   eval_dataset, images_ok=True)
         _check_config(args)
         self.calculate_kl = args.loss_type != "apo_zero_unpaired"
 
         set_seed(args.seed)  # PEFT initialises adapters randomly
         model, processing_class = self._setup_model(model, args, processing_class, peft_config=peft_config,
                                                     ref_model=ref_model, quantization_config=quantization_config)
+        self._is_vlm = is_vision_processor(processing_class)  # TRL's name; turns prefix sharing off
+        # TRL's _is_vision_dataset: raw rows, encoded with their images when batched (vision_data.py).
+        self._vision_data = has_images(train_dataset)
+        if self._vision_data:
+            check_vision_config(args, trainer="KTOTrainer", is_vlm=self._is_vlm, compute_metrics=compute_metrics)
         if args.sync_ref_model and is_peft_model(model) and args.ref_adapter_name is None:
             raise ValueError("sync_ref_model=True with a PEFT model: the reference is the base model with adapters "
                              "disabled, there is no separate reference to update; name a reference adapter to sync "
                              "into with ref_adapter_name")
-        tokenizer = tokenizer_of(processing_class)
-        if data_collator is None:
+        tokenizer = text_tokenizer(processing_class, tokenizer_of(processing_class))
+        if data_collator is None and self._vision_data:
+            data_collator = VisionUnpairedCollator(processing_class, tokenizer.pad_token_id, args.max_length,
+                                                   self.calculate_kl, args.pad_to_multiple_of,
+                                                   dtype=image_dtype(model))
+        elif data_collator is None:
             data_collator = UnpairedCollator(tokenizer.pad_token_id, args.max_length, args.pad_to_multiple_of)
         self._max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         train_dataset, eval_dataset = self._prepare_splits(train_dataset, eval_dataset, tokenizer, args)
@@ -138,13 +168,21 @@ class KTOTrainer(FusedTrainer):
 
     def _prepare(self, dataset, tokenizer, args: KTOConfig, name: str):
         # TRL pairs the KL completions per training batch, for the eval datasets too.
+        if self._vision_data:
+            check_vision_dataset(dataset, paired=False, name=name)
+            if not self.calculate_kl:
+                return dataset
+            return pair_kl_completions(dataset, kl_batch_size=args.per_device_train_batch_size,
+                                       num_proc=args.dataset_num_proc, name=name)
         return prepare_unpaired_dataset(
             dataset, tokenizer, max_length=args.max_length, max_positions=self._max_positions,
             kl_batch_size=args.per_device_train_batch_size if self.calculate_kl else None,
             num_proc=args.dataset_num_proc, name=name)
 
     def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
+        if self._signature_columns is None and self._vision_data:
+            self._signature_columns = list(UNPAIRED_COLUMNS)
+        elif self._signature_columns is None:
             self._signature_columns = ["prompt_ids", "completion_ids", "KL_completion_ids", "label", *_REF_COLUMNS]
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
@@ -198,7 +236,8 @@ class KTOTrainer(FusedTrainer):
         (``prefix=""``) or of their mismatched KL pairs (``prefix="KL_"``)."""
         completion_mask = batch[f"{prefix}completion_mask"]
         labels = batch[f"{prefix}input_ids"].masked_fill(completion_mask == 0, IGNORE_INDEX)
-        inputs = {"input_ids": batch[f"{prefix}input_ids"], "attention_mask": batch[f"{prefix}attention_mask"]}
+        inputs = {key: batch.get(prefix + key, value) for key, value in batch.items()
+                  if not key.startswith("KL_") and key not in _NON_MODEL_KEYS}
         return inputs, labels, completion_mask[:, 1:].bool()
 
     def _sequence_logps(self, model, batch, prefix: str = "") -> torch.Tensor:
