@@ -235,3 +235,22 @@ def test_prompt_validation_takes_multimodal_blocks_and_names_a_bad_one():
     blank = [{"role": "user", "content": [{"type": "text", "text": "  "}]}]
     with pytest.raises(DatasetFormatError, match="empty"):
         check_prompt_dataset(Dataset.from_list([{"prompt": blank}]), "train_dataset")
+
+
+def test_a_checkpoint_inside_a_vision_round_resumes_it(tmp_path):
+    """A checkpoint between the two micro-batches of a round keeps the round's image fields (online/resume.py): the
+    resumed run's second step is the uninterrupted run's, loss and weights, without sampling again."""
+    settings = {"max_steps": 2, "steps_per_generation": 2, "save_strategy": "steps", "save_steps": 1, "bf16": False,
+                "seed": 5}
+    full = _grpo(tmp_path / "full", "llava", **settings)
+    full.train()
+    resumed = _grpo(tmp_path / "resumed", "llava", **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+    assert resumed._buffered_inputs[1]["vision"] is not None
+    expected = next(entry for entry in full.state.log_history if entry.get("step") == 2 and "loss" in entry)
+    actual = next(entry for entry in resumed.state.log_history if entry.get("step") == 2 and "loss" in entry)
+    compared = {name for name in expected if name not in ("step_time", "memory/peak_rss_mb")}
+    assert {"loss", "grad_norm", "kl", "entropy"} <= compared
+    assert {name: actual[name] for name in compared} == {name: expected[name] for name in compared}
+    for (name, ours), (_, theirs) in zip(resumed.model.named_parameters(), full.model.named_parameters(), strict=True):
+        assert torch.equal(ours, theirs), name
