@@ -4,7 +4,8 @@ Each stand-in is the hub model's architecture class at toy size (text: hidden 16
 layers, hidden 16-32, patch 14) with a processor saved beside it that ``AutoProcessor.from_pretrained(<id>)`` loads:
 
 - the family's image processor (the PIL one, or torchvision's where the family has no other), sized so a 64x64 image
-  gives 4 image tokens (Qwen: resized to 56x56 = 4x4 patches of 14, merged 2x2; Gemma 3 / LLaVA: 28-56 px inputs);
+  gives 4 image tokens (Qwen: resized to 56x56 = 4x4 patches of 14, merged 2x2; Gemma 3 / LLaVA: 28-56 px inputs),
+  or as few as the family allows (Gemma 4: 64, see _GEMMA4_IMAGES);
 - trl_suite's stand-in tokenizer plus the family's image special tokens (appended after the stand-in vocabulary, so
   the config's ``image_token_id`` etc. are read off the tokenizer, never hard-coded);
 - a chat template written here that renders ``{"type": "image"}`` blocks the way the family's own template does (the
@@ -104,6 +105,20 @@ GEMMA_TEMPLATE = (
     "{%- else -%}{{ render(message.content, '<start_of_image>') + '<end_of_turn>\\n' }}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+# Gemma 4: a system turn of its own, "<|turn>role\n...<turn|>\n", the assistant is "model"; each image is
+# <|image|>, which the processor expands into <|image>, the image's soft tokens, <image|>.
+GEMMA4_TEMPLATE = (
+    _CONTENT +
+    "{%- for message in messages -%}"
+    "{%- set role = 'model' if message.role == 'assistant' else message.role -%}"
+    "{{ '<|turn>' + role + '\\n' }}"
+    "{%- if role == 'model' -%}{%- generation -%}{{ render(message.content, '<|image|>') }}"
+    "{{ '<turn|>' }}{%- endgeneration -%}{{ '\\n' }}"
+    "{%- else -%}{{ render(message.content, '<|image|>') + '<turn|>\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|turn>model\\n' }}{%- endif -%}"
 )
 
 # LLaVA 1.5 (llava-hf): "USER: <image>\n... ASSISTANT: ...</s>", images first in a turn, then its text.
@@ -272,6 +287,43 @@ def _gemma3(tokenizer):
     return config, processor
 
 
+# <|video|> is listed though unused: Gemma4Processor adds it to the tokenizer on init, which would otherwise grow the
+# vocabulary past the model's embedding rows. The audio tokens: its validate_inputs raises without boa/eoa tokens,
+# audio or not (transformers 5.25).
+_GEMMA4_TOKENS = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                  "video_token": "<|video|>", "audio_token": "<|audio|>", "boa_token": "<|audio>",
+                  "eoa_token": "<audio|>", "start_of_turn": "<|turn>", "end_of_turn": "<turn|>"}
+# Gemma 4's image processor accepts max_soft_tokens in {70, 140, 280, 560, 1120} only and resizes every image up or
+# down to that budget: 70, the least, gives 64 soft tokens for a square image (an 8x8 grid; 56-66 for other aspect
+# ratios). Patch 4 and 2x2 pooling make that a 64x64 input (16x16 patches, padded to 70 * 4 = 280); pooling 1 is
+# not usable: transformers 5.25's pooler then keeps the padding patches and drops the real ones. Patch coordinates
+# stay below 70 * 2 = 140 at any aspect ratio (the position table's size).
+_GEMMA4_IMAGES = {"patch_size": 4, "pooling_kernel_size": 2, "max_soft_tokens": 70}
+
+
+def _gemma4(tokenizer):
+    image, boi, eoi, video, audio, boa, eoa = _ids(tokenizer, *(_GEMMA4_TOKENS[k] for k in (
+        "image_token", "boi_token", "eoi_token", "video_token", "audio_token", "boa_token", "eoa_token")))
+    # no per-layer embeddings (hidden_size_per_layer_input=0): the text model is Gemma 3's shape plus its own
+    # global-attention head_dim (8, as the sliding layers')
+    text = _text_fields(tokenizer, sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+                        global_head_dim=8, hidden_size_per_layer_input=0, vocab_size_per_layer_input=len(tokenizer))
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "head_dim": 8, "position_embedding_size": 140,
+              "patch_size": _GEMMA4_IMAGES["patch_size"], "pooling_kernel_size": _GEMMA4_IMAGES["pooling_kernel_size"]}
+    # No audio tower (audio_config=None); the processor still needs an audio feature extractor to be built.
+    config = transformers.Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
+                                       image_token_id=image, boi_token_id=boi, eoi_token_id=eoi,
+                                       video_token_id=video, audio_token_id=audio, boa_token_id=boa,
+                                       eoa_token_index=eoa)
+    processor = transformers.Gemma4Processor(
+        feature_extractor=transformers.Gemma4AudioFeatureExtractor(),
+        image_processor=transformers.Gemma4ImageProcessorPil(**_GEMMA4_IMAGES),
+        video_processor=transformers.Gemma4VideoProcessor(**_GEMMA4_IMAGES), tokenizer=tokenizer,
+        chat_template=GEMMA4_TEMPLATE, image_seq_length=64)
+    return config, processor
+
+
 _CLIP = {"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
          "patch_size": 14, "image_size": 28, "projection_dim": 16}
 
@@ -332,6 +384,7 @@ VISION_STANDINS: dict[str, VisionStandin] = {
     "tiny-Gemma3ForConditionalGeneration": VisionStandin(
         {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>",
          "start_of_turn": "<start_of_turn>", "end_of_turn": "<end_of_turn>"}, "<end_of_turn>", _gemma3),
+    "tiny-Gemma4ForConditionalGeneration": VisionStandin(_GEMMA4_TOKENS, "<turn|>", _gemma4),
     "tiny-LlavaForConditionalGeneration": VisionStandin({"image_token": "<image>", "eos": "</s>"}, "</s>", _llava),
     "tiny-LlavaNextForConditionalGeneration": VisionStandin({"image_token": "<image>", "eos": "</s>"}, "</s>",
                                                             _llava_next),
@@ -342,7 +395,7 @@ VISION_STANDINS: dict[str, VisionStandin] = {
 
 # Attribute names the tokenizer carries as its own special tokens (tokenizer.image_token, .image_token_id, ...).
 _TOKENIZER_ATTRIBUTES = {"image_token", "boi_token", "eoi_token", "video_token", "vision_start", "vision_end",
-                         "image_boundary_token", "end_of_utterance_token"}
+                         "image_boundary_token", "end_of_utterance_token", "audio_token", "boa_token", "eoa_token"}
 
 
 def vision_tokenizer(standin: VisionStandin, vocab_size: int, vocab: str | None):

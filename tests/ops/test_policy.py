@@ -239,6 +239,32 @@ def test_entropy_keep_matches_reference_quantile_bitwise():
     assert not compiled.high_entropy_keep(torch.rand(2, 3), torch.zeros(2, 3), 0.2).any()
 
 
+@pytest.mark.parametrize("backend", ("reference", *FAST_BACKENDS))
+def test_a_given_entropy_threshold_replaces_the_local_quantile(backend):
+    """``entropy_threshold`` (the quantile a trainer gathered over every process): the policy term keeps exactly the
+    masked-in tokens at or above it; the local quantile handed back as the threshold gives the default loss; with
+    ``top_entropy_quantile`` 1 it is refused."""
+    torch.manual_seed(3)
+    logps = (torch.randn(4, 9) * 0.3 - 2.0).requires_grad_()
+    old, adv = logps.detach() + torch.randn(4, 9) * 0.1, torch.randn(4)
+    mask = torch.rand(4, 9) > 0.2
+    entropy = torch.rand(4, 9) * 3
+    options = {"entropy_BT": entropy, "top_entropy_quantile": 0.4, "loss_type": "grpo"}
+    with fusedrl.use_kernels(policy_loss=backend):
+        default = ops.policy_loss(logps, old, adv, mask, **options)
+        local = torch.quantile(entropy[mask], 0.6)
+        handed_back = ops.policy_loss(logps, old, adv, mask, entropy_threshold=local, **options)
+        assert torch.equal(handed_back.loss, default.loss)
+        high = ops.policy_loss(logps, old, adv, mask, entropy_threshold=torch.tensor(2.5), **options)
+    kept = mask & (entropy >= 2.5)
+    expected = policy_loss_reference(logps, old, adv, mask & kept, loss_type="grpo")  # the kept tokens' term only
+    (grad_high,) = torch.autograd.grad(high.loss, logps)
+    (grad_expected,) = torch.autograd.grad(expected.loss, logps)
+    assert torch.equal(grad_high != 0, kept & (grad_expected != 0))
+    with pytest.raises(ValueError, match="entropy_threshold .* needs top_entropy_quantile < 1"):
+        ops.policy_loss(logps, old, adv, mask, entropy_BT=entropy, entropy_threshold=torch.tensor(1.0))
+
+
 @pytest.mark.parametrize("softcap", [None, 1.5], ids=["plain", "capped"])
 @pytest.mark.parametrize("backend", ("reference", *FAST_BACKENDS))
 def test_linear_policy_loss_matches_full_logits(backend, softcap):

@@ -6,7 +6,8 @@ line's launcher (tests/helpers/distributed.py: the launch costs more than the ru
 in turn, each built from the same flags as ``fusedrl <trainer>``). The single-process baselines run in this process
 with twice the per-process batch.
 
-Online trainers (GRPO, RLOO, PPO, online DPO; 3 steps each, a reward function and a reward model): sampling draws
+Online trainers (GRPO, RLOO, PPO, online DPO; 3 steps each, a reward function and a reward model; GRPO once more with
+``top_entropy_quantile=0.5``, whose quantile must span both processes as TRL's does): sampling draws
 each completion from its own seeded stream (``--rank_invariant_sampling True``), so both runs sample the same
 completions, and every logged metric must agree to fp32 precision: the loss and grad norm, rewards gathered across
 processes, advantages normalised over the global batch (GRPO/RLOO groups, PPO's whitening), token means over the
@@ -88,6 +89,9 @@ def _trdpo_argv(data: Path, per_process: int, output_dir: Path) -> list[str]:
 def _runs(data: Path, root: Path, per_process: int, *, resume: bool) -> list[dict]:
     """The online runs and TR-DPO run A, then (``resume``) run B from A's checkpoint-2 (module docstring)."""
     runs = [{"trainer": name, "argv": _online_argv(name, data, per_process, root / name)} for name in ONLINE]
+    # The top-entropy mask's quantile over both processes' tokens (TRL's), as one process takes it over its batch.
+    runs.append({"trainer": "grpo", "argv": [*_online_argv("grpo", data, per_process, root / "grpo-entropy"),
+                                             "--top_entropy_quantile", "0.5"]})
     runs.append({"trainer": "dpo", "argv": _trdpo_argv(data, per_process, root / "trdpo")})
     if resume:
         runs.append({"trainer": "dpo", "argv": _trdpo_argv(data, per_process, root / "trdpo-resumed"),
@@ -177,6 +181,14 @@ def test_online_trainer_matches_one_process(trainer, launched, single):
     config, root = launched
     _assert_logs_match(_steps(_result(root, trainer)), _steps(_result(single, trainer)), f"{config} {trainer}")
     assert _result(root, trainer)["reward_models"] == [REWARD_PLACEMENT[config]]
+
+
+def test_grpo_top_entropy_mask_is_taken_over_every_process(launched, single):
+    """Each process holds half the batch: with a per-process quantile the masks (and every metric after step 1's
+    loss) would differ from one process's; the gathered threshold (grpo_loss.py) makes them TRL's."""
+    config, root = launched
+    _assert_logs_match(_steps(_result(root, "grpo-entropy")), _steps(_result(single, "grpo-entropy")),
+                       f"{config} GRPO top_entropy_quantile=0.5")
 
 
 def test_trdpo_saves_and_resumes(launched, single):

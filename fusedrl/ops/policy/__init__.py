@@ -53,10 +53,12 @@ from fusedrl.ops.policy.fused_head import row_scale as _row_scale
 
 dispatch.register_op("policy_loss", "GRPO/PPO clipped policy loss (+ KL) on per-token log-probs")
 
-# Public for trainers: the objective each loss_type's per-token term uses (its metrics follow it), and TRL's
-# off-policy sequence mask (GRPOTrainer.get_off_policy_mask), which the ops apply themselves.
+# Public for trainers: the objective each loss_type's per-token term uses (its metrics follow it), TRL's off-policy
+# sequence mask (GRPOTrainer.get_off_policy_mask), which the ops apply themselves, and the top-entropy threshold over
+# gathered entropies (a trainer on several processes hands it back as entropy_threshold).
 LOSS_TYPE_OBJECTIVES = reference.OBJECTIVES
 off_policy_keep = reference.off_policy_keep
+entropy_quantile = reference.entropy_quantile
 
 
 class PolicyLoss(NamedTuple):
@@ -160,6 +162,7 @@ def policy_loss(
     num_items_in_batch: float | torch.Tensor | None = None,
     entropy_BT: torch.Tensor | None = None,
     top_entropy_quantile: float = 1.0,
+    entropy_threshold: torch.Tensor | float | None = None,
     entropy_coef: float | torch.Tensor = 0.0,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
@@ -181,7 +184,8 @@ def policy_loss(
     (GSPO); ``kl_estimator``: "k1"/"k2"/"k3" (TRL: k3); ``max_completion_length``: required for ``dr_grpo``;
     ``num_items_in_batch``: the normaliser of ``dapo``, ``cispo`` and ``vespo`` (the generation batch's token count
     per process and accumulation window; default: this call's tokens); ``entropy_BT`` + ``top_entropy_quantile``
-    < 1: keep the policy term of the top-entropy tokens only; ``entropy_coef`` (float or 0-d tensor): subtract
+    < 1: keep the policy term of the top-entropy tokens only (``entropy_threshold``: the quantile computed by the
+    caller over every process's tokens, as TRL does, instead of over this call's: ``reference.entropy_quantile``); ``entropy_coef`` (float or 0-d tensor): subtract
     ``entropy_coef`` times the mean of ``entropy_BT`` over the tokens the policy term acts on (gradient into
     ``entropy_BT``; needs it); ``sapo_temperature_*`` and ``vespo_*``: TRL's parameters of those loss types;
     ``off_policy_mask_threshold``: drop the policy term of each negative-advantage sequence whose mean
@@ -196,6 +200,7 @@ def policy_loss(
         entropy_coef=entropy_coef, sapo_temperature_pos=sapo_temperature_pos,
         sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
         vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg, off_policy_mask_threshold=off_policy_mask_threshold,
+        entropy_threshold=entropy_threshold,
     )
     type_params = {"sapo_temperature_pos": sapo_temperature_pos, "sapo_temperature_neg": sapo_temperature_neg,
                    "vespo_k_pos": vespo_k_pos, "vespo_lambda_pos": vespo_lambda_pos, "vespo_k_neg": vespo_k_neg,
@@ -207,8 +212,8 @@ def policy_loss(
             epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
             importance_sampling_level=importance_sampling_level, kl_estimator=kl_estimator, loss_type=loss_type,
             max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
-            entropy_BT=entropy_BT, top_entropy_quantile=top_entropy_quantile, entropy_coef=entropy_coef,
-            off_policy_mask_threshold=off_policy_mask_threshold, **type_params,
+            entropy_BT=entropy_BT, top_entropy_quantile=top_entropy_quantile, entropy_threshold=entropy_threshold,
+            entropy_coef=entropy_coef, off_policy_mask_threshold=off_policy_mask_threshold, **type_params,
         )
         return PolicyLoss(out.loss, out.kl, out.clip_ratio_low, out.clip_ratio_high, out.clip_ratio_region,
                           out.entropy, out.phi_mean, out.bonus_entropy_sum, out.bonus_tokens)
@@ -219,7 +224,8 @@ def policy_loss(
     params = compiled.objective_params(objective, epsilon_high=epsilon_high, **type_params)
     entropy_keep = None
     if entropy_BT is not None and top_entropy_quantile < 1.0:
-        entropy_keep = compiled.high_entropy_keep(entropy_BT.detach().float(), mask, top_entropy_quantile)
+        entropy_keep = compiled.high_entropy_keep(entropy_BT.detach().float(), mask, top_entropy_quantile,
+                                                  entropy_threshold)
     old = logps.detach() if old_logps_BT is None else old_logps_BT.detach().float()
     ref = None if ref_logps_BT is None else ref_logps_BT.detach().float()
     adv = advantages.detach().float().contiguous()

@@ -92,7 +92,7 @@ def check_policy_request(logps_BT, old_logps_BT, advantages, mask_BT, *, ref_log
                          max_completion_length, num_items_in_batch, entropy_BT, top_entropy_quantile,
                          entropy_coef=0.0, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
                          vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0,
-                         off_policy_mask_threshold=None) -> None:
+                         off_policy_mask_threshold=None, entropy_threshold=None) -> None:
     _check_logps(logps_BT, old_logps_BT)
     _check_like("mask_BT", mask_BT, logps_BT, floating=False)
     checks.check_float("advantages", advantages)
@@ -115,6 +115,9 @@ def check_policy_request(logps_BT, old_logps_BT, advantages, mask_BT, *, ref_log
     _check_number("top_entropy_quantile", top_entropy_quantile, low=0.0)
     if top_entropy_quantile > 1.0:
         raise ValueError(f"top_entropy_quantile must lie in [0, 1] (1 keeps every token), got {top_entropy_quantile}")
+    if entropy_threshold is not None and top_entropy_quantile >= 1.0:
+        raise ValueError("entropy_threshold replaces the top_entropy_quantile mask's own quantile: it needs "
+                         "top_entropy_quantile < 1")
     if top_entropy_quantile < 1.0 and entropy_BT is None:
         raise ValueError("top_entropy_quantile < 1 masks by entropy: pass entropy_BT (linear_policy_loss computes it)")
     check_entropy_coef(entropy_coef)

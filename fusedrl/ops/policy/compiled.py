@@ -237,11 +237,15 @@ _ROW_VARIANTS = {(False, "clip"): _token_clip, (False, "cispo"): _token_cispo, (
                  (True, "sapo"): _sequence_sapo, (True, "vespo"): _sequence_vespo}
 
 
-def high_entropy_keep(entropy_BT: torch.Tensor, mask_BT: torch.Tensor, top_entropy_quantile: float) -> torch.Tensor:
+def high_entropy_keep(entropy_BT: torch.Tensor, mask_BT: torch.Tensor, top_entropy_quantile: float,
+                      threshold: torch.Tensor | float | None = None) -> torch.Tensor:
     """``reference.high_entropy_mask`` as fp32 ``[B, T]`` without data-dependent shapes (so ``torch.compile`` keeps
     one graph): masked-out entropies sort to the end as +inf, and ``torch.quantile``'s linear interpolation is
-    redone on the first ``n`` sorted values with the same ``lerp``, so the threshold is bitwise the reference's."""
+    redone on the first ``n`` sorted values with the same ``lerp``, so the threshold is bitwise the reference's. A
+    ``threshold`` the caller computed (every process's quantile) replaces the local one."""
     on = mask_BT > 0
+    if threshold is not None:
+        return ((entropy_BT * on >= threshold) & on).float()
     sorted_N = torch.sort(torch.where(on, entropy_BT, float("inf")).flatten()).values
     count = on.sum()
     # torch.quantile forms the rank in the input dtype: q (as fp32) times (n - 1).

@@ -120,15 +120,27 @@ def kl_penalty_reference(logps: torch.Tensor, ref_logps: torch.Tensor, estimator
     raise ValueError(f"kl estimator must be one of {', '.join(KL_ESTIMATORS)}, got {estimator!r}")
 
 
-def high_entropy_mask(entropy_BT: torch.Tensor, mask_BT: torch.Tensor, top_entropy_quantile: float) -> torch.Tensor:
-    """TRL's ``get_high_entropy_mask`` on one process: bool ``[B, T]``, True where a masked-in token's entropy is at
-    or above the ``1 - top_entropy_quantile`` quantile of the masked-in entropies (all False if none)."""
+def high_entropy_mask(entropy_BT: torch.Tensor, mask_BT: torch.Tensor, top_entropy_quantile: float,
+                      threshold: torch.Tensor | float | None = None) -> torch.Tensor:
+    """TRL's ``get_high_entropy_mask``: bool ``[B, T]``, True where a masked-in token's entropy is at or above the
+    ``1 - top_entropy_quantile`` quantile of the masked-in entropies (all False if none), or at or above
+    ``threshold`` when the caller computed the quantile itself (over every process's tokens, as TRL gathers them:
+    :func:`entropy_quantile`)."""
     mask_BT = mask_BT.bool()
-    local = entropy_BT[mask_BT].float()
-    if local.numel() == 0:
-        return torch.zeros_like(mask_BT)
-    threshold = torch.quantile(local, 1.0 - top_entropy_quantile)
+    if threshold is None:
+        local = entropy_BT[mask_BT].float()
+        if local.numel() == 0:
+            return torch.zeros_like(mask_BT)
+        threshold = torch.quantile(local, 1.0 - top_entropy_quantile)
     return (entropy_BT.float() * mask_BT >= threshold) & mask_BT
+
+
+def entropy_quantile(entropies_N: torch.Tensor, top_entropy_quantile: float) -> torch.Tensor | None:
+    """The entropy threshold of the ``top_entropy_quantile`` mask over a flat tensor of masked-in entropies (those of
+    every process, gathered), or None when there are none."""
+    if entropies_N.numel() == 0:
+        return None
+    return torch.quantile(entropies_N.float(), 1.0 - top_entropy_quantile)
 
 
 def off_policy_keep(advantages: torch.Tensor, logps_BT: torch.Tensor, sampling_logps_BT: torch.Tensor,
@@ -230,6 +242,7 @@ def policy_loss_reference(
     num_items_in_batch=None,
     entropy_BT: torch.Tensor | None = None,
     top_entropy_quantile: float = 1.0,
+    entropy_threshold: torch.Tensor | float | None = None,
     entropy_coef: float | torch.Tensor = 0.0,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
@@ -277,7 +290,7 @@ def policy_loss_reference(
         per_token_loss = per_token_loss * off_policy_keep(adv, logps, old, mask, off_policy_mask_threshold)
     keep = None
     if entropy_BT is not None and top_entropy_quantile < 1.0:
-        keep = high_entropy_mask(entropy_BT, mask_BT, top_entropy_quantile)
+        keep = high_entropy_mask(entropy_BT, mask_BT, top_entropy_quantile, entropy_threshold)
         per_token_loss = per_token_loss * keep
     kl = None
     if ref_logps_BT is not None:

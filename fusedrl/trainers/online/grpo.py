@@ -101,12 +101,12 @@ from fusedrl.trainers.rewards import (
 
 
 def _grpo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_logps_BC, advantages_B, ref_logps_BC,
-                 normaliser, entropy_coef, args: GRPOConfig, softcap: float | None = None):
+                 normaliser, entropy_coef, args: GRPOConfig, softcap: float | None = None, entropy_threshold=None):
     """The loss region (compiled whole with ``compile=True``): completion hidden states -> fused head -> TRL's
     GRPO loss (``linear_policy_loss(fused=True)``: loss, gradient, entropy and clip counts from one pass over each
     logits tile, 3 head passes), with TRL's ratio-weighted KL when ``use_bias_correction_kl`` and the entropy bonus
     (``entropy_coef``: 0.0 or a 0-d tensor, ``grpo_loss.py``). The top-entropy mask (a quantile over the batch)
-    takes the unfused path."""
+    takes the unfused path (``entropy_threshold``: its quantile over every process, ``grpo_loss.py``)."""
     return linear_policy_loss(
         hidden_BCH, weight_VH, completion_ids_BC, mask_BC, old_logps_BC, advantages_B, bias=bias_V,
         temperature=args.temperature, ref_logps_BT=ref_logps_BC, beta=args.beta,
@@ -115,6 +115,7 @@ def _grpo_region(hidden_BCH, weight_VH, bias_V, completion_ids_BC, mask_BC, old_
         importance_sampling_level=args.importance_sampling_level, loss_type=args.loss_type,
         max_completion_length=args.max_completion_length, num_items_in_batch=normaliser,
         top_entropy_quantile=args.top_entropy_quantile, entropy_coef=entropy_coef, **loss_type_options(args),
+        **({} if entropy_threshold is None else {"entropy_threshold": entropy_threshold}),
         off_policy_mask_threshold=args.off_policy_mask_threshold, fused=True, softcap=softcap,
     )
 
@@ -441,11 +442,14 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
         entropy_coef = self._entropy_coef_for_loss(mode, accumulation, self.accelerator.device)
         hidden_BCH, aux_loss = self._completion_hidden(model, inputs, router_logits=self.aux_loss_enabled)
         weight_VH, bias_V = self._lm_head(model)
+        softcap = self.head_softcap(model)
+        hidden_BCH = hidden_BCH.to(weight_VH.dtype)
+        entropy_threshold = self._global_entropy_threshold(hidden_BCH, weight_VH, bias_V, inputs, softcap)
         with self.head_region(hidden_BCH.device):
             out = self.loss_region(_grpo_region)(
-                hidden_BCH.to(weight_VH.dtype), weight_VH, bias_V, inputs["completion_ids"], loss_mask(inputs),
+                hidden_BCH, weight_VH, bias_V, inputs["completion_ids"], loss_mask(inputs),
                 inputs.get("old_per_token_logps"), inputs["advantages"], inputs.get("ref_per_token_logps"),
-                normaliser, entropy_coef, args, softcap=self.head_softcap(model))
+                normaliser, entropy_coef, args, softcap=softcap, entropy_threshold=entropy_threshold)
         loss = out.loss if args.loss_type in TOKEN_NORMALISED_LOSS_TYPES else out.loss / accumulation
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation

@@ -17,6 +17,12 @@ coefficient moves by ``entropy_coef_delta`` towards more bonus when that entropy
 otherwise), clamped to ``[entropy_coef_min, entropy_coef_max]``, and the window restarts. Evaluation never moves it.
 The controller's state travels in fusedrl's checkpoint state (``fusedrl_state``), so a resumed run continues it.
 
+Top-entropy masking (``top_entropy_quantile < 1``): TRL takes the quantile over the masked-in entropies of every
+process (``get_high_entropy_mask`` gathers them). On one process that is the op's own quantile over the micro-batch;
+on several, :meth:`GRPOLossTerms._global_entropy_threshold` runs a no-grad entropy pass of the head (one head pass
+more per micro-batch), gathers the entropies and hands the op the threshold (``entropy_threshold``), so the mask is
+TRL's whatever the process count (tests/runtime/test_distributed_online.py: 2 processes log what 1 does).
+
 Off-policy sequence masking (``off_policy_mask_threshold``) happens inside the op (``fusedrl.ops.policy.off_policy_keep``);
 TRL logs nothing for it. :meth:`GRPOLossTerms.get_off_policy_mask` is TRL's static method of the same math.
 
@@ -33,7 +39,8 @@ import math
 
 import torch
 
-from fusedrl.ops.policy import LOSS_TYPE_OBJECTIVES, off_policy_keep
+from fusedrl.ops.logprobs import linear_token_logprobs
+from fusedrl.ops.policy import LOSS_TYPE_OBJECTIVES, entropy_quantile, off_policy_keep
 
 TOKEN_NORMALISED_LOSS_TYPES = ("dapo", "cispo", "vespo")
 _LOSS_TYPE_FIELDS = ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos",
@@ -57,6 +64,24 @@ class GRPOLossTerms:
     """Mixed in before ``FusedTrainer`` by GRPOTrainer (and inherited by RLOOTrainer, whose config has no entropy
     bonus: TRL's RLOO has none). Attribute names are TRL's: ``entropy_coef``, ``use_adaptive_entropy``,
     ``_entropy_bonus_enabled``, ``_last_world_entropy``, ``_entropy_window_stats``."""
+
+    def _global_entropy_threshold(self, hidden_BCH, weight_VH, bias_V, inputs: dict, softcap: float | None):
+        """The top-entropy mask's threshold over every process's masked-in entropies (TRL's quantile), or None on one
+        process or without the mask (the op's own quantile over the micro-batch is then TRL's)."""
+        args = self.args
+        if getattr(args, "top_entropy_quantile", 1.0) >= 1.0 or self.accelerator.num_processes == 1:
+            return None
+        mask_BC = loss_mask(inputs).bool()
+        labels_BC = inputs["completion_ids"].masked_fill(~mask_BC, -100)
+        with torch.no_grad(), self.head_region(hidden_BCH.device):
+            entropy_BC = linear_token_logprobs(hidden_BCH.detach(), weight_VH.detach(), labels_BC,
+                                               bias=None if bias_V is None else bias_V.detach(),
+                                               temperature=args.temperature, with_entropy=True,
+                                               softcap=softcap).entropy
+        # Entropies are >= 0, so a negative pad marks the rows of processes with fewer tokens (TRL's sentinel).
+        local = entropy_BC[mask_BC].float()
+        gathered = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=0, pad_index=-1.0))
+        return entropy_quantile(gathered[gathered >= 0], args.top_entropy_quantile)
 
     @staticmethod
     def get_off_policy_mask(advantages: torch.Tensor, per_token_logps: torch.Tensor,
