@@ -178,11 +178,15 @@ def check_vision_prompts(prompts: Sequence[Any], images: list | None) -> None:
 def check_vision_trainer(args, *, agents: bool = False) -> None:
     """What fusedrl's sampling trainers do not take with a vision-language model, refused with the fix: tool and
     environment rollouts (their later turns are text-only continuations) and adapters trained jointly (their union
-    forward carries no image fields)."""
+    forward carries no image fields); shared-prefix forwards are switched off instead (``FusedTrainer.prefix_sharing``).
+    Sets TRL's ``ddp_find_unused_parameters=True`` default for a VLM: a batch without images leaves the vision tower
+    without gradients, which DDP would otherwise wait for (reentrant checkpointing excepted: it fails with it)."""
     if agents:
         raise ValueError("tools, environment_factory and rollout_func are not supported with a vision-language model "
                          "by fusedrl (tool turns are sampled as text-only continuations); train the VLM without them, "
                          "or pass a text model's tokenizer")
+    if args.ddp_find_unused_parameters is None and not (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+        args.ddp_find_unused_parameters = True
     if isinstance(getattr(args, "model_adapter_name", None), (list, tuple)):
         raise ValueError(  # noqa: TRY004 - a config value, not a wrong argument type
             "model_adapter_name lists several adapters (joint training), which fusedrl does not support with a "

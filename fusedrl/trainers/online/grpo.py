@@ -60,6 +60,7 @@ from fusedrl.trainers.online.agents import (
     row_extra_columns,
 )
 from fusedrl.trainers.online.common import RewardAttributes
+from fusedrl.trainers.online.engine_config import continuous_batching_config, refuse_unsupported_engine
 from fusedrl.trainers.online.grpo_config import GRPOConfig
 from fusedrl.trainers.online.grpo_loss import (
     TOKEN_NORMALISED_LOSS_TYPES,
@@ -176,6 +177,8 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
             cast_lm_head_to_fp32(model)
         self._tokenizer = tokenizer_of(processing_class)
         self._is_vlm = is_vision_processor(processing_class)  # TRL's name
+        refuse_unsupported_engine(args, type(self).__name__, vision=self._is_vlm)
+        self.continuous_batching_config = continuous_batching_config(args)  # TRL's attribute; None when off
         if self._is_vlm:
             check_vision_trainer(args, agents=bool(tools or environment_factory or rollout_func))
         self.agents = self.environments = None
@@ -371,6 +374,7 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
                 accelerator=self.accelerator, generation_config=self.generation_config,
                 row_seeds=trainer_row_seeds(self, len(prompts)), share_prompt_prefill=self.prefix_sharing.enabled,
                 prompt_tools=prompt_tools, processor=self.processing_class, images=images,
+                continuous_batching_config=self.continuous_batching_config,
             )
 
         agent_round = None if self.agents is None else self.agents.run(
@@ -470,4 +474,5 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
                 logs[f"eval_{key}" if mode == "eval" else key] = None
         super().log(logs, start_time)
         if self.args.log_completions and self.accelerator.is_main_process and self._logs["prompt"]:
-            print_completions(self._logs, self.state.global_step, self.args.num_completions_to_print)
+            print_completions(self._logs, self.state.global_step, self.args.num_completions_to_print,
+                              self.args.log_unique_prompts)

@@ -9,8 +9,8 @@ Implemented as TRL 1.16 (``GRPOConfig`` only; TRL's RLOOConfig has neither): ``o
 ``fusedrl/ops/policy/reference.py``) and ``cast_lm_head_to_fp32`` (the fused head and the model's own lm_head run on
 fp32 weights and hidden states under bf16 mixed precision: ``grpo_setup.py``) and ``max_tool_calling_iterations``
 (the trainer's ``tools`` / ``environment_factory``: ``agents/``).
-Not implemented (fields absent, so a config naming them fails loudly): vLLM (so no vLLM importance-sampling
-correction) and continuous batching.
+Generation engines (``engine_config.py``): transformers' continuous batching as TRL's; the vLLM fields exist with
+TRL's names and defaults, but the trainers refuse ``use_vllm=True`` (so no vLLM importance-sampling correction).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 from fusedrl.trainers.config import FusedConfig, resolve_pad_to_multiple_of
+from fusedrl.trainers.online.engine_config import GenerationEngineFields, check_generation_engine
 from fusedrl.trainers.online.rollout import PROMPT_TRUNCATION_MODES
 from fusedrl.trainers.rewards.scoring import ON_ERROR
 
@@ -32,7 +33,7 @@ logger = logging.getLogger("fusedrl")
 
 
 @dataclass
-class OnlineConfig(FusedConfig):
+class OnlineConfig(GenerationEngineFields, FusedConfig):
     """Fields shared by the sampling trainers (GRPO, RLOO): generation, batching, rewards, reference syncing.
 
     Batching is TRL's: ``per_device_train_batch_size`` counts completions; one generation round covers
@@ -149,6 +150,7 @@ class OnlineConfig(FusedConfig):
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if isinstance(self.reward_funcs, str):
             self.reward_funcs = [self.reward_funcs]
+        check_generation_engine(self)
         self._set_generation_batch()
 
     def _set_generation_batch(self) -> None:
@@ -196,6 +198,15 @@ class GRPOConfig(OnlineConfig):
     cast_lm_head_to_fp32: bool = field(
         default=False, metadata={"help": "Run the LM head of the policy and reference in float32 (weights and hidden "
                                          "states, generation included), as the ScaleRL recipe recommends."}
+    )
+    # TRL's vLLM importance-sampling and Hub fields (engine_config.py: use_vllm=True is refused, these follow it).
+    vllm_importance_sampling_correction: bool = field(default=True, metadata={"help": "vLLM only (refused)."})
+    vllm_importance_sampling_mode: str = field(default="sequence_mask", metadata={"help": "vLLM only (refused)."})
+    vllm_importance_sampling_clip_min: float | None = field(default=None, metadata={"help": "vLLM only (refused)."})
+    vllm_importance_sampling_clip_max: float | None = field(default=3.0, metadata={"help": "vLLM only (refused)."})
+    vllm_importance_sampling_cap: float | None = field(default=None, metadata={"help": "Deprecated (vLLM only)."})
+    log_completions_hub_repo: str | None = field(
+        default=None, metadata={"help": "Hub repository for the completions table (refused: fusedrl does not push)."}
     )
     max_tool_calling_iterations: int | None = field(
         default=None, metadata={"help": "Most tool-calling turns per rollout (tools / environment_factory); None: "

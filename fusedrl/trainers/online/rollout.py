@@ -297,6 +297,24 @@ def _sample(model, prompt_ids, prompt_mask, generation_config, accelerator, *, r
     return prompt_ids, prompt_mask, output[:, prompt_ids.shape[1]:]
 
 
+def _sample_continuous(model, prompt_ids_list: Sequence[Sequence[int]], generation_config, accelerator,
+                       continuous_batching_config, pad_token_id: int) -> torch.Tensor:
+    """Raw completion ids ``[B, C]`` (right-padded with the pad id) from transformers' continuous-batching engine
+    (``model.generate_batch``: paged KV cache, no padding of the prompts), TRL's
+    ``use_transformers_continuous_batching`` path. Samples from the global torch RNG."""
+    with unwrapped_for_generation(model, accelerator) as generator, eager_generation():
+        outputs = generator.generate_batch([list(ids) for ids in prompt_ids_list], generation_config=generation_config,
+                                           continuous_batching_config=continuous_batching_config, progress_bar=False)
+        device = next(generator.parameters()).device
+    # Request ids are "req_<input index>"; the dict is in finishing order, so rows are put back in input order.
+    order = sorted(outputs, key=lambda key: int(key.rsplit("_", 1)[-1]) if key.rsplit("_", 1)[-1].isdigit() else 0)
+    completions = [list(outputs[key].generated_tokens) or [pad_token_id] for key in order]
+    if len(completions) != len(prompt_ids_list):
+        raise RuntimeError(f"generate_batch returned {len(completions)} completions for {len(prompt_ids_list)} prompts")
+    completion_ids, _ = pad_sequences(completions, pad_token_id, side="right")
+    return completion_ids.to(device)
+
+
 @torch.no_grad()
 def sample_continuations(model: torch.nn.Module, tokenizer, sequences: Sequence[Sequence[int]], *,
                          generation_config: GenerationConfig, eos_token_ids: Sequence[int], accelerator=None
@@ -336,6 +354,7 @@ def generate_completions(
     prompt_tools: Sequence[list | None] | None = None,
     processor=None,
     images: Sequence[list | None] | None = None,
+    continuous_batching_config=None,
 ) -> Rollout:
     """Sample ``num_generations`` completions of each prompt with ``model.generate`` (KV cache on).
 
@@ -352,6 +371,8 @@ def generate_completions(
     ``prompt_tools``: the tools rendered into each row's prompt (rows = prompts x num_generations; agents/).
     ``processor``: a vision-language model's processor (``data/vision.py``), which then encodes conversational
     prompts with ``images`` (each prompt's list of images, or None) in them; ``Rollout.vision`` holds the rows' fields.
+    ``continuous_batching_config`` (a ``transformers.generation.ContinuousBatchingConfig``): sample with
+    ``model.generate_batch`` instead of ``generate`` (text prompts; no ``row_seeds``, no sharded model).
     """
     if num_generations < 1:
         raise ValueError(f"num_generations must be >= 1, got {num_generations}")
@@ -389,9 +410,18 @@ def generate_completions(
         )
     prompt_ids, prompt_mask = pad_sequences(prompt_ids_list, tokenizer.pad_token_id, side="left",
                                             pad_to_multiple_of=pad_to_multiple_of)
-    prompt_ids, prompt_mask, completion_ids = _sample(model, prompt_ids, prompt_mask, generation_config, accelerator,
-                                                      row_seeds=row_seeds, share_prompt_prefill=share_prompt_prefill,
-                                                      vision=vision)
+    if continuous_batching_config is not None:
+        if vision is not None or row_seeds is not None:
+            raise ValueError("continuous batching (use_transformers_continuous_batching) samples text prompts from "
+                             "the global RNG: it takes neither images nor per-row seeds (rank_invariant_sampling); "
+                             "turn one of them off")
+        completion_ids = _sample_continuous(model, prompt_ids_list, generation_config, accelerator,
+                                            continuous_batching_config, tokenizer.pad_token_id)
+        prompt_ids, prompt_mask = prompt_ids.to(completion_ids.device), prompt_mask.to(completion_ids.device)
+    else:
+        prompt_ids, prompt_mask, completion_ids = _sample(model, prompt_ids, prompt_mask, generation_config,
+                                                          accelerator, row_seeds=row_seeds,
+                                                          share_prompt_prefill=share_prompt_prefill, vision=vision)
     device = prompt_ids.device
     completion_mask = completion_mask_after_eos(completion_ids, eos_token_ids)
     lengths = completion_mask.sum(1)

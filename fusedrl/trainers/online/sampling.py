@@ -189,24 +189,32 @@ def _cell(value) -> str:
     return str(value)
 
 
-def completion_table(logs: dict, num_samples: int | None = None) -> tuple[list[str], list[list[str]]]:
+def completion_table(logs: dict, num_samples: int | None = None, unique_prompts: bool = False
+                     ) -> tuple[list[str], list[list[str]]]:
     """``(header, rows)`` of the completions table from TRL's ``_logs`` (``grpo_scoring.completion_logs``): prompt,
     completion, one column per reward function, advantage, then the ``log_extra`` columns (TRL's order); the first
-    ``num_samples`` rows (all when None)."""
+    ``num_samples`` rows (all when None); ``unique_prompts`` (TRL's ``log_unique_prompts``): only the first row of
+    each prompt (compared by its text, as prompts may be chat message lists)."""
     columns = {"prompt": logs["prompt"], "completion": logs["completion"], **logs["rewards"],
                "advantage": logs["advantages"], **logs["extra"]}
-    num_rows = len(logs["prompt"]) if num_samples is None else min(num_samples, len(logs["prompt"]))
-    rows = [[_cell(values[i]) if i < len(values) else "" for values in columns.values()] for i in range(num_rows)]
+    indices = range(len(logs["prompt"]))
+    if unique_prompts:
+        first = {}
+        for i in indices:
+            first.setdefault(str(logs["prompt"][i]), i)
+        indices = sorted(first.values())
+    indices = list(indices)[:num_samples]
+    rows = [[_cell(values[i]) if i < len(values) else "" for values in columns.values()] for i in indices]
     return list(columns), rows
 
 
-def print_completions(logs: dict, step: int, num_samples: int | None = None) -> None:
+def print_completions(logs: dict, step: int, num_samples: int | None = None, unique_prompts: bool = False) -> None:
     """A rich table of :func:`completion_table` (``log_completions=True``)."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    header, rows = completion_table(logs, num_samples)
+    header, rows = completion_table(logs, num_samples, unique_prompts)
     table = Table(title=f"completions at step {step}", show_lines=True)
     for column in header:
         table.add_column(column)

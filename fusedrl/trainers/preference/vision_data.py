@@ -294,8 +294,6 @@ def check_vision_config(args, *, trainer: str, is_vlm: bool, compute_metrics) ->
                          "logits it is given are built from the ids alone, without the image fields; evaluate "
                          "without compute_metrics (the logged eval metrics are complete)")
     check_vision_trainer(args)
-    if args.ddp_find_unused_parameters is None and not (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
-        args.ddp_find_unused_parameters = True
 
 
 def image_dtype(model) -> torch.dtype | None:
