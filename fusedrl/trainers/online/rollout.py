@@ -317,12 +317,18 @@ def _sample_continuous(model, prompt_ids_list: Sequence[Sequence[int]], generati
 
 @torch.no_grad()
 def sample_continuations(model: torch.nn.Module, tokenizer, sequences: Sequence[Sequence[int]], *,
-                         generation_config: GenerationConfig, eos_token_ids: Sequence[int], accelerator=None
-                         ) -> list[list[int]]:
+                         generation_config: GenerationConfig, eos_token_ids: Sequence[int], accelerator=None,
+                         vision: Sequence | None = None) -> list[list[int]]:
     """One sampled continuation of each token sequence (a conversation so far: prompt, completion, tool results),
-    cut after its first EOS; the multi-turn tool loop's later turns. Uses the global torch RNG."""
+    cut after its first EOS; the multi-turn tool loop's later turns. Uses the global torch RNG. ``vision``: each
+    sequence's prompt image fields (``Rollout.vision``), its per-token fields extended with zeros over the tokens
+    after the prompt."""
     prompt_ids, prompt_mask = pad_sequences(sequences, tokenizer.pad_token_id, side="left")
-    _, _, completion_ids = _sample(model, prompt_ids, prompt_mask, generation_config, accelerator)
+    if vision is not None:
+        vision = [None if row is None else {"images": row["images"], "tokens": {
+            key: torch.nn.functional.pad(value, (0, len(sequence) - len(value))) for key, value in row["tokens"].items()}}
+            for row, sequence in zip(vision, sequences, strict=True)]
+    _, _, completion_ids = _sample(model, prompt_ids, prompt_mask, generation_config, accelerator, vision=vision)
     mask = completion_mask_after_eos(completion_ids, eos_token_ids).bool().cpu()
     return [row[keep].tolist() for row, keep in zip(completion_ids.cpu(), mask, strict=True)]
 
@@ -457,10 +463,13 @@ def generate_completions(
 def rollout_from_ids(tokenizer, prompts: Sequence, prompt_ids_list: Sequence[Sequence[int]],
                      completion_ids_list: Sequence[Sequence[int]], completions: list, *,
                      eos_token_ids: Sequence[int], pad_to_multiple_of: int | None = None, device=None,
-                     chat_template_kwargs: dict | None = None) -> Rollout:
+                     chat_template_kwargs: dict | None = None, vision: list | None = None,
+                     processor=None) -> Rollout:
     """A :class:`Rollout` from per-row token lists that did not come out of one ``generate`` call (a multi-turn tool
     conversation, a user's ``rollout_func``): every listed completion token is masked in, and a row is truncated
-    when its last token is neither an EOS nor the pad id (TRL's rule; an empty completion counts as truncated)."""
+    when its last token is neither an EOS nor the pad id (TRL's rule; an empty completion counts as truncated).
+    ``vision`` / ``processor``: a vision-language round's per-row prompt image fields and the processor that renders
+    its prompts."""
     if len(prompt_ids_list) != len(completion_ids_list):
         raise ValueError(f"{len(prompt_ids_list)} prompt_ids rows but {len(completion_ids_list)} completion_ids rows")
     prompt_ids, prompt_mask = pad_sequences(prompt_ids_list, tokenizer.pad_token_id, side="left",
@@ -473,12 +482,12 @@ def rollout_from_ids(tokenizer, prompts: Sequence, prompt_ids_list: Sequence[Seq
             completion_mask[row] = 0
     ends = {*eos_token_ids, tokenizer.pad_token_id}
     is_truncated = torch.tensor([not ids or ids[-1] not in ends for ids in completion_ids_list])
-    prompts_text = render_prompts(tokenizer, prompts, chat_template_kwargs)
+    prompts_text = render_prompts(processor if vision is not None else tokenizer, prompts, chat_template_kwargs)
     completions_text = [c if isinstance(c, str) else "".join(str(m.get("content") or "") for m in c)
                         for c in completions]
     return Rollout(
         prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device), completion_ids=completion_ids.to(device),
         completion_mask=completion_mask.to(device), is_truncated=is_truncated.to(device), prompts=list(prompts),
         prompts_text=prompts_text, completions=completions, completions_text=completions_text,
-        completion_ids_list=[list(ids) for ids in completion_ids_list],
+        completion_ids_list=[list(ids) for ids in completion_ids_list], vision=vision,
     )

@@ -35,7 +35,7 @@ from fusedrl.trainers.online.agents.parsing import (
     parse_completion,
     tool_suffix_ids,
 )
-from fusedrl.trainers.online.agents.tools import run_tool_calls, tools_by_name
+from fusedrl.trainers.online.agents.tools import check_text_results, run_tool_calls, tools_by_name
 from fusedrl.trainers.online.rollout import (
     Rollout,
     is_conversational_prompt,
@@ -130,8 +130,11 @@ class AgentRollouts:
             extra_columns = {k: v for k, v in output.items() if k not in _ROLLOUT_FUNC_KEYS}
             tool_mask = extra_columns.pop("env_mask", None)
             rollout = None
-        else:
+        vision = None
+        if self.rollout_func is None:
             rollout = sample_first_turn(prompts, [tools or None for tools in row_tools])
+            vision = rollout.vision  # a vision-language model's prompt image fields, kept through every turn
+            prompts = rollout.prompts if vision is not None else prompts  # the images sit in the messages
             prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.prompt_ids.cpu(),
                                                                          rollout.prompt_mask.cpu(), strict=True)]
             completion_ids = rollout.completion_ids_list
@@ -154,13 +157,15 @@ class AgentRollouts:
             tool_mask, calls, failures = self._tool_turns(
                 trainer, prompts, prompt_ids, completion_ids, completions, row_tools,
                 max_completion_length=max_completion_length, max_model_length=max_model_length,
-                generation_config=generation_config, eos_token_ids=eos_token_ids, async_loop=async_loop)
+                generation_config=generation_config, eos_token_ids=eos_token_ids, async_loop=async_loop,
+                vision=vision)
             rollout = None  # the completions grew: rebuilt from the lists below
         device = trainer.accelerator.device
         if rollout is None:
             rollout = rollout_from_ids(tokenizer, prompts, prompt_ids, completion_ids, completions,
                                        eos_token_ids=eos_token_ids, pad_to_multiple_of=pad_to_multiple_of,
-                                       device=device, chat_template_kwargs=self.chat_template_kwargs)
+                                       device=device, chat_template_kwargs=self.chat_template_kwargs,
+                                       vision=vision, processor=trainer.processing_class)
         elif parse:
             rollout = rollout._replace(completions=completions)
         mask = None
@@ -175,7 +180,8 @@ class AgentRollouts:
         return AgentRound(rollout, mask, extra_columns, environments, calls, failures)
 
     def _tool_turns(self, trainer, prompts, prompt_ids, completion_ids, completions, row_tools, *,
-                    max_completion_length, max_model_length, generation_config, eos_token_ids, async_loop):
+                    max_completion_length, max_model_length, generation_config, eos_token_ids, async_loop,
+                    vision=None):
         """Run tool calls and sample continuations in place (``completion_ids`` and ``completions`` grow); returns
         ``(tool_mask lists, calls, failures)``."""
         tokenizer = self.tokenizer
@@ -189,6 +195,8 @@ class AgentRollouts:
             for i in active:
                 results = run_tool_calls(completions[i][-1]["tool_calls"], tables[i], async_loop)
                 calls, failures = calls + results.num_calls, failures + results.num_failures
+                if vision is not None:
+                    check_text_results(results.messages)
                 suffix = tool_suffix_ids(tokenizer, results.messages, chat_template_kwargs=self.chat_template_kwargs)
                 sequence = prompt_ids[i] + completion_ids[i] + suffix
                 too_long = (len(sequence) - len(prompt_ids[i]) > max_completion_length
@@ -204,7 +212,8 @@ class AgentRollouts:
                 break
             continuations = sample_continuations(trainer.model_wrapped, tokenizer, extended,
                                                  generation_config=generation_config, eos_token_ids=eos_token_ids,
-                                                 accelerator=trainer.accelerator)
+                                                 accelerator=trainer.accelerator,
+                                                 vision=None if vision is None else [vision[i] for i in kept])
             active = []
             for i, sequence, new_ids in zip(kept, extended, continuations, strict=True):
                 new_ids = new_ids[:max(0, max_completion_length - len(completion_ids[i]))]

@@ -81,3 +81,14 @@ def run_tool_calls(calls: list[dict], tools: dict[str, Callable], async_loop=Non
     messages = [{"role": "tool", "name": name, "content": output if isinstance(output, list) else str(output)}
                 for name, output in results]
     return ToolResults(messages, len(calls), failures)
+
+
+def check_text_results(messages: list[dict]) -> None:
+    """A vision-language model's tool results must be text: an image a tool returns would need its own image fields
+    in the continuation's forward, which fusedrl does not build (TRL 1.16 does, through the processor)."""
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list) and any(isinstance(block, dict) and block.get("type") == "image"
+                                             for block in content):
+            raise ValueError(f"tool {message.get('name')!r} returned an image, which fusedrl does not feed back to a "
+                             "vision-language model; return text (e.g. a description or a path)")
