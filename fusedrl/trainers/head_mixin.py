@@ -134,14 +134,19 @@ class FusedHeadMixin:
         ``args.compile`` is set, else ``fn`` itself; run it inside :meth:`head_region`."""
         return compile_region(fn) if self.args.compile else fn
 
+    def logits_model_inputs(self, inputs: dict) -> dict:
+        """The forward keywords of an eval batch for :meth:`sequence_logits`: its ids and mask (a trainer whose
+        batches carry more model inputs, such as a VLM's image fields, returns those too)."""
+        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+
     @torch.no_grad()
     def sequence_logits(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[N, T, V]`` logits of ``inputs["input_ids"]`` under ``model``, what TRL's DPO / KTO hand an evaluation's
         ``compute_metrics``: built only then, from one forward's final hidden states, ``_LOGITS_CHUNK_ROWS`` rows of
         the head at a time. They cost ``N * T * V`` elements per eval batch (32000 x 512 tokens x 8 rows in fp32:
         0.5 GiB), which Trainer keeps for the whole eval set unless ``eval_accumulation_steps`` moves them to the CPU;
-        the size is logged once."""
-        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        the size is logged once. The forward takes :meth:`logits_model_inputs` (a vision batch's image fields too)."""
+        model_inputs = self.logits_model_inputs(inputs)
         _, final_NTH = self._model_forward(model, model_inputs, keep_padding=True)  # logits at every position
         weight_VH, bias_V = self._lm_head(model)
         softcap = self.head_softcap(model)

@@ -209,6 +209,26 @@ def test_implicit_prompt_and_rows_without_images(tmp_path):
                  rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["DPO", "KTO"])
+def test_compute_metrics_logits_carry_the_images(tmp_path, method):
+    """An eval with compute_metrics hands it the policy's [N, T, V] logits of each batch: built with the batch's image
+    fields, they are the model's own logits (a text-only forward would give others)."""
+    dataset = _pairs(2) if method == "DPO" else _unpaired(2)
+    seen = []
+    trainer = _trainer(fused, method, tmp_path, "llava", dataset)
+    trainer.compute_metrics = lambda prediction: seen.append(prediction) or {"seen": 1.0}
+    batch = trainer.data_collator([dataset[i] for i in range(2)])
+    ours = trainer.sequence_logits(trainer.model, batch)
+    with torch.no_grad():
+        expected = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 **_image_fields(batch)).logits
+        text_only = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ours, text_only, atol=1e-3)
+    metrics = trainer.evaluate(eval_dataset=dataset)
+    assert metrics["eval_seen"] == 1.0 and seen and seen[0].predictions.shape[-1] == expected.shape[-1]
+
+
 def test_refusals_name_the_field_and_the_fix(tmp_path):
     model, processor = tiny_vlm("llava")
 
@@ -221,8 +241,6 @@ def test_refusals_name_the_field_and_the_fix(tmp_path):
     for method in ("DPO", "KTO"):
         with pytest.raises(ValueError, match="vision-related.*not seem to be a vision-language model"):
             build(method, processing_class=processor.tokenizer)
-        with pytest.raises(ValueError, match="compute_metrics is not supported with image data"):
-            build(method, compute_metrics=lambda prediction: {})
     with pytest.warns(FutureWarning), pytest.raises(ValueError, match="truncation_mode='keep_end' is not supported"):
         build(max_length=64, truncation_mode="keep_end")
     with pytest.raises(ValueError, match="unpaired format.*unpair_preference_dataset"):

@@ -25,7 +25,7 @@ Vision-language models (a processor as ``processing_class``, an ``image`` / ``im
 raw and are encoded with their images when batched (``preference/vision_data.py``); both rows of a pair get the pair's
 image fields in every forward (policy, reference, precomputed reference). ``truncation_mode='keep_end'`` is refused
 with images; a prompt that does not fit below ``max_length`` is refused when its batch is built. Unlike TRL,
-``precompute_ref_log_probs=True`` works with images; ``compute_metrics`` does not (its logits would miss them).
+``precompute_ref_log_probs=True`` works with images; ``compute_metrics`` gets logits of forwards with the images.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class DPOTrainer(FusedTrainer):
         # TRL's _is_vision_dataset: raw rows, encoded with their images when batched (vision_data.py).
         self._vision_data = has_images(train_dataset)
         if self._vision_data:
-            check_vision_config(args, trainer="DPOTrainer", is_vlm=self._is_vlm, compute_metrics=compute_metrics)
+            check_vision_config(args, is_vlm=self._is_vlm)
         if args.sync_ref_model and is_peft_model(model) and args.ref_adapter_name is None:
             raise ValueError("sync_ref_model=True with a PEFT model: the reference is the base model with adapters "
                              "disabled, there is no separate reference to update; name a reference adapter to sync "
@@ -184,6 +184,9 @@ class DPOTrainer(FusedTrainer):
         return prepare_preference_dataset(dataset, tokenizer, max_length=args.max_length,
                                           truncation_mode=args.truncation_mode, max_positions=self._max_positions,
                                           num_proc=args.dataset_num_proc, name=name)
+
+    def logits_model_inputs(self, inputs: dict) -> dict:  # compute_metrics' logits: image fields included
+        return {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None and self._vision_data:

@@ -31,7 +31,7 @@ are encoded with their images when batched (``preference/vision_data.py``); ever
 reference, precomputed reference and its KL pair, gets its prompt's image fields. As TRL, paired rows with images are
 refused; unlike TRL, ``precompute_ref_log_probs=True`` works with them, and the KL pairs are fixed in the dataset per
 run of ``per_device_train_batch_size`` rows (a ``KL_completion`` column), as in the text path, so precomputed and
-live reference log-probs see the same pairs. ``compute_metrics`` is refused with images.
+live reference log-probs see the same pairs; ``compute_metrics`` gets logits of forwards with the images.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ class KTOTrainer(FusedTrainer):
         # TRL's _is_vision_dataset: raw rows, encoded with their images when batched (vision_data.py).
         self._vision_data = has_images(train_dataset)
         if self._vision_data:
-            check_vision_config(args, trainer="KTOTrainer", is_vlm=self._is_vlm, compute_metrics=compute_metrics)
+            check_vision_config(args, is_vlm=self._is_vlm)
         if args.sync_ref_model and is_peft_model(model) and args.ref_adapter_name is None:
             raise ValueError("sync_ref_model=True with a PEFT model: the reference is the base model with adapters "
                              "disabled, there is no separate reference to update; name a reference adapter to sync "
@@ -239,6 +239,9 @@ class KTOTrainer(FusedTrainer):
         inputs = {key: batch.get(prefix + key, value) for key, value in batch.items()
                   if not key.startswith("KL_") and key not in _NON_MODEL_KEYS}
         return inputs, labels, completion_mask[:, 1:].bool()
+
+    def logits_model_inputs(self, inputs: dict) -> dict:  # compute_metrics' logits: image fields included
+        return self._sequences(inputs)[0]
 
     def _sequence_logps(self, model, batch, prefix: str = "") -> torch.Tensor:
         inputs, labels, mask_NT = self._sequences(batch, prefix)

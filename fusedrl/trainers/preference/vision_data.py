@@ -274,7 +274,7 @@ def pair_kl_completions(dataset, *, kl_batch_size: int, num_proc: int | None, na
                        **_map_kwargs(dataset, num_proc, f"Pairing KL completions of {name} dataset"))
 
 
-def check_vision_config(args, *, trainer: str, is_vlm: bool, compute_metrics) -> None:
+def check_vision_config(args, *, is_vlm: bool) -> None:
     """What a dataset with images needs of the trainer's set-up (TRL's refusals in its words where it has them),
     with the fix; and TRL's ``ddp_find_unused_parameters=True`` default: a batch without images leaves the vision
     tower without gradients."""
@@ -289,10 +289,6 @@ def check_vision_config(args, *, trainer: str, is_vlm: bool, compute_metrics) ->
             "prompt portion of the sequence; depending on the example, keep_end may silently drop them, causing "
             "pixel_values to be forwarded to the model with no corresponding visual tokens in input_ids. Use "
             "truncation_mode='keep_start' (the default) or set max_length=None.")
-    if compute_metrics is not None:
-        raise ValueError(f"compute_metrics is not supported with image data by fusedrl's {trainer}: the [N, T, V] "
-                         "logits it is given are built from the ids alone, without the image fields; evaluate "
-                         "without compute_metrics (the logged eval metrics are complete)")
     check_vision_trainer(args)
 
 
