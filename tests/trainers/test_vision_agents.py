@@ -1,6 +1,7 @@
-"""GRPO's tool loop on a vision-language model: the prompt's image fields reach every continuation's ``generate`` and
-the scoring forward of the whole conversation (prompt with image tokens, completion, text tool results); a tool that
-returns an image is refused with the fix. ``generate`` is scripted (the tiny LLaVA's samples would never form a tool
+"""GRPO's tool loop and ``rollout_func`` on a vision-language model: the prompt's image fields reach every
+continuation's ``generate`` and the scoring forward of the whole conversation (prompt with image tokens, completion,
+text tool results); a tool that returns an image is refused with the fix; a ``rollout_func`` sees the prompts with
+their images and its prompt ids must be the processor's. ``generate`` is scripted (the tiny LLaVA's samples would never form a tool
 call); the scores are checked against the model's own logits."""
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def screenshot(a: int, b: int) -> list:
     return [{"type": "image", "image": solid_image(random.Random(a), 32)}, {"type": "text", "text": "here"}]
 
 
-def _trainer(tmp_path, tool):
+def _trainer(tmp_path, **agents):
     model, processor = tiny_vlm("llava")
     processor.chat_template = processor.tokenizer.chat_template = VLM_TOOL_TEMPLATE
     rng = random.Random(0)
@@ -64,7 +65,7 @@ def _trainer(tmp_path, tool):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return GRPOTrainer(model, reward_funcs=lambda completions, **kw: [1.0] * len(completions), args=args,
-                           train_dataset=dataset, processing_class=processor, tools=[tool])
+                           train_dataset=dataset, processing_class=processor, **agents)
 
 
 def _scripted(tokenizer, turns, calls):
@@ -80,7 +81,7 @@ def _scripted(tokenizer, turns, calls):
 
 
 def test_tool_turns_of_a_vision_model_keep_the_prompt_images(tmp_path):
-    trainer = _trainer(tmp_path, multiply)
+    trainer = _trainer(tmp_path, tools=[multiply])
     tokenizer = trainer.processing_class.tokenizer
     rows = [trainer.train_dataset[i] for i in (0, 0, 1, 1)]
     calls = []
@@ -105,9 +106,40 @@ def test_tool_turns_of_a_vision_model_keep_the_prompt_images(tmp_path):
 
 
 def test_a_tool_returning_an_image_is_refused_with_the_fix(tmp_path):
-    trainer = _trainer(tmp_path, screenshot)
+    trainer = _trainer(tmp_path, tools=[screenshot])
     tokenizer = trainer.processing_class.tokenizer
     first = [CALL.replace("TOOL", "screenshot"), "1<eos>", "2<eos>", "3<eos>"]
     with patch.object(trainer.model, "generate", side_effect=_scripted(tokenizer, [first], [])), \
             pytest.raises(ValueError, match="'screenshot' returned an image.*return text"):
+        trainer._generate_and_score([trainer.train_dataset[i] for i in (0, 0, 1, 1)])
+
+
+def test_a_rollout_func_on_a_vision_model_gets_the_prompt_images(tmp_path):
+    """TRL's contract: the rollout_func sees the prompts with their images in the messages and returns ids; the
+    scoring forward then takes each row's image fields, encoded by the processor; ids that are not the processor's
+    (so image tokens the features could not fill) are refused with the fix."""
+    seen = []
+
+    def rollout(prompts, trainer_):
+        processor, tokenizer = trainer_.processing_class, trainer_.processing_class.tokenizer
+        seen.extend(prompts)
+        ids = [list(processor.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)
+                    ["input_ids"][0]) for p in prompts]
+        return {"prompt_ids": ids, "completion_ids": [tokenizer("12<eos>", add_special_tokens=False)["input_ids"]]
+                * len(prompts), "logprobs": None}
+
+    trainer = _trainer(tmp_path, rollout_func=rollout)
+    batch = trainer._generate_and_score([trainer.train_dataset[i] for i in (0, 0, 1, 1)])
+    assert seen[0][0]["content"][0]["type"] == "image" and "image" in seen[0][0]["content"][0]
+    assert batch["vision"] is not None and batch["vision"][2]["images"]["pixel_values"].shape[0] == 1
+    prompt_width = batch["prompt_ids"].shape[1]
+    image_token = trainer.model.config.image_token_id
+    assert (batch["prompt_ids"] == image_token).sum(1).tolist() == [4, 4, 4, 4]
+    assert torch.isfinite(trainer._sampled_logps(trainer.model, batch, 4)).all() and prompt_width > 4
+
+    def text_ids(prompts, trainer_):
+        return {"prompt_ids": [[1, 5, 6]] * len(prompts), "completion_ids": [[7, 2]] * len(prompts), "logprobs": None}
+
+    trainer = _trainer(tmp_path / "text_ids", rollout_func=text_ids)
+    with pytest.raises(ValueError, match="prompt_ids of row 0 differ from the processor's encoding"):
         trainer._generate_and_score([trainer.train_dataset[i] for i in (0, 0, 1, 1)])

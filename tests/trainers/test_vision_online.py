@@ -142,12 +142,6 @@ def test_vision_refusals_name_the_fix(tmp_path):
                                      num_generations=2, max_completion_length=4, report_to="none", use_cpu=True))
     with pytest.raises(ValueError, match="pass the vision-language model's processor"):
         tokenizer_only._generate_and_score([tokenizer_only.train_dataset[0]] * 2)
-    with pytest.raises(ValueError, match="rollout_func is not supported with a vision-language model"):
-        model, processor = tiny_vlm("llava")
-        GRPOTrainer(model=model, reward_funcs=completion_length, train_dataset=image_prompts(2),
-                    processing_class=processor, rollout_func=lambda prompts, trainer: {}, args=GRPOConfig(
-                        output_dir=str(tmp_path / "u"), per_device_train_batch_size=2, num_generations=2,
-                        report_to="none", use_cpu=True))
     with pytest.raises(ValueError, match="max_prompt_length"):
         _grpo(tmp_path / "v", "llava", max_prompt_length=4, max_steps=1).train()
     from fusedrl import PPOTrainer  # PPO keeps text prompts only

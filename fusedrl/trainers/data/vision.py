@@ -175,17 +175,13 @@ def check_vision_prompts(prompts: Sequence[Any], images: list | None) -> None:
                          "[{'role': 'user', 'content': ...}] and let the trainer apply the chat template")
 
 
-def check_vision_trainer(args, *, rollout_func: bool = False) -> None:
-    """What fusedrl's sampling trainers do not take with a vision-language model, refused with the fix: a
-    ``rollout_func`` (its token ids come without image fields) and adapters trained jointly (their union forward
-    carries no image fields); shared-prefix forwards are switched off instead (``FusedTrainer.prefix_sharing``).
-    Tools and environments work (text tool results: ``agents/tools.check_text_results``).
+def check_vision_trainer(args) -> None:
+    """What fusedrl's sampling trainers do not take with a vision-language model, refused with the fix: adapters
+    trained jointly (their union forward carries no image fields); shared-prefix forwards are switched off instead
+    (``FusedTrainer.prefix_sharing``). Tools, environments (text tool results: ``agents/tools.check_text_results``)
+    and a ``rollout_func`` (its prompt ids checked against the processor's: ``agents/rollouts.py``) work.
     Sets TRL's ``ddp_find_unused_parameters=True`` default for a VLM: a batch without images leaves the vision tower
     without gradients, which DDP would otherwise wait for (reentrant checkpointing excepted: it fails with it)."""
-    if rollout_func:
-        raise ValueError("rollout_func is not supported with a vision-language model by fusedrl (the token ids it "
-                         "returns come without the prompts' image fields); sample with the trainer (tools and "
-                         "environment_factory work), or pass a text model's tokenizer")
     if args.ddp_find_unused_parameters is None and not (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
         args.ddp_find_unused_parameters = True
     if isinstance(getattr(args, "model_adapter_name", None), (list, tuple)):

@@ -180,7 +180,7 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
         refuse_unsupported_engine(args, type(self).__name__, vision=self._is_vlm)
         self.continuous_batching_config = continuous_batching_config(args)  # TRL's attribute; None when off
         if self._is_vlm:
-            check_vision_trainer(args, rollout_func=rollout_func is not None)
+            check_vision_trainer(args)
             if self._tokenizer.chat_template is None:  # LLaVA-style: the template lives on the processor only
                 self._tokenizer.chat_template = processing_class.chat_template
         self.agents = self.environments = None

@@ -16,6 +16,11 @@ One round, for the rows of a generation batch:
 
 The completion a reward function gets is the conversation after the prompt: assistant turns (with ``tool_calls``)
 and tool messages, as TRL gives it.
+
+Vision-language models: the first turn's per-row image fields (``Rollout.vision``) go into every continuation's
+``generate`` and the round's scoring forwards; tool results must be text (``tools.check_text_results``). A
+``rollout_func`` gets the prompts with their images in the messages; its prompt ids must be the processor's encoding
+of them, whose image fields the forwards then take.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 
+from fusedrl.trainers.data.vision import attach_images, is_vision_processor, row_images
 from fusedrl.trainers.online.agents.environments import Environments
 from fusedrl.trainers.online.agents.parsing import (
     check_tool_calling,
@@ -41,6 +47,7 @@ from fusedrl.trainers.online.rollout import (
     is_conversational_prompt,
     rollout_from_ids,
     sample_continuations,
+    tokenize_vision_prompts,
 )
 
 _ROLLOUT_FUNC_KEYS = ("completion_ids", "logprobs", "prompt_ids")
@@ -115,7 +122,12 @@ class AgentRollouts:
             prompts = self.environments.reset(environments, examples, prompts)
             row_tools = [[*self.standalone_tools, *Environments.methods_of(e)] for e in environments]
         tokenizer, extra_columns, tool_mask = self.tokenizer, {}, None
+        vlm = is_vision_processor(trainer.processing_class)
         if self.rollout_func is not None:
+            if vlm:  # TRL hands a vision-language rollout_func the prompts with their images in the messages
+                images = row_images(examples) or [None] * len(prompts)
+                prompts = [attach_images(p, i) if is_conversational_prompt(p) else p for p, i in zip(prompts, images,
+                                                                                                     strict=True)]
             output = self.rollout_func(prompts, trainer)
             missing = sorted(set(_ROLLOUT_FUNC_KEYS) - set(output))
             if missing:
@@ -130,7 +142,7 @@ class AgentRollouts:
             extra_columns = {k: v for k, v in output.items() if k not in _ROLLOUT_FUNC_KEYS}
             tool_mask = extra_columns.pop("env_mask", None)
             rollout = None
-        vision = None
+            vision = self._rollout_func_images(trainer, prompts, prompt_ids, row_tools) if vlm else None
         if self.rollout_func is None:
             rollout = sample_first_turn(prompts, [tools or None for tools in row_tools])
             vision = rollout.vision  # a vision-language model's prompt image fields, kept through every turn
@@ -178,6 +190,21 @@ class AgentRollouts:
             for row, row_mask in enumerate(tool_mask):
                 mask[row, :len(row_mask)] = torch.as_tensor(list(row_mask), dtype=mask.dtype)
         return AgentRound(rollout, mask, extra_columns, environments, calls, failures)
+
+    def _rollout_func_images(self, trainer, prompts, prompt_ids, row_tools) -> list | None:
+        """A vision-language model's ``rollout_func`` round: each row's image fields, encoded by the processor from
+        the row's prompt and images, as TRL builds its forward's from them; the rollout's prompt ids must be the
+        processor's (its image tokens are what the image features fill)."""
+        _, encoded, vision = tokenize_vision_prompts(  # the images already sit in the prompts
+            trainer.processing_class, prompts, None, chat_template_kwargs=self.chat_template_kwargs,
+            prompt_tools=[tools or None for tools in row_tools])
+        for row, (given, ours) in enumerate(zip(prompt_ids, encoded, strict=True)):
+            if list(given) != list(ours):
+                raise ValueError(f"rollout_func's prompt_ids of row {row} differ from the processor's encoding of that "
+                                 "prompt with its images (the image tokens the image features fill); return the ids "
+                                 "of processing_class.apply_chat_template(prompt, add_generation_prompt=True, "
+                                 "tokenize=True) for vision-language models")
+        return vision if any(row is not None for row in vision) else None
 
     def _tool_turns(self, trainer, prompts, prompt_ids, completion_ids, completions, row_tools, *,
                     max_completion_length, max_model_length, generation_config, eos_token_ids, async_loop,
