@@ -179,6 +179,7 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
         self._is_vlm = is_vision_processor(processing_class)  # TRL's name
         refuse_unsupported_engine(args, type(self).__name__, vision=self._is_vlm)
         self.continuous_batching_config = continuous_batching_config(args)  # TRL's attribute; None when off
+        self.use_vllm = False  # TRL's attribute (use_vllm=True was refused above)
         if self._is_vlm:
             check_vision_trainer(args)
             if self._tokenizer.chat_template is None:  # LLaVA-style: the template lives on the processor only
