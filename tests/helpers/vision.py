@@ -56,6 +56,7 @@ from transformers import (
 from transformers.utils import is_torchvision_available
 
 from fusedrl.cli import presets
+from fusedrl.cli.presets.tokenizer import CHAT_TEMPLATE as PRESET_TEMPLATE
 from fusedrl.cli.presets.tokenizer import ROLE_TOKENS
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "gemma3", "llava", "llava_next", "idefics2")
@@ -76,20 +77,14 @@ QWEN_PIXELS = {"min_pixels": 32 * 32, "max_pixels": 64 * 64}
 LLAVA_NEXT_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 NUM_LATENTS = 4  # Idefics2's perceiver resamples every image to this many tokens; Gemma 3 pools to this many too
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('Unsupported role: ' + message['role']) }}"
-    "{% endif %}"
+# The preset template with each message's content rendered block by block (text blocks their text, image blocks BODY's
+# placeholder): a string content is one text block.
+CHAT_TEMPLATE = PRESET_TEMPLATE.replace(
+    "{{ '<|' + message['role'] + '|>' }}",
     "{{ '<|' + message['role'] + '|>' }}"
     "{% if message['content'] is string %}{% set blocks = [{'type': 'text', 'text': message['content']}] %}"
-    "{% else %}{% set blocks = message['content'] %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}{% generation %}BODY{{ eos_token }}{% endgeneration %}"
-    "{% else %}BODY{{ eos_token }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
+    "{% else %}{% set blocks = message['content'] %}{% endif %}",
+).replace("{{ message['content'] + eos_token }}", "BODY{{ eos_token }}")
 BLOCKS = ("{% for block in blocks %}{% if block['type'] == 'image' %}PLACEHOLDER"
           "{% elif block['type'] == 'text' %}{{ block['text'] }}{% endif %}{% endfor %}")
 
