@@ -153,18 +153,24 @@ def collate_vision(rows: Sequence[VisionRow | None], prompt_width: int, completi
     return out
 
 
-def suppress_image_tokens(generation_kwargs: dict | None, model) -> dict | None:
-    """``generation_kwargs`` with the model's image placeholder token suppressed (TRL's rule: a sampled image token
-    would have no image features behind it at the next forward)."""
+def suppress_image_tokens(generation_config, model) -> None:
+    """Add the model's image placeholder token to ``generation_config.suppress_tokens`` (kept: any the user set),
+    TRL's rule: a sampled image token would have no image features behind it at the next forward."""
     config = model.config
     token_id = getattr(config, "image_token_id", None)
     if token_id is None:
         token_id = getattr(config, "image_token_index", None)
-    if token_id is None:
-        return generation_kwargs
-    kwargs = dict(generation_kwargs or {})
-    kwargs["suppress_tokens"] = [*kwargs.get("suppress_tokens", []), token_id]
-    return kwargs
+    if token_id is not None:
+        generation_config.suppress_tokens = [*(generation_config.suppress_tokens or []), token_id]
+
+
+def text_tokenizer(processing_class, tokenizer):
+    """The tokenizer that renders text: ``tokenizer``, given the processor's chat template when it has none of its own
+    (LLaVA checkpoints keep theirs in the processor only; TRL renders with the processor)."""
+    template = getattr(processing_class, "chat_template", None)
+    if tokenizer is not processing_class and template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = template
+    return tokenizer
 
 
 def check_vision_prompts(prompts: Sequence[Any], images: list | None) -> None:

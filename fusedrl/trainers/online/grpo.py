@@ -48,6 +48,7 @@ from fusedrl.trainers.data.vision import (
     is_vision_processor,
     row_images,
     suppress_image_tokens,
+    text_tokenizer,
 )
 from fusedrl.trainers.head import IGNORE_INDEX
 from fusedrl.trainers.models import tokenizer_of
@@ -182,8 +183,7 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
         self.use_vllm = False  # TRL's attribute (use_vllm=True was refused above)
         if self._is_vlm:
             check_vision_trainer(args)
-            if self._tokenizer.chat_template is None:  # LLaVA-style: the template lives on the processor only
-                self._tokenizer.chat_template = processing_class.chat_template
+            text_tokenizer(processing_class, self._tokenizer)  # tool parsing reads the tokenizer's template
         self.agents = self.environments = None
         if rollout_func is not None and args.off_policy_mask_threshold is not None:
             raise ValueError("off_policy_mask_threshold with a rollout_func is not supported by fusedrl: TRL masks with "
@@ -211,7 +211,7 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
         self.generation_config = trainer_sampling_config(args, self._tokenizer, self.eos_token_ids,
                                                          args.max_completion_length)
         if self._is_vlm:
-            self.generation_config.update(**suppress_image_tokens({}, model))
+            suppress_image_tokens(self.generation_config, model)
 
         super().__init__(model=model, args=args, data_collator=identity_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,

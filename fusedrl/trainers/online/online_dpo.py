@@ -113,7 +113,7 @@ class OnlineDPOTrainer(RewardAttributes, FusedTrainer):
         self.generation_config = trainer_sampling_config(args, self._tokenizer, self.eos_token_ids,
                                                          args.max_new_tokens)
         if self._is_vlm:
-            self.generation_config.update(**suppress_image_tokens({}, model))
+            suppress_image_tokens(self.generation_config, model)
         super().__init__(model=model, args=args, data_collator=data_collator or identity_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          callbacks=callbacks, optimizers=optimizers)

@@ -49,7 +49,7 @@ from fusedrl.ops.preference import (
 )
 from fusedrl.trainers.base import FusedTrainer
 from fusedrl.trainers.data.validation import PRECOMPUTE_ITERABLE_ERROR
-from fusedrl.trainers.data.vision import is_vision_processor
+from fusedrl.trainers.data.vision import is_vision_processor, text_tokenizer
 from fusedrl.trainers.head import IGNORE_INDEX, TokenOutputs
 from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.preference.data import PreferenceCollator, prepare_preference_dataset
@@ -61,7 +61,6 @@ from fusedrl.trainers.preference.vision_data import (
     check_vision_dataset,
     has_images,
     image_dtype,
-    text_tokenizer,
 )
 
 logger = logging.getLogger("fusedrl")

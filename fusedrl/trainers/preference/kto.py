@@ -47,7 +47,7 @@ from transformers import set_seed
 from fusedrl.ops.preference import KTO_LOSS_TYPES, LinearKTOLoss, kto_kl, linear_kto_loss, sequence_logps
 from fusedrl.trainers.base import FusedTrainer
 from fusedrl.trainers.data.validation import PRECOMPUTE_ITERABLE_ERROR
-from fusedrl.trainers.data.vision import is_vision_processor
+from fusedrl.trainers.data.vision import is_vision_processor, text_tokenizer
 from fusedrl.trainers.head import IGNORE_INDEX, TokenOutputs
 from fusedrl.trainers.models import tokenizer_of
 from fusedrl.trainers.preference.data import UnpairedCollator, prepare_unpaired_dataset
@@ -60,7 +60,6 @@ from fusedrl.trainers.preference.vision_data import (
     has_images,
     image_dtype,
     pair_kl_completions,
-    text_tokenizer,
 )
 
 logger = logging.getLogger("fusedrl")

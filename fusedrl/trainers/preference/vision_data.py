@@ -296,12 +296,3 @@ def image_dtype(model) -> torch.dtype | None:
     """The dtype the collators cast floating image fields to: the model's, unless fp32 (autocast then decides)."""
     dtype = getattr(model, "dtype", None)
     return None if dtype in (None, torch.float32) else dtype
-
-
-def text_tokenizer(processing_class, tokenizer):
-    """The tokenizer that renders text-only rows: ``tokenizer``, given the processor's chat template when it has none
-    of its own (LLaVA checkpoints keep theirs in the processor only; TRL renders such rows with the processor)."""
-    template = getattr(processing_class, "chat_template", None)
-    if tokenizer is not processing_class and template and not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = template
-    return tokenizer
