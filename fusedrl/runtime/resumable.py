@@ -28,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from fusedrl.runtime import checkpoint
 from fusedrl.runtime.faults import NonFiniteGuard, guard_deepspeed_backward
+from fusedrl.runtime.renamed_weights import restore_renamed_weights
 
 logger = logging.getLogger("fusedrl")
 
@@ -184,6 +185,8 @@ class ResumableTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not self._weights_restored_by_engine:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+            if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):  # those load through their own state
+                restore_renamed_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
         state_path = os.path.join(resume_from_checkpoint, checkpoint.STATE_FILE)
         if os.path.isfile(state_path):
             self.load_fusedrl_state(checkpoint.load_json(state_path))
