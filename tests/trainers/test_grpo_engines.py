@@ -67,3 +67,14 @@ def _prompts():
     from fusedrl.cli import presets
 
     return presets.load_preset_dataset("arithmetic", kind="prompt", n=8, seed=1)
+
+
+@pytest.mark.parametrize("config_cls", [GRPOConfig, RLOOConfig])
+def test_dict_fields_take_json_from_the_command_line_as_trls_do(tmp_path, config_cls):
+    """TRL lists these in ``_VALID_DICT_FIELDS``: a JSON string (``--generation_kwargs '{"top_k": 5}'``) becomes a
+    dict; before, it reached the sampling config as a string and failed there."""
+    config = config_cls(str(tmp_path), generation_kwargs='{"top_k": 5}', chat_template_kwargs='{"enable_thinking": false}',
+                        transformers_continuous_batching_config='{"max_batch_tokens": 64}', use_cpu=True, bf16=False)
+    assert config.generation_kwargs == {"top_k": 5} and config.chat_template_kwargs == {"enable_thinking": False}
+    assert config.transformers_continuous_batching_config == {"max_batch_tokens": 64}
+    assert set(trl.GRPOConfig._VALID_DICT_FIELDS) <= set(config_cls._VALID_DICT_FIELDS)

@@ -44,6 +44,10 @@ class OnlineConfig(GenerationEngineFields, FusedConfig):
     ``disable_dropout=False`` and ``remove_unused_columns=False`` (reward functions read the other columns).
     """
 
+    # JSON strings from the command line become dicts (TrainingArguments.__post_init__), as in TRL's configs.
+    _VALID_DICT_FIELDS = FusedConfig._VALID_DICT_FIELDS + [
+        "transformers_continuous_batching_config", "generation_kwargs", "chat_template_kwargs"]
+
     learning_rate: float = field(default=1e-6, metadata={"help": "The initial learning rate for AdamW."})
     disable_dropout: bool = field(default=False, metadata={"help": "Set every dropout probability to 0."})
     remove_unused_columns: bool | None = field(
