@@ -15,9 +15,6 @@ without a test split so no evaluation pass) and the single-process baselines are
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +23,7 @@ import torch
 
 from fusedrl.cli import main as cli_main
 from fusedrl.runtime import launcher
+from tests.helpers import distributed
 from tests.utils import assert_close
 
 pytestmark = pytest.mark.slow
@@ -52,12 +50,6 @@ def _losses(output_dir: Path) -> torch.Tensor:
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert len(losses) == STEPS, state["log_history"]
     return torch.tensor(losses, dtype=torch.float32)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -110,16 +102,13 @@ def test_shared_prefix_under_sharding_matches_one_plain_process(config, long_pro
         code = cli_main(["dpo", *_common(long_prompt_dataset), "--max_steps", "1", "--save_strategy", "no",
                          "--per_device_train_batch_size", str(PAIRS_PER_STEP), "--output_dir", str(tmp_path / "one")])
     assert code == 0 and "shared_prefix: on" in caplog.text
-    argv = [
+    result = distributed.launch(lambda port: [
         sys.executable, "-m", "fusedrl", "dpo", "--accelerate_config", config,
-        "--num_processes", str(NUM_PROCESSES), "--main_process_port", str(_free_port()),
+        "--num_processes", str(NUM_PROCESSES), "--main_process_port", str(port),
         *_common(long_prompt_dataset), "--per_device_train_batch_size", str(PAIRS_PER_STEP // NUM_PROCESSES),
         "--output_dir", str(tmp_path / "shared"),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env,
-                            cwd=Path(__file__).resolve().parents[2])
-    assert result.returncode == 0, result.stderr[-3000:]
+    ], timeout=RUN_TIMEOUT_S)
+    assert result.returncode == 0, distributed.failure_report(result, config)
     assert_close(_losses(tmp_path / "shared"), _losses(tmp_path / "plain"), name=f"{config} shared-prefix losses")
 
 
@@ -139,18 +128,14 @@ IDS = ["ddp", "zero2", "fsdp2", "zero3", "fsdp2-sync_ref", "zero3-sync_ref", "fs
 @pytest.mark.parametrize("config,baseline,extra", CASES, ids=IDS)
 def test_two_processes_match_one(config, baseline, extra, dataset, baselines, tmp_path):
     out = tmp_path / "run"
-    argv = [
+    result = distributed.launch(lambda port: [
         sys.executable, "-m", "fusedrl", "dpo", "--accelerate_config", config,
-        "--num_processes", str(NUM_PROCESSES), "--main_process_port", str(_free_port()),
+        "--num_processes", str(NUM_PROCESSES), "--main_process_port", str(port),
         *_common(dataset), *extra, "--per_device_train_batch_size", str(PAIRS_PER_STEP // NUM_PROCESSES),
         "--output_dir", str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env,
-                            cwd=Path(__file__).resolve().parents[2])
-    if result.returncode != 0:  # the children's errors sit above torchrun's summary
-        errors = [line for line in result.stderr.splitlines() if "Error" in line or "Fatal" in line or "abort" in line]
-        pytest.fail(f"exit {result.returncode}:\n" + "\n".join(errors[-30:]) + "\n" + result.stderr[-2000:])
+    ], timeout=RUN_TIMEOUT_S)
+    if result.returncode != 0:
+        pytest.fail(distributed.failure_report(result, config))
     assert_close(_losses(out), baselines[baseline], name=f"{config} {' '.join(extra)} losses")
 
 

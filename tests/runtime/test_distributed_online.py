@@ -22,15 +22,20 @@ B resumes from it. A matches the single-process run; B's steps 3-4 match A's (be
 loaded the synced reference, and a ZeRO-3 save wrote its empty partitions); A's saved reference equals the
 single-process one, every tensor whole.
 
+GRPO with a tool (tests/helpers/tool_turns.py), one step: the rows of the first half of the global batch call it,
+so on two processes only process 0 runs a tool turn. Under FSDP2 and ZeRO-3 process 1 joins that turn's forwards
+with a dummy row (agents/lockstep.py; before, this was refused, and without it process 0 would wait forever), under
+DDP and ZeRO-2 it skips it; the metrics equal one process's either way. A second step would not: its continuations
+draw from the global RNG, which the first round's row shuffle (``randperm`` of 8 rows on one process, of 4 on two)
+moved differently (checked by hand with two steps: step 2 differs from one process's under DDP and FSDP2 alike,
+and FSDP2's equals DDP's, the dummy's draws being undone).
+
 Each launch takes 20-40 s on 2 cores; the baselines ~15 s.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -77,6 +82,17 @@ def _online_argv(trainer: str, data: Path, per_process: int, output_dir: Path) -
     return argv + ["--per_device_train_batch_size", str(2 * per_process), "--max_new_tokens", "6"]  # online DPO
 
 
+def _tools_argv(data: Path, per_process: int, output_dir: Path) -> list[str]:
+    """GRPO with a tool, 1 step of 2 prompts x 4 completions, no reference: the scripted call (75 tokens) and its
+    result (~14) fit ``max_completion_length`` 100, which leaves each continuation ~10 tokens."""
+    return ["--model", "tiny", "--dataset", str(data / "chat_prompts"), "--kernels", "all=reference", "--bf16", "False",
+            "--max_steps", "1", "--logging_steps", "1", "--learning_rate", "1e-2", "--report_to", "none",
+            "--save_strategy", "no", "--seed", "0", "--disable_tqdm", "True", "--rank_invariant_sampling", "True",
+            "--reward_funcs", distributed.REWARD_NAME, "--output_dir", str(output_dir),
+            "--per_device_train_batch_size", str(4 * per_process), "--num_generations", "4",
+            "--max_completion_length", "100"]
+
+
 def _trdpo_argv(data: Path, per_process: int, output_dir: Path) -> list[str]:
     """TR-DPO: 8 pairs per step, the reference moved halfway to the policy after every step, checkpoints at 2, 4."""
     return ["--model", "tiny", "--dataset", str(data / "pairs"), "--kernels", "all=reference", "--bf16", "False",
@@ -92,6 +108,7 @@ def _runs(data: Path, root: Path, per_process: int, *, resume: bool) -> list[dic
     # The top-entropy mask's quantile over both processes' tokens (TRL's), as one process takes it over its batch.
     runs.append({"trainer": "grpo", "argv": [*_online_argv("grpo", data, per_process, root / "grpo-entropy"),
                                              "--top_entropy_quantile", "0.5"]})
+    runs.append({"trainer": "grpo", "argv": _tools_argv(data, per_process, root / "grpo-tools"), "tools": True})
     runs.append({"trainer": "dpo", "argv": _trdpo_argv(data, per_process, root / "trdpo")})
     if resume:
         runs.append({"trainer": "dpo", "argv": _trdpo_argv(data, per_process, root / "trdpo-resumed"),
@@ -118,12 +135,6 @@ def _assert_logs_match(actual: list[dict], expected: list[dict], name: str) -> N
                          name=f"{name} step {theirs['step']} {key}")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """16 arithmetic prompts, 32 preference pairs (saved without a test split: no evaluation pass) and a randomly
@@ -134,6 +145,8 @@ def data(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("data")
     presets.load_preset_dataset("arithmetic", "train", kind="prompt", n=16).save_to_disk(str(root / "prompts"))
+    presets.load_preset_dataset("arithmetic", "train", kind="prompt", n=16,
+                                conversational=True).save_to_disk(str(root / "chat_prompts"))
     presets.load_preset_dataset("arithmetic", "train", n=32).save_to_disk(str(root / "pairs"))
     tokenizer = presets.build_tokenizer()
     config = presets.load_preset_model("tiny", tokenizer=tokenizer).config
@@ -154,7 +167,7 @@ def single(data, tmp_path_factory) -> Path:
     distributed.register_test_rewards()
     try:
         for spec in _runs(data, root, per_process=2, resume=False):
-            distributed.run(spec["trainer"], spec["argv"], spec.get("resume"))
+            distributed.run(spec["trainer"], spec["argv"], spec.get("resume"), tools=spec.get("tools", False))
     finally:
         unregister_reward(distributed.REWARD_NAME)
     return root
@@ -167,12 +180,10 @@ def launched(request, data, tmp_path_factory) -> tuple[str, Path]:
     root = tmp_path_factory.mktemp(config)
     runs_file = root / "runs.json"
     runs_file.write_text(json.dumps(_runs(data, root, per_process=1, resume=True)))
-    argv = distributed.launch_argv(config, runs_file, num_processes=NUM_PROCESSES, port=_free_port())
-    result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).resolve().parents[2])
-    if result.returncode != 0:  # the processes' errors sit above the launcher's summary
-        errors = [line for line in result.stderr.splitlines() if "Error" in line or "error:" in line]
-        pytest.fail(f"{config}: exit {result.returncode}:\n" + "\n".join(errors[-30:]) + "\n" + result.stderr[-3000:])
+    result = distributed.launch(lambda port: distributed.launch_argv(config, runs_file, num_processes=NUM_PROCESSES,
+                                                                     port=port), timeout=RUN_TIMEOUT_S)
+    if result.returncode != 0:
+        pytest.fail(distributed.failure_report(result, config))
     return config, root
 
 
@@ -189,6 +200,18 @@ def test_grpo_top_entropy_mask_is_taken_over_every_process(launched, single):
     config, root = launched
     _assert_logs_match(_steps(_result(root, "grpo-entropy")), _steps(_result(single, "grpo-entropy")),
                        f"{config} GRPO top_entropy_quantile=0.5")
+
+
+def test_grpo_tool_turns_run_in_step_under_sharding(launched, single):
+    """One generation round: a first turn, then one tool turn for the 4 rows that called the tool (all on process
+    0); their continuations call nothing. 4 calls in 8 rows: call_frequency 0.5."""
+    config, root = launched
+    result, expected = _result(root, "grpo-tools"), _result(single, "grpo-tools")
+    assert [entry["tools/call_frequency"] for entry in _steps(result)] == [0.5]
+    _assert_logs_match(_steps(result), _steps(expected), f"{config} GRPO with tools")
+    assert expected["generate_calls"] == [2]
+    # Sharded: process 1 samples a dummy row in every tool turn; a whole model per process: it samples nothing.
+    assert result["generate_calls"] == [2, 2 if config in ("fsdp2", "zero3") else 1]
 
 
 def test_trdpo_saves_and_resumes(launched, single):

@@ -20,27 +20,7 @@ from fusedrl import GRPOConfig, GRPOTrainer
 from fusedrl.cli import presets
 from fusedrl.trainers.online.agents.parsing import derived_response_template, parse_completion
 from tests.helpers.online import train_quietly
-
-# ChatML-like, character-level: tools listed in a system turn, an assistant tool call as <tool_call>JSON</tool_call>,
-# a tool message as a user turn "result: ...".
-TOOL_TEMPLATE = (
-    "{{ bos_token }}{% if tools %}<|system|>tools:{% for t in tools %} "
-    "{{ (t.function if t.function is defined else t).name }}{% endfor %}{{ eos_token }}{% endif %}"
-    "{% for m in messages %}{% if m.role == 'tool' %}<|user|>result: {{ m.content }}{{ eos_token }}"
-    "{% else %}{{ '<|' + m.role + '|>' }}{{ m.content or '' }}{% for c in m.tool_calls or [] %}<tool_call>"
-    "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}</tool_call>{% endfor %}"
-    "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def multiply(a: int, b: int) -> int:
-    """Multiply two integers.
-
-    Args:
-        a: The first factor.
-        b: The second factor.
-    """
-    return a * b
+from tests.helpers.tool_turns import TOOL_TEMPLATE, multiply
 
 
 async def async_multiply(a: int, b: int) -> int:

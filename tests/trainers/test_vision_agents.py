@@ -1,6 +1,6 @@
 """GRPO's tool loop and ``rollout_func`` on a vision-language model: the prompt's image fields reach every
 continuation's ``generate`` and the scoring forward of the whole conversation (prompt with image tokens, completion,
-text tool results); a tool that returns an image is refused with the fix; a ``rollout_func`` sees the prompts with
+text tool results); a tool that returns an image gets it rendered into the completion; a ``rollout_func`` sees the prompts with
 their images and its prompt ids must be the processor's. ``generate`` is scripted (the tiny LLaVA's samples would never form a tool
 call); the scores are checked against the model's own logits."""
 
@@ -16,31 +16,25 @@ from datasets import Dataset
 
 from fusedrl import GRPOConfig, GRPOTrainer
 from fusedrl.trainers.data.vision import collate_vision
-from tests.helpers.vision import solid_image, tiny_vlm
+from tests.helpers.tool_turns import multiply
+from tests.helpers.vision import save_tiny_vlm, solid_image, tiny_vlm
 
 # Character-level like the presets' template, with tools (a system turn), <tool_call> JSON in assistant turns, tool
-# results as "result: ..." user turns, and image blocks rendered as LLaVA's <image> placeholder.
-VLM_TOOL_TEMPLATE = (
+# results as "result: ..." user turns, and image blocks (a prompt's or a tool result's) rendered as PLACEHOLDER.
+_TOOL_TEMPLATE = (
     "{{ bos_token }}{% if tools %}<|system|>tools:{% for t in tools %} "
     "{{ (t.function if t.function is defined else t).name }}{% endfor %}{{ eos_token }}{% endif %}"
-    "{% for m in messages %}{% if m.role == 'tool' %}<|user|>result: {{ m.content }}{{ eos_token }}"
-    "{% else %}{{ '<|' + m.role + '|>' }}{% if m.content is string %}{{ m.content }}{% else %}"
-    "{% for b in m.content or [] %}{% if b.type == 'image' %}<image>{% else %}{{ b.text }}{% endif %}{% endfor %}"
+    "{% for m in messages %}{% if m.role == 'tool' %}<|user|>result: {% else %}{{ '<|' + m.role + '|>' }}{% endif %}"
+    "{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% for b in m.content or [] %}{% if b.type == 'image' %}PLACEHOLDER{% else %}{{ b.text }}{% endif %}{% endfor %}"
     "{% endif %}{% for c in m.tool_calls or [] %}<tool_call>"
     "{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}</tool_call>{% endfor %}"
-    "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+# How each family's chat template writes an image (tests/helpers/vision.py).
+PLACEHOLDERS = {"llava": "<image>", "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+                "gemma3": "<start_of_image>"}
 CALL = '<tool_call>{"name": "TOOL", "arguments": {"a": 3, "b": 4}}</tool_call><eos>'
-
-
-def multiply(a: int, b: int) -> int:
-    """Multiply two integers.
-
-    Args:
-        a: The first factor.
-        b: The second factor.
-    """
-    return a * b
 
 
 def screenshot(a: int, b: int) -> list:
@@ -53,19 +47,28 @@ def screenshot(a: int, b: int) -> list:
     return [{"type": "image", "image": solid_image(random.Random(a), 32)}, {"type": "text", "text": "here"}]
 
 
-def _trainer(tmp_path, **agents):
-    model, processor = tiny_vlm("llava")
-    processor.chat_template = processor.tokenizer.chat_template = VLM_TOOL_TEMPLATE
+def _image_prompts() -> Dataset:
     rng = random.Random(0)
-    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} times 4?"}] for i in range(2)],
-                                 "image": [solid_image(rng, 32) for _ in range(2)]})
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} times 4?"}] for i in range(2)],
+                              "image": [solid_image(rng, 32) for _ in range(2)]})
+
+
+def _trainer(tmp_path, family="llava", reward=None, **agents):
+    model, processor = tiny_vlm(family)
+    processor.chat_template = processor.tokenizer.chat_template = _TOOL_TEMPLATE.replace("PLACEHOLDER",
+                                                                                          PLACEHOLDERS[family])
+    dataset = _image_prompts()
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
                       max_completion_length=200, max_steps=1, learning_rate=0.1, bf16=False, report_to="none",
                       save_strategy="no", use_cpu=True, kernels="all=reference", seed=3, shuffle_dataset=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return GRPOTrainer(model, reward_funcs=lambda completions, **kw: [1.0] * len(completions), args=args,
+        return GRPOTrainer(model, reward_funcs=reward or _reward, args=args,
                            train_dataset=dataset, processing_class=processor, **agents)
+
+
+def _reward(completions, **kwargs):
+    return [float(len(completion)) for completion in completions]
 
 
 def _scripted(tokenizer, turns, calls):
@@ -105,13 +108,93 @@ def test_tool_turns_of_a_vision_model_keep_the_prompt_images(tmp_path):
     torch.testing.assert_close(trainer._sampled_logps(trainer.model, batch, 4), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_a_tool_returning_an_image_is_refused_with_the_fix(tmp_path):
-    trainer = _trainer(tmp_path, tools=[screenshot])
-    tokenizer = trainer.processing_class.tokenizer
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "gemma3"])
+def test_an_image_a_tool_returns_reaches_the_continuation_and_the_scores(tmp_path, family):
+    """TRL 1.16's multimodal tool results: the processor renders the tool message's image into image tokens inside
+    the completion (masked out of the loss like any tool result); its pixels follow the prompt's into the
+    continuation's ``generate`` and the scoring forward; per-token type fields (Qwen's ``mm_token_type_ids``,
+    Gemma's ``token_type_ids``) mark those tokens. Checked against TRL's own forward: every row's images through
+    the image processor, type ids read off the ids."""
+    rewarded = []
+
+    def reward(completions, **kwargs):
+        rewarded.extend(completions)
+        return _reward(completions)
+
+    trainer = _trainer(tmp_path, family, reward=reward, tools=[screenshot])
+    processor, model = trainer.processing_class, trainer.model
+    tokenizer, image_token = processor.tokenizer, model.config.image_token_id
+    calls = []
     first = [CALL.replace("TOOL", "screenshot"), "1<eos>", "2<eos>", "3<eos>"]
-    with patch.object(trainer.model, "generate", side_effect=_scripted(tokenizer, [first], [])), \
-            pytest.raises(ValueError, match="'screenshot' returned an image.*return text"):
-        trainer._generate_and_score([trainer.train_dataset[i] for i in (0, 0, 1, 1)])
+    with patch.object(model, "generate", side_effect=_scripted(tokenizer, [first, ["Done<eos>"]], calls)):
+        batch = trainer._generate_and_score([trainer.train_dataset[i] for i in (0, 0, 1, 1)])
+    tool_image = screenshot(3, 4)[0]["image"]
+    prompt_images = [trainer.train_dataset[i]["image"] for i in (0, 0, 1, 1)]
+    tokens_per_image = int((batch["prompt_ids"][1] == image_token).sum())
+    # Row 0's completion: the call, the tool's image tokens (masked out), "here", the sampled "Done".
+    completion, mask = batch["completion_ids"][0], batch["tool_mask"][0]
+    assert int((completion == image_token).sum()) == tokens_per_image > 0
+    assert mask[completion == image_token].eq(0).all() and mask[:len(tokenizer(CALL)["input_ids"]) - 1].eq(1).all()
+    assert tokenizer.decode(completion[batch["completion_mask"][0].bool()]).endswith("here<eos><|assistant|>Done<eos>")
+    assert not (batch["completion_ids"][1:] == image_token).any()
+    # The continuation's generate got row 0's prompt image, then the tool's.
+    expected_pixels = processor.image_processor(images=[prompt_images[0], tool_image], return_tensors="pt")
+    torch.testing.assert_close(calls[1]["pixel_values"], expected_pixels["pixel_values"])
+    # The reward saw the tool message with its image block.
+    assert rewarded[0][1]["role"] == "tool" and rewarded[0][1]["content"][0]["image"] == tool_image
+    # TRL's forward of the whole batch: every row's images in order, type ids where the image tokens are.
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    flat = [prompt_images[0], tool_image, *prompt_images[1:]]
+    inputs = dict(processor.image_processor(images=flat, return_tensors="pt"))
+    type_key = next((key for key in ("mm_token_type_ids", "token_type_ids")
+                     if key in collate_vision(batch["vision"], batch["prompt_ids"].shape[1])), None)
+    if type_key is not None:
+        inputs[type_key] = (ids == image_token).long()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1),
+                       **inputs).logits
+    prompt_width = batch["prompt_ids"].shape[1]
+    expected = torch.log_softmax(logits[:, prompt_width - 1:-1], -1).gather(
+        -1, batch["completion_ids"][..., None]).squeeze(-1) * batch["completion_mask"]
+    torch.testing.assert_close(trainer._sampled_logps(model, batch, 4), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_image_tool_results_log_what_trl_logs(tmp_path, family):
+    """fusedrl's and TRL 1.16's GRPOTrainer on the same saved VLM, image prompts and scripted turns (one row calls
+    the screenshot tool, then says "Done"): every metric TRL logs agrees, loss and grad norm included, so both see
+    the tool's image in the same tokens with the same features. Gemma 3 is not compared: TRL marks a tool image's
+    tokens by looking up ``<|image_pad|>`` / ``<|image|>``, neither of which this tiny Gemma's tokenizer has."""
+    import trl
+    from transformers import AutoModelForImageTextToText
+
+    from fusedrl.trainers.online.agents.parsing import derived_response_template
+    from tests.helpers.grpo_parity import GRPO_BASE, assert_grpo_logs_match
+
+    path = save_tiny_vlm(family, str(tmp_path / "vlm"))
+    logs = []
+    for trainer_cls, config_cls in ((GRPOTrainer, GRPOConfig), (trl.GRPOTrainer, trl.GRPOConfig)):
+        _, processor = tiny_vlm(family)
+        tokenizer = processor.tokenizer
+        processor.chat_template = tokenizer.chat_template = _TOOL_TEMPLATE.replace("PLACEHOLDER", PLACEHOLDERS[family])
+        tokenizer.response_template = derived_response_template(tokenizer)  # TRL knows no schema for this template
+        config = config_cls(str(tmp_path / trainer_cls.__module__.split(".")[0]), **{
+            **GRPO_BASE, "per_device_train_batch_size": 4, "num_generations": 2, "max_completion_length": 200,
+            "max_steps": 1, "beta": 0.1, "shuffle_dataset": False})
+        if hasattr(config, "kernels"):
+            config.kernels = "all=reference"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = trainer_cls(AutoModelForImageTextToText.from_pretrained(path), reward_funcs=_reward, args=config,
+                                  train_dataset=_image_prompts(), processing_class=processor, tools=[screenshot])
+        first = [CALL.replace("TOOL", "screenshot"), "1<eos>", "2<eos>", "3<eos>"]
+        calls = []
+        with patch.object(trainer.model, "generate", side_effect=_scripted(tokenizer, [first, ["Done<eos>"]], calls)):
+            trainer.train()
+        assert len(calls) == 2
+        logs.append([entry for entry in trainer.state.log_history if "loss" in entry])
+    assert logs[0][0]["tools/call_frequency"] == 0.25
+    assert_grpo_logs_match(*logs)
 
 
 def test_a_rollout_func_on_a_vision_model_gets_the_prompt_images(tmp_path):

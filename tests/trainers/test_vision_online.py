@@ -10,7 +10,13 @@ import torch
 from datasets import Dataset
 
 from fusedrl import GRPOConfig, GRPOTrainer, OnlineDPOConfig, OnlineDPOTrainer, PPOConfig, RLOOConfig, RLOOTrainer
-from fusedrl.trainers.data.vision import attach_images, collate_vision, prompt_images, row_images
+from fusedrl.trainers.data.vision import (
+    attach_images,
+    collate_vision,
+    extend_vision_row,
+    prompt_images,
+    row_images,
+)
 from fusedrl.trainers.online.resume import load_round, save_round
 from tests.helpers.vision import image_prompts, save_tiny_vlm, solid_image, tiny_vlm
 
@@ -177,14 +183,35 @@ def test_collate_vision_pads_images_and_aligns_token_fields():
     assert out["token_type_ids"].tolist() == [[0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0]]
 
 
+def test_images_in_a_completion_extend_the_row_and_collate_after_the_prompt():
+    """A tool's image rendered into the completion (tool loop): its per-image fields follow the prompt's (padded to
+    one trailing shape, LLaVA-NeXT's patch counts differ), its per-token fields land at the completion positions it
+    was rendered at; a prompt without images gets zero type ids of its length. The input rows are left as they
+    were."""
+    prompt_row = {"images": {"pixel_values": torch.ones(1, 2, 3)}, "tokens": {"token_type_ids": torch.tensor([1, 0])}}
+    first = {"images": {"pixel_values": torch.full((1, 3, 3), 2.0)}, "tokens": {"token_type_ids": torch.tensor([0, 1])}}
+    row = extend_vision_row(prompt_row, first, prompt_length=2, completion_length=1)
+    row = extend_vision_row(row, first, prompt_length=2, completion_length=5)
+    assert prompt_row["images"]["pixel_values"].shape == (1, 2, 3) and "completion_tokens" not in prompt_row
+    assert row["images"]["pixel_values"].shape == (3, 3, 3) and row["images"]["pixel_values"][0, 2].eq(0).all()
+    assert row["completion_tokens"]["token_type_ids"].tolist() == [0, 0, 1, 0, 0, 0, 1]
+    new = extend_vision_row(None, first, prompt_length=3, completion_length=0)
+    assert new["tokens"]["token_type_ids"].tolist() == [0, 0, 0]
+    out = collate_vision([row, None, new], prompt_width=3, completion_width=6)
+    assert out["pixel_values"].shape == (4, 3, 3)
+    assert out["token_type_ids"].tolist() == [[0, 1, 0, 0, 0, 1, 0, 0, 0], [0] * 9, [0, 0, 0, 0, 1, 0, 0, 0, 0]]
+
+
 def test_a_pending_vision_round_survives_a_checkpoint(tmp_path):
     row = {"images": {"pixel_values": torch.randn(4, 6), "image_grid_thw": torch.tensor([[1, 2, 2]])},
-           "tokens": {"mm_token_type_ids": torch.tensor([0, 1, 1])}}
+           "tokens": {"mm_token_type_ids": torch.tensor([0, 1, 1])},
+           "completion_tokens": {"mm_token_type_ids": torch.tensor([0, 0, 1, 1, 0])}}  # a tool's image
     batches = [{"prompt_ids": torch.ones(2, 3, dtype=torch.long), "vision": [row, None]}]
     save_round(str(tmp_path / "round.safetensors"), batches, {})
     loaded, _ = load_round(str(tmp_path / "round.safetensors"), torch.device("cpu"))
     assert loaded[0]["vision"][1] is None
-    for kind in ("images", "tokens"):
+    for kind in ("images", "tokens", "completion_tokens"):
+        assert loaded[0]["vision"][0][kind].keys() == row[kind].keys()
         for key, value in row[kind].items():
             assert torch.equal(loaded[0]["vision"][0][kind][key], value)
 

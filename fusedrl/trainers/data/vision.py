@@ -15,7 +15,8 @@ forward takes beside them. Those fields come in two kinds, kept apart in a ``Vis
   patch count and Idefics' image count vary per row; both models drop all-zero padding).
 - per-token fields (Gemma 3's ``token_type_ids``, Qwen 3.5's ``mm_token_type_ids``): one value per prompt token,
   left-padded with zeros like the prompt ids and extended with zeros over the completion (no image token is ever
-  sampled: :func:`suppress_image_tokens`).
+  sampled: :func:`suppress_image_tokens`), except over images a tool returned into the completion
+  (:func:`extend_vision_row`: GRPO's tool loop).
 
 Rows stay separate until a forward needs them (:func:`collate_vision`), so a round's rows can be shuffled, split into
 micro-batches and checkpointed like any other per-row value.
@@ -96,16 +97,20 @@ def prompt_images(messages: list[dict]) -> list:
 
 
 # One row's processor fields, a plain dict so a checkpoint stores it: {"images": per-image tensors (dim 0 = the
-# row's images or patches), "tokens": per-prompt-token 1-D tensors of the row's length L}.
+# row's images or patches), "tokens": per-prompt-token 1-D tensors of the row's length L} and, once a tool returned
+# an image into the completion (extend_vision_row), "completion_tokens": per-completion-token 1-D tensors.
 VisionRow = dict
+_TOKEN_PARTS = ("tokens", "completion_tokens")
 
 
 def encode_vision_prompt(processor, messages: list[dict], *, tools: list | None = None,
-                         chat_template_kwargs: dict | None = None) -> tuple[list[int], VisionRow]:
-    """One conversational prompt through the processor's chat template with the generation prompt: its token ids and
-    its ``VisionRow`` (the images already sit in ``messages``: :func:`attach_images`)."""
-    encoded = processor.apply_chat_template([messages], tools=tools, add_generation_prompt=True, tokenize=True,
-                                            return_dict=True, return_tensors="pt", **(chat_template_kwargs or {}))
+                         chat_template_kwargs: dict | None = None,
+                         add_generation_prompt: bool = True) -> tuple[list[int], VisionRow]:
+    """One conversational prompt through the processor's chat template (with the generation prompt unless told
+    otherwise): its token ids and its ``VisionRow`` (the images already sit in ``messages``: :func:`attach_images`)."""
+    encoded = processor.apply_chat_template([messages], tools=tools, add_generation_prompt=add_generation_prompt,
+                                            tokenize=True, return_dict=True, return_tensors="pt",
+                                            **(chat_template_kwargs or {}))
     input_ids = encoded["input_ids"]
     images, tokens = {}, {}
     for key, value in encoded.items():
@@ -130,7 +135,8 @@ def collate_vision(rows: Sequence[VisionRow | None], prompt_width: int, completi
                    device: torch.device | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The forward keywords of a batch of rows: per-image fields concatenated (rows without images add nothing),
     per-token fields as ``[B, P + C]`` aligned with left-padded prompt ids of width ``prompt_width`` followed by
-    ``completion_width`` completion positions (zeros on padding and completion). Floating fields are cast to
+    ``completion_width`` completion positions (zeros on padding, and on the completion but where a row's
+    ``completion_tokens`` say otherwise). Floating fields are cast to
     ``dtype`` (the model's, when it is not fp32) and everything moves to ``device``."""
     present = [row for row in rows if row is not None]
     out: dict[str, torch.Tensor] = {}
@@ -141,16 +147,43 @@ def collate_vision(rows: Sequence[VisionRow | None], prompt_width: int, completi
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
         out[key] = value.to(device) if device is not None else value
-    for key in dict.fromkeys(k for row in present for k in row["tokens"]):
-        sample = next(row["tokens"][key] for row in present if key in row["tokens"])
+    for key in dict.fromkeys(k for row in present for part in _TOKEN_PARTS for k in row.get(part, {})):
+        sample = next(row[part][key] for row in present for part in _TOKEN_PARTS if key in row.get(part, {}))
         value = sample.new_zeros((len(rows), prompt_width + completion_width))
         for i, row in enumerate(rows):
             if row is not None and key in row["tokens"]:
                 tokens = row["tokens"][key]  # a prompt cut to its last tokens keeps their types
                 tokens = tokens[max(len(tokens) - prompt_width, 0):]
                 value[i, prompt_width - len(tokens):prompt_width] = tokens
+            if row is not None and key in row.get("completion_tokens", {}) and completion_width:
+                tokens = row["completion_tokens"][key][:completion_width]
+                value[i, prompt_width:prompt_width + len(tokens)] = tokens
         out[key] = value.to(device) if device is not None else value
     return out
+
+
+def extend_vision_row(row: VisionRow | None, suffix: VisionRow, *, prompt_length: int,
+                      completion_length: int) -> VisionRow:
+    """``row`` (a prompt's fields; None for a prompt without images) plus the fields of images that arrive inside
+    the completion: a tool's result rendered at completion positions ``completion_length`` onwards (``suffix``: its
+    fields, per-token ones over the suffix's tokens). Per-image fields are appended after the row's, since image
+    features fill the image tokens in sequence order; per-token fields go into ``completion_tokens`` (one value per
+    completion token so far, zeros over sampled text), the prompt's made exactly ``prompt_length`` long. A new dict;
+    ``row`` is left as it is."""
+    row = row or {"images": {}, "tokens": {}}
+    images = dict(row["images"])
+    for key, value in suffix["images"].items():
+        if key in images:
+            shape = [max(dims) for dims in zip(images[key].shape, value.shape, strict=True)]
+            value = torch.cat([_pad_to(images[key], shape), _pad_to(value, shape)])
+        images[key] = value
+    tokens, completion = dict(row["tokens"]), dict(row.get("completion_tokens", {}))
+    for key, value in suffix["tokens"].items():
+        prompt = tokens.get(key, value.new_zeros(0))[-prompt_length:] if prompt_length else value.new_zeros(0)
+        tokens[key] = torch.nn.functional.pad(prompt, (prompt_length - len(prompt), 0))
+        before = completion.get(key, value.new_zeros(0))[:completion_length]
+        completion[key] = torch.cat([torch.nn.functional.pad(before, (0, completion_length - len(before))), value])
+    return {"images": images, "tokens": tokens, "completion_tokens": completion}
 
 
 def suppress_image_tokens(generation_config, model) -> None:
@@ -184,8 +217,8 @@ def check_vision_prompts(prompts: Sequence[Any], images: list | None) -> None:
 def check_vision_trainer(args) -> None:
     """What fusedrl's sampling trainers do not take with a vision-language model, refused with the fix: adapters
     trained jointly (their union forward carries no image fields); shared-prefix forwards are switched off instead
-    (``FusedTrainer.prefix_sharing``). Tools, environments (text tool results: ``agents/tools.check_text_results``)
-    and a ``rollout_func`` (its prompt ids checked against the processor's: ``agents/rollouts.py``) work.
+    (``FusedTrainer.prefix_sharing``). Tools and environments (text or image results: ``agents/rollouts.py``) and
+    a ``rollout_func`` (its prompt ids checked against the processor's) work.
     Sets TRL's ``ddp_find_unused_parameters=True`` default for a VLM: a batch without images leaves the vision tower
     without gradients, which DDP would otherwise wait for (reentrant checkpointing excepted: it fails with it)."""
     if args.ddp_find_unused_parameters is None and not (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):

@@ -56,7 +56,6 @@ from fusedrl.trainers.online.agents import (
     EMPTY_PROMPT,
     AgentAttributes,
     AgentRollouts,
-    check_tools_unsharded,
     environment_prompts,
     row_extra_columns,
 )
@@ -230,8 +229,6 @@ class GRPOTrainer(GRPOLossTerms, GroupScoring, RewardAttributes, AgentAttributes
         self._logs = completion_logs(args.generation_batch_size)  # TRL's: the log_completions table
         self._reward_logs = RewardLogBuffer()  # log_extra / log_metric of the batch being scored
         self._start_async_loop(() if self.agents is None else self.agents.tools)
-        if self.agents is not None and self.agents.tools:
-            check_tools_unsharded(self)
         # Each process its own sampling stream, as TRL (duplicate prompts across processes then differ).
         set_seed(args.seed, device_specific=True)
 

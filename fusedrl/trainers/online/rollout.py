@@ -315,19 +315,23 @@ def _sample_continuous(model, prompt_ids_list: Sequence[Sequence[int]], generati
     return completion_ids.to(device)
 
 
+def _right_padded(values: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.nn.functional.pad(values, (0, length - len(values)))
+
+
 @torch.no_grad()
 def sample_continuations(model: torch.nn.Module, tokenizer, sequences: Sequence[Sequence[int]], *,
                          generation_config: GenerationConfig, eos_token_ids: Sequence[int], accelerator=None,
                          vision: Sequence | None = None) -> list[list[int]]:
     """One sampled continuation of each token sequence (a conversation so far: prompt, completion, tool results),
     cut after its first EOS; the multi-turn tool loop's later turns. Uses the global torch RNG. ``vision``: each
-    sequence's prompt image fields (``Rollout.vision``), its per-token fields extended with zeros over the tokens
-    after the prompt."""
+    sequence's image fields (``Rollout.vision``: the prompt's and any a tool returned), its per-token fields
+    (prompt's, then completion's) extended with zeros to the sequence's length."""
     prompt_ids, prompt_mask = pad_sequences(sequences, tokenizer.pad_token_id, side="left")
     if vision is not None:
         vision = [None if row is None else {"images": row["images"], "tokens": {
-            key: torch.nn.functional.pad(value, (0, len(sequence) - len(value))) for key, value in row["tokens"].items()}}
-            for row, sequence in zip(vision, sequences, strict=True)]
+            key: _right_padded(torch.cat([value, row.get("completion_tokens", {}).get(key, value[:0])]), len(sequence))
+            for key, value in row["tokens"].items()}} for row, sequence in zip(vision, sequences, strict=True)]
     _, _, completion_ids = _sample(model, prompt_ids, prompt_mask, generation_config, accelerator, vision=vision)
     mask = completion_mask_after_eos(completion_ids, eos_token_ids).bool().cpu()
     return [row[keep].tolist() for row, keep in zip(completion_ids.cpu(), mask, strict=True)]
@@ -460,6 +464,14 @@ def generate_completions(
     )
 
 
+def _content_text(content) -> str:
+    """A message's text: its string, or its text blocks (a tool's image result shows as ``<image>``)."""
+    if isinstance(content, list):
+        return "".join(block.get("text", "") if block.get("type") == "text" else f"<{block.get('type')}>"
+                       for block in content if isinstance(block, dict))
+    return str(content or "")
+
+
 def rollout_from_ids(tokenizer, prompts: Sequence, prompt_ids_list: Sequence[Sequence[int]],
                      completion_ids_list: Sequence[Sequence[int]], completions: list, *,
                      eos_token_ids: Sequence[int], pad_to_multiple_of: int | None = None, device=None,
@@ -483,7 +495,7 @@ def rollout_from_ids(tokenizer, prompts: Sequence, prompt_ids_list: Sequence[Seq
     ends = {*eos_token_ids, tokenizer.pad_token_id}
     is_truncated = torch.tensor([not ids or ids[-1] not in ends for ids in completion_ids_list])
     prompts_text = render_prompts(processor if vision is not None else tokenizer, prompts, chat_template_kwargs)
-    completions_text = [c if isinstance(c, str) else "".join(str(m.get("content") or "") for m in c)
+    completions_text = [c if isinstance(c, str) else "".join(_content_text(m.get("content")) for m in c)
                         for c in completions]
     return Rollout(
         prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device), completion_ids=completion_ids.to(device),

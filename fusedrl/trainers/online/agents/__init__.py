@@ -1,17 +1,17 @@
 """Agentic GRPO rollouts (TRL 1.16's ``tools``, ``environment_factory``, ``rollout_func``): ``rollouts.py`` runs a
-round, ``parsing.py`` reads tool calls, ``tools.py`` runs them, ``environments.py`` holds stateful environments."""
+round, ``parsing.py`` reads tool calls, ``tools.py`` runs them, ``environments.py`` holds stateful environments,
+``lockstep.py`` keeps the tool turns of a sharded model (FSDP2, ZeRO-3) in step across processes."""
 
 from __future__ import annotations
 
 import torch
 from datasets import Dataset
 
-from fusedrl.runtime.sharded_head import zero_stage
 from fusedrl.trainers.online.agents.environments import Environments
 from fusedrl.trainers.online.agents.rollouts import AgentRollouts, AgentRound
 
-__all__ = ["EMPTY_PROMPT", "AgentAttributes", "AgentRollouts", "AgentRound", "Environments", "check_tools_unsharded",
-           "environment_prompts", "row_extra_columns"]
+__all__ = ["EMPTY_PROMPT", "AgentAttributes", "AgentRollouts", "AgentRound", "Environments", "environment_prompts",
+           "row_extra_columns"]
 
 # The prompt of a row that has none (an environment's reset supplies it), as TRL defaults it.
 EMPTY_PROMPT = [{"role": "user", "content": ""}]
@@ -49,16 +49,6 @@ def environment_prompts(environment_factory, args) -> Dataset:
                          "length. Set it via `GRPOConfig(max_steps=...)`.")
     rows = args.generation_batch_size // args.num_generations
     return Dataset.from_dict({"prompt": [[{"role": "user", "content": ""}]] * rows})
-
-
-def check_tools_unsharded(trainer) -> None:
-    """Tool turns sample continuations for the rows that called a tool, a different number on each process; a
-    sharded model's forwards are collective, so FSDP / ZeRO-3 would hang there. Refused up front."""
-    sharded = trainer.is_fsdp_enabled or zero_stage(trainer.accelerator) == 3
-    if sharded and trainer.accelerator.num_processes > 1:
-        raise ValueError("tools / environment_factory with a sharded model (FSDP or DeepSpeed ZeRO-3) on several "
-                         "processes is not supported by fusedrl: each process runs a different number of tool turns, "
-                         "and sharded forwards must run in step. Use DDP or ZeRO-1/2 (--accelerate_config ddp|zero2)")
 
 
 class AgentAttributes:

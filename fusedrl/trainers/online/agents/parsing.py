@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 
+from fusedrl.trainers.data.vision import attach_images, encode_vision_prompt
+
 _PROBE_TOOL = "probe_tool"
 _PROBE_CALL = [{"type": "function", "function": {"name": _PROBE_TOOL, "arguments": {"value": 7}}}]
 _PROBE_USER = [{"role": "user", "content": "probe"}]
@@ -110,6 +112,32 @@ def parse_completion(tokenizer, completion_ids: list[int], prompt_ids: list[int]
     return parsed
 
 
+def _probe_turns(tool_messages: list[dict]) -> tuple[list[dict], list[dict]]:
+    """A user turn, and it followed by an assistant turn calling the first tool message's tool."""
+    call = [{"type": "function", "function": {"name": tool_messages[0]["name"], "arguments": {}}}]
+    user = [{"role": "user", "content": "dummy"}]
+    return user, [*user, {"role": "assistant", "content": "", "tool_calls": call}]
+
+
+def _suffix_start(prefix: list[int], full: list[int], eos: int | None, user_ids) -> int:
+    """Where the tool results start in ``full`` (the probe turn, the tool messages, the generation prompt) given
+    ``prefix`` (the probe turn alone) and ``user_ids()`` (the user turn alone, rendered only when needed): the rules
+    of :func:`tool_suffix_ids`."""
+    eos_positions = [i for i, token in enumerate(prefix) if token == eos]
+    if eos_positions:
+        prefix = prefix[:eos_positions[-1] + 1]
+    if full[:len(prefix)] == prefix:
+        return len(prefix)
+    user_turns = list(user_ids()).count(eos)
+    full_eos = [i for i, token in enumerate(full) if token == eos]
+    if eos is None or len(full_eos) <= user_turns:
+        raise ValueError("the chat template renders an assistant tool-call turn differently once tool messages follow "
+                         "it, and its turns do not end with the tokenizer's EOS, so fusedrl cannot tell where the "
+                         "tool results start; pass a processing_class whose chat_template keeps earlier turns "
+                         "unchanged (prefix-preserving)")
+    return full_eos[user_turns] + 1
+
+
 def tool_suffix_ids(tokenizer, tool_messages: list[dict], *, chat_template_kwargs: dict | None = None) -> list[int]:
     """The tokens the chat template puts after an assistant tool-call turn: the tool messages and the next
     generation prompt, read off a minimal conversation rendered with and without them.
@@ -118,23 +146,26 @@ def tool_suffix_ids(tokenizer, tool_messages: list[dict], *, chat_template_kwarg
     at ``<|im_end|>``). Templates that render the assistant turn differently once it is no longer the last one (Qwen
     3 writes an empty think block only into the last turn) are not prefix-preserving; for those the turn ends at
     the EOS that closes it, counted from the user turn's."""
-    call = [{"type": "function", "function": {"name": tool_messages[0]["name"], "arguments": {}}}]
-    user = [{"role": "user", "content": "dummy"}]
-    turn = [*user, {"role": "assistant", "content": "", "tool_calls": call}]
+    user, turn = _probe_turns(tool_messages)
     kwargs = {"tokenize": True, "return_dict": False, **(chat_template_kwargs or {})}
     prefix = list(tokenizer.apply_chat_template(turn, add_generation_prompt=False, **kwargs))
     full = list(tokenizer.apply_chat_template(turn + tool_messages, add_generation_prompt=True, **kwargs))
-    eos = tokenizer.eos_token_id
-    eos_positions = [i for i, token in enumerate(prefix) if token == eos]
-    if eos_positions:
-        prefix = prefix[:eos_positions[-1] + 1]
-    if full[:len(prefix)] == prefix:
-        return full[len(prefix):]
-    user_turns = list(tokenizer.apply_chat_template(user, add_generation_prompt=False, **kwargs)).count(eos)
-    full_eos = [i for i, token in enumerate(full) if token == eos]
-    if eos is None or len(full_eos) <= user_turns:
-        raise ValueError("the chat template renders an assistant tool-call turn differently once tool messages follow "
-                         "it, and its turns do not end with the tokenizer's EOS, so fusedrl cannot tell where the "
-                         "tool results start; pass a processing_class whose chat_template keeps earlier turns "
-                         "unchanged (prefix-preserving)")
-    return full[full_eos[user_turns] + 1:]
+    start = _suffix_start(prefix, full, tokenizer.eos_token_id,
+                          lambda: tokenizer.apply_chat_template(user, add_generation_prompt=False, **kwargs))
+    return full[start:]
+
+
+def tool_suffix_with_images(processor, tool_messages: list[dict], *, chat_template_kwargs: dict | None = None
+                            ) -> tuple[list[int], dict]:
+    """:func:`tool_suffix_ids` for tool results holding images, rendered by a vision-language model's processor (its
+    image tokens expanded to the images' sizes): ``(ids, VisionRow)`` of the suffix, its per-image fields those of
+    the results' images and its per-token fields one per suffix token (``data.vision``)."""
+    user, turn = (attach_images(messages) for messages in _probe_turns(tool_messages))
+    tool_messages = [attach_images([message])[0] for message in tool_messages]
+    kwargs = {"chat_template_kwargs": chat_template_kwargs, "add_generation_prompt": False}
+    prefix, _ = encode_vision_prompt(processor, turn, **kwargs)
+    full, row = encode_vision_prompt(processor, turn + tool_messages, **{**kwargs, "add_generation_prompt": True})
+    start = _suffix_start(prefix, full, processor.tokenizer.eos_token_id,
+                          lambda: encode_vision_prompt(processor, user, **kwargs)[0])
+    return full[start:], {"images": row["images"], "tokens": {key: value[start:] for key, value in
+                                                             row["tokens"].items()}}

@@ -10,7 +10,10 @@ One round, for the rows of a generation batch:
 3. with tools: completions are parsed (``parsing.py``); rows that called tools get the results appended (the chat
    template's tokens around tool messages, never a re-tokenization) and sample a continuation, until no row calls
    a tool, ``max_tool_calling_iterations`` turns have run, or the next tool results would pass
-   ``max_completion_length`` (those results are dropped and the row keeps its completion as it is);
+   ``max_completion_length`` (those results are dropped and the row keeps its completion as it is). With a
+   sharded model (FSDP2, ZeRO-3) on several processes these decisions are taken over every process and a
+   process with no row to continue samples a dropped dummy row, so the collective forwards run in step
+   (``lockstep.py``);
 4. the tool mask: 0 on tool-result tokens, 1 on sampled ones. The loss (and ``num_items_in_batch``, the
    completion-length metrics) count only the sampled tokens; attention still sees the whole conversation.
 
@@ -18,9 +21,12 @@ The completion a reward function gets is the conversation after the prompt: assi
 and tool messages, as TRL gives it.
 
 Vision-language models: the first turn's per-row image fields (``Rollout.vision``) go into every continuation's
-``generate`` and the round's scoring forwards; tool results must be text (``tools.check_text_results``). A
-``rollout_func`` gets the prompts with their images in the messages; its prompt ids must be the processor's encoding
-of them, whose image fields the forwards then take.
+``generate`` and the round's scoring forwards. A tool may return images (content blocks, as in TRL 1.16): the
+processor renders those results (``parsing.tool_suffix_with_images``: the image tokens expanded to each image's
+size) and their fields join the row's (``data.vision.extend_vision_row``), after the prompt's, so the next turns and
+the scoring forward see them; like any tool result they are masked out of the loss. A ``rollout_func`` gets the
+prompts with their images in the messages; its prompt ids must be the processor's encoding of them, whose image
+fields the forwards then take.
 """
 
 from __future__ import annotations
@@ -33,15 +39,17 @@ from typing import NamedTuple
 
 import torch
 
-from fusedrl.trainers.data.vision import attach_images, is_vision_processor, row_images
+from fusedrl.trainers.data.vision import attach_images, extend_vision_row, is_vision_processor, row_images
 from fusedrl.trainers.online.agents.environments import Environments
+from fusedrl.trainers.online.agents.lockstep import any_process_active, restore_rng, snapshot_rng
 from fusedrl.trainers.online.agents.parsing import (
     check_tool_calling,
     derived_response_template,
     parse_completion,
     tool_suffix_ids,
+    tool_suffix_with_images,
 )
-from fusedrl.trainers.online.agents.tools import check_text_results, run_tool_calls, tools_by_name
+from fusedrl.trainers.online.agents.tools import has_image_results, run_tool_calls, tools_by_name
 from fusedrl.trainers.online.rollout import (
     Rollout,
     is_conversational_prompt,
@@ -166,11 +174,11 @@ class AgentRollouts:
             completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
         calls = failures = 0
         if self.tools and conversational:
-            tool_mask, calls, failures = self._tool_turns(
+            tool_mask, calls, failures, vision = self._tool_turns(
                 trainer, prompts, prompt_ids, completion_ids, completions, row_tools,
                 max_completion_length=max_completion_length, max_model_length=max_model_length,
                 generation_config=generation_config, eos_token_ids=eos_token_ids, async_loop=async_loop,
-                vision=vision)
+                vision=vision, processor=trainer.processing_class if vlm else None)
             rollout = None  # the completions grew: rebuilt from the lists below
         device = trainer.accelerator.device
         if rollout is None:
@@ -208,39 +216,55 @@ class AgentRollouts:
 
     def _tool_turns(self, trainer, prompts, prompt_ids, completion_ids, completions, row_tools, *,
                     max_completion_length, max_model_length, generation_config, eos_token_ids, async_loop,
-                    vision=None):
+                    vision=None, processor=None):
         """Run tool calls and sample continuations in place (``completion_ids`` and ``completions`` grow); returns
-        ``(tool_mask lists, calls, failures)``."""
+        ``(tool_mask lists, calls, failures, vision)``: ``vision`` the rows' image fields, grown by the images tools
+        returned to a vision-language model (``processor``)."""
         tokenizer = self.tokenizer
         tool_mask = [[1] * len(ids) for ids in completion_ids]
+        vision = None if vision is None else list(vision)  # rows are replaced, never changed in place
         tables = [tools_by_name(tools) for tools in row_tools]
         calls = failures = 0
         active = [i for i, c in enumerate(completions) if c[-1].get("tool_calls")]
         turn = 0
-        while active and turn < self.max_turns:
+        while turn < self.max_turns and any_process_active(trainer, bool(active)):  # lock-step: lockstep.py
             extended, kept = [], []
             for i in active:
                 results = run_tool_calls(completions[i][-1]["tool_calls"], tables[i], async_loop)
                 calls, failures = calls + results.num_calls, failures + results.num_failures
-                if vision is not None:
-                    check_text_results(results.messages)
-                suffix = tool_suffix_ids(tokenizer, results.messages, chat_template_kwargs=self.chat_template_kwargs)
+                suffix_vision = None
+                if processor is not None and has_image_results(results.messages):
+                    suffix, suffix_vision = tool_suffix_with_images(processor, results.messages,
+                                                                    chat_template_kwargs=self.chat_template_kwargs)
+                else:
+                    suffix = tool_suffix_ids(tokenizer, results.messages,
+                                             chat_template_kwargs=self.chat_template_kwargs)
                 sequence = prompt_ids[i] + completion_ids[i] + suffix
                 too_long = (len(sequence) - len(prompt_ids[i]) > max_completion_length
                             or (max_model_length is not None and len(sequence) >= max_model_length))
                 if too_long:  # the results would not fit: the row ends with its completion as it is
                     continue
                 completions[i].extend(results.messages)
+                if suffix_vision is not None:  # the images' features fill the image tokens of the suffix
+                    vision = [None] * len(completion_ids) if vision is None else vision
+                    vision[i] = extend_vision_row(vision[i], suffix_vision, prompt_length=len(prompt_ids[i]),
+                                                  completion_length=len(completion_ids[i]))
                 tool_mask[i] += [0] * len(suffix)
                 completion_ids[i] = completion_ids[i] + suffix
                 extended.append(sequence)
                 kept.append(i)
-            if not kept:
+            if not any_process_active(trainer, bool(kept)):
                 break
+            rng = None
+            if not kept:  # another process continues: join its forwards with row 0 so far, dropped (lockstep.py)
+                extended, kept, rng = [prompt_ids[0] + completion_ids[0]], [0], snapshot_rng(trainer.accelerator.device)
             continuations = sample_continuations(trainer.model_wrapped, tokenizer, extended,
                                                  generation_config=generation_config, eos_token_ids=eos_token_ids,
                                                  accelerator=trainer.accelerator,
                                                  vision=None if vision is None else [vision[i] for i in kept])
+            if rng is not None:  # the dummy's continuation and random draws are undone
+                restore_rng(rng)
+                kept = extended = continuations = []
             active = []
             for i, sequence, new_ids in zip(kept, extended, continuations, strict=True):
                 new_ids = new_ids[:max(0, max_completion_length - len(completion_ids[i]))]
@@ -253,4 +277,4 @@ class AgentRollouts:
                 if message.get("tool_calls"):
                     active.append(i)
             turn += 1
-        return tool_mask, calls, failures
+        return tool_mask, calls, failures, vision

@@ -83,12 +83,9 @@ def run_tool_calls(calls: list[dict], tools: dict[str, Callable], async_loop=Non
     return ToolResults(messages, len(calls), failures)
 
 
-def check_text_results(messages: list[dict]) -> None:
-    """A vision-language model's tool results must be text: an image a tool returns would need its own image fields
-    in the continuation's forward, which fusedrl does not build (TRL 1.16 does, through the processor)."""
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list) and any(isinstance(block, dict) and block.get("type") == "image"
-                                             for block in content):
-            raise ValueError(f"tool {message.get('name')!r} returned an image, which fusedrl does not feed back to a "
-                             "vision-language model; return text (e.g. a description or a path)")
+def has_image_results(messages: list[dict]) -> bool:
+    """Whether a tool returned an image (a ``{"type": "image"}`` content block), which a vision-language model's
+    processor renders into image tokens with their own image fields."""
+    return any(isinstance(message.get("content"), list) and any(
+        isinstance(block, dict) and block.get("type") == "image" for block in message["content"])
+        for message in messages)
